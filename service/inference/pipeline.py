@@ -1,0 +1,62 @@
+"""Image in, class-index mask out: the one path both the service and the training evaluation use.
+
+Normalisation statistics are computed once on the whole image; tiles are normalised as they are
+cut and blended as probabilities before they are thresholded (binary) or arg-maxed (multiclass).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.inference.modelmeta import ModelMetadata, Task
+from service.inference.normalize import compute_intensity_stats
+from service.inference.tiling import BlendMode, Predictor, Reducer, sliding_window_inference
+
+
+def make_reducer(meta: ModelMetadata, threshold: float | None = None) -> Reducer:
+    """Probability strip ``(rows, W, K)`` to a uint8 class-index strip ``(rows, W)``."""
+    if meta.task is Task.BINARY:
+        thr = meta.threshold if threshold is None else threshold
+        return lambda strip: (strip[..., 0] >= thr).astype(np.uint8)
+    return lambda strip: np.argmax(strip, axis=-1).astype(np.uint8)
+
+
+def as_hwc(image: np.ndarray) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, C)`` to ``(H, W, C)`` without copying."""
+    return image[..., None] if image.ndim == 2 else image
+
+
+def predict_mask(
+    image: np.ndarray,
+    meta: ModelMetadata,
+    predictor: Predictor,
+    *,
+    batch_size: int = 8,
+    overlap: float = 0.25,
+    mode: BlendMode | str = BlendMode.GAUSSIAN,
+    threshold: float | None = None,
+) -> np.ndarray:
+    """Segment a whole ``(H, W[, C])`` image into a ``(H, W)`` uint8 class-index mask.
+
+    ``predictor`` maps normalised float32 tiles ``(N, t, t, C)`` to probabilities
+    ``(N, t, t, K)``: an ONNX Runtime session in the service, a Keras model in training.
+    """
+    image = as_hwc(image)
+    if image.shape[2] != meta.channels:
+        raise ValueError(
+            f"model {meta.name!r} expects {meta.channels} channel(s), image has {image.shape[2]}"
+        )
+    stats = compute_intensity_stats(image, meta.normalization)
+
+    def normalised_predictor(tiles: np.ndarray) -> np.ndarray:
+        return predictor(stats.apply(tiles))
+
+    return sliding_window_inference(
+        image,
+        roi_size=meta.tile_size,
+        sw_batch_size=batch_size,
+        predictor=normalised_predictor,
+        overlap=overlap,
+        mode=mode,
+        reduce=make_reducer(meta, threshold),
+    )

@@ -1,0 +1,179 @@
+"""Sliding-window inference: cut an image into overlapping fixed-shape tiles, run them in batches,
+blend the outputs with a weight window and stitch them back without seams.
+
+Memory stays bounded for very large images: outputs are accumulated in a strip one tile high and
+the full width of the image, and each finished strip is handed to ``reduce`` (threshold, argmax)
+before the window moves on. With ``reduce`` the only full-size array is the reduced result (e.g.
+uint8); see ``docs`` in the README for the bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from enum import StrEnum
+from functools import lru_cache
+
+import numpy as np
+
+Predictor = Callable[[np.ndarray], np.ndarray]
+Reducer = Callable[[np.ndarray], np.ndarray]
+
+
+class BlendMode(StrEnum):
+    """How overlapping tile outputs are weighted before they are averaged."""
+
+    CONSTANT = "constant"  # plain mean of the overlapping tiles
+    GAUSSIAN = "gaussian"  # centre of each tile trusted most: no seams at tile borders
+    COSINE = "cosine"  # Hann window, floored so that image borders keep a weight
+
+
+def _as_pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int | np.integer) else tuple(value)
+    if len(pair) != 2 or any(int(v) < 1 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def compute_scan_interval(roi_size: tuple[int, int], overlap: float) -> tuple[int, int]:
+    """Step between neighbouring tiles so that they overlap by ``overlap`` of the tile side."""
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    return tuple(max(1, round(side * (1.0 - overlap))) for side in roi_size)  # type: ignore[return-value]
+
+
+def compute_window_starts(length: int, window: int, step: int) -> list[int]:
+    """Start offsets along one axis: evenly stepped, the last window flush with the image end.
+
+    An axis shorter than the window gets one window at 0 that is padded when it is cut.
+    """
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window, step))
+    starts.append(length - window)
+    return starts
+
+
+@lru_cache(maxsize=32)
+def compute_importance_map(
+    roi_size: tuple[int, int], mode: BlendMode, sigma_scale: float = 0.125
+) -> np.ndarray:
+    """Blending weights of one tile, shape ``roi_size``, float32, strictly positive.
+
+    Weights are floored at a small positive value so that every pixel keeps a usable weight even
+    where only a tile's edge covers it (image borders).
+    """
+    mode = BlendMode(mode)
+    if mode is BlendMode.CONSTANT:
+        return np.ones(roi_size, np.float32)
+    axes = []
+    for side in roi_size:
+        centre = (side - 1) / 2.0
+        pos = np.arange(side, dtype=np.float64) - centre
+        if mode is BlendMode.GAUSSIAN:
+            sigma = max(side * sigma_scale, 1e-3)
+            axes.append(np.exp(-0.5 * (pos / sigma) ** 2))
+        else:
+            axes.append(0.5 * (1.0 + np.cos(np.pi * pos / (side / 2.0 + 0.5))))
+    weights = np.outer(axes[0], axes[1])
+    weights /= weights.max()
+    return np.maximum(weights, 1e-3).astype(np.float32)
+
+
+def _cut_tile(image: np.ndarray, y: int, x: int, roi: tuple[int, int]) -> np.ndarray:
+    """The ``roi`` window at ``(y, x)``, reflect-padded where the image is smaller than the window."""
+    tile = image[y : y + roi[0], x : x + roi[1]]
+    pad_y, pad_x = roi[0] - tile.shape[0], roi[1] - tile.shape[1]
+    if pad_y or pad_x:
+        # numpy's reflect repeats the reflection for pads longer than the axis, and copes with a
+        # 1-pixel axis, so every tile has the same fixed shape whatever the image size.
+        tile = np.pad(tile, ((0, pad_y), (0, pad_x), (0, 0)), mode="reflect")
+    return tile
+
+
+def _iter_batches(
+    image: np.ndarray, roi: tuple[int, int], ys: list[int], xs: list[int], batch: int
+) -> Iterator[tuple[np.ndarray, list[tuple[int, int]]]]:
+    """Tiles in row-major order, ``batch`` at a time, with their positions."""
+    positions = [(y, x) for y in ys for x in xs]
+    for i in range(0, len(positions), batch):
+        chunk = positions[i : i + batch]
+        yield np.stack([_cut_tile(image, y, x, roi) for y, x in chunk]), chunk
+
+
+def sliding_window_inference(
+    image: np.ndarray,
+    roi_size: int | tuple[int, int],
+    sw_batch_size: int,
+    predictor: Predictor,
+    overlap: float = 0.25,
+    mode: BlendMode | str = BlendMode.GAUSSIAN,
+    sigma_scale: float = 0.125,
+    reduce: Reducer | None = None,
+) -> np.ndarray:
+    """Run ``predictor`` over ``image`` in overlapping tiles and stitch the outputs.
+
+    Args:
+        image: ``(H, W, C)`` array of any dtype; tiles are cut from it as they are needed.
+        roi_size: tile side(s); every tile handed to ``predictor`` has exactly this shape.
+        sw_batch_size: tiles per ``predictor`` call.
+        predictor: ``(N, h, w, C) -> (N, h, w, K)`` (a fully convolutional network).
+        overlap: fraction of the tile side shared by neighbouring tiles, in ``[0, 1)``.
+        mode: blending window, see :class:`BlendMode`.
+        sigma_scale: Gaussian sigma as a fraction of the tile side.
+        reduce: applied to each finished ``(rows, W, K)`` float32 strip (e.g. threshold or
+            argmax); its outputs are concatenated. Without it the blended ``(H, W, K)`` float32
+            map is returned.
+
+    Returns:
+        The stitched output, ``(H, W, K)`` float32 or whatever ``reduce`` makes of it.
+    """
+    if image.ndim != 3:
+        raise ValueError(f"expected an (H, W, C) image, got shape {image.shape}")
+    height, width = image.shape[:2]
+    if height < 1 or width < 1:
+        raise ValueError(f"image must have at least one pixel, got shape {image.shape}")
+    if sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    roi = _as_pair(roi_size, "roi_size")
+    step = compute_scan_interval(roi, overlap)
+    ys = compute_window_starts(height, roi[0], step[0])
+    xs = compute_window_starts(width, roi[1], step[1])
+    weights = compute_importance_map(roi, BlendMode(mode), sigma_scale)
+    reduce_fn: Reducer = reduce if reduce is not None else (lambda strip: strip)
+
+    # Strip accumulator: rows [strip_top, strip_top + strip_rows) of the output, full width.
+    strip_rows = min(roi[0], height)
+    acc: np.ndarray | None = None
+    wsum = np.zeros((strip_rows, width), np.float32)
+    strip_top = 0
+    pieces: list[np.ndarray] = []
+
+    def flush(until: int) -> None:
+        """Hand rows [strip_top, until) to ``reduce`` and slide the strip down to ``until``."""
+        nonlocal strip_top
+        assert acc is not None
+        n = until - strip_top
+        if n <= 0:
+            return
+        pieces.append(reduce_fn(acc[:n] / wsum[:n, :, None]))
+        acc[:-n], wsum[:-n] = acc[n:].copy(), wsum[n:].copy()
+        acc[-n:], wsum[-n:] = 0.0, 0.0
+        strip_top = until
+
+    for tiles, positions in _iter_batches(image, roi, ys, xs, sw_batch_size):
+        out = np.asarray(predictor(tiles))
+        if out.ndim != 4 or out.shape[:3] != tiles.shape[:3]:
+            raise ValueError(
+                f"predictor must map (N, h, w, C) to (N, h, w, K): got {tiles.shape} -> {out.shape}"
+            )
+        if acc is None:
+            acc = np.zeros((strip_rows, width, out.shape[3]), np.float32)
+        for tile_out, (y, x) in zip(out, positions, strict=True):
+            if y > strip_top:  # a new row of tiles: everything above it is final
+                flush(y)
+            h, w = min(roi[0], height - y), min(roi[1], width - x)
+            r0 = y - strip_top
+            acc[r0 : r0 + h, x : x + w] += tile_out[:h, :w] * weights[:h, :w, None]
+            wsum[r0 : r0 + h, x : x + w] += weights[:h, :w]
+    flush(height)
+    return np.concatenate(pieces, axis=0)
