@@ -96,7 +96,9 @@ class SegmentationScores:
         }
 
 
-def score_segmentation(pred: np.ndarray, target: np.ndarray, class_names: list[str]) -> SegmentationScores:
+def score_segmentation(
+    pred: np.ndarray, target: np.ndarray, class_names: list[str]
+) -> SegmentationScores:
     """IoU and Dice per named class for class-index maps ``pred`` and ``target``."""
     stats = get_stats(pred, target, len(class_names))
     iou, dice = iou_score(stats), dice_score(stats)

@@ -19,7 +19,7 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 class Task(StrEnum):
-    """Binary models emit one sigmoid channel; multiclass models emit one softmax channel a class."""
+    """Binary models emit one sigmoid channel; multiclass ones a softmax channel per class."""
 
     BINARY = "binary"
     MULTICLASS = "multiclass"
@@ -55,7 +55,9 @@ class ModelMetadata(BaseModel):
     version: str = "1"
     task: Task
     classes: list[str] = Field(min_length=2)
-    tile_size: int = Field(ge=16, le=4096, description="Side of the square tiles the model runs on.")
+    tile_size: int = Field(
+        ge=16, le=4096, description="Side of the square tiles the model runs on."
+    )
     tile_multiple: int = Field(
         16, ge=1, description="Tile sides must be a multiple of this (2**depth for a U-Net)."
     )
@@ -82,9 +84,13 @@ class ModelMetadata(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> ModelMetadata:
         if self.task is Task.BINARY and len(self.classes) != 2:
-            raise ValueError(f"a binary model has 2 classes (background, foreground), got {self.classes}")
+            raise ValueError(
+                f"a binary model has 2 classes (background, foreground), got {self.classes}"
+            )
         if self.tile_size % self.tile_multiple:
-            raise ValueError(f"tile_size {self.tile_size} is not a multiple of {self.tile_multiple}")
+            raise ValueError(
+                f"tile_size {self.tile_size} is not a multiple of {self.tile_multiple}"
+            )
         if self.label_values is not None and len(self.label_values) != len(self.classes):
             raise ValueError("label_values needs one value per class")
         return self

@@ -72,7 +72,9 @@ def compute_intensity_stats(image: np.ndarray, spec: Normalization) -> Intensity
         lo, hi = _percentiles_of_channel(image[..., c], (spec.low, spec.high))
         offsets.append(lo)
         scales.append(max(hi - lo, _EPS))
-    return IntensityStats(offset=np.asarray(offsets, np.float32), scale=np.asarray(scales, np.float32))
+    return IntensityStats(
+        offset=np.asarray(offsets, np.float32), scale=np.asarray(scales, np.float32)
+    )
 
 
 def normalize_image(image: np.ndarray, spec: Normalization) -> np.ndarray:

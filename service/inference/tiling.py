@@ -80,7 +80,7 @@ def compute_importance_map(
 
 
 def _cut_tile(image: np.ndarray, y: int, x: int, roi: tuple[int, int]) -> np.ndarray:
-    """The ``roi`` window at ``(y, x)``, reflect-padded where the image is smaller than the window."""
+    """The ``roi`` window at ``(y, x)``, reflect-padded where the image is smaller than it."""
     tile = image[y : y + roi[0], x : x + roi[1]]
     pad_y, pad_x = roi[0] - tile.shape[0], roi[1] - tile.shape[1]
     if pad_y or pad_x:

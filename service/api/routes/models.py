@@ -1,0 +1,61 @@
+"""``GET /models``: what is loaded, with its metadata and the execution provider really in use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from service.api.deps import ApiKeyDep, RegistryDep, SettingsDep
+from service.core.errors import ApiError
+
+router = APIRouter(tags=["models"], dependencies=[ApiKeyDep])
+
+
+class ModelInfo(BaseModel):
+    """One loaded model."""
+
+    name: str
+    version: str
+    default: bool
+    provider: str
+    providers: list[str]
+    input: dict[str, str]
+    output: dict[str, str]
+    metadata: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    """Every loaded model, and those that failed to load."""
+
+    models: list[ModelInfo]
+    failed: dict[str, str]
+
+
+@router.get("/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, include_in_schema=False)
+def list_models(registry: RegistryDep, settings: SettingsDep) -> ModelList:
+    """Every loaded model with classes, tile size, channels, normalisation, threshold, version
+    and provider."""
+    return ModelList(
+        models=[
+            ModelInfo(default=name == settings.default_model, **m.describe())
+            for name, m in sorted(registry.models.items())
+        ],
+        failed=dict(registry.failed),
+    )
+
+
+@router.get(
+    "/models/{name}", response_model=ModelInfo, responses={404: {"description": "No such model"}}
+)
+@router.get("/v1/models/{name}", response_model=ModelInfo, include_in_schema=False)
+def get_model(name: str, registry: RegistryDep, settings: SettingsDep) -> ModelInfo:
+    """One model's description."""
+    model = registry.get(name)
+    if model is None:
+        raise ApiError(
+            404, "unknown_model", f"no model named {name!r}; loaded: {sorted(registry.models)}"
+        )
+    return ModelInfo(default=name == settings.default_model, **model.describe())

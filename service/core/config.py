@@ -1,0 +1,66 @@
+"""Typed settings from environment variables (prefix ``SEG_``), validated at start-up.
+
+A wrong value stops the service before it accepts traffic, with pydantic's message naming the
+variable, rather than surfacing later as a failed request.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+class Settings(BaseSettings):
+    """Service configuration; every field can be set as ``SEG_<FIELD>`` (lists as JSON)."""
+
+    model_config = SettingsConfigDict(env_prefix="SEG_", env_file=".env", extra="ignore")
+
+    model_dir: Path = Field(
+        REPO_MODELS, description="Folder laid out as <name>/<version>/model.onnx"
+    )
+    default_model: str = Field("nuclei", description="Model used when a request names none")
+    providers: list[str] = Field(
+        ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        description="ONNX Runtime execution providers, in order of preference",
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads per session; 0 = all cores"
+    )
+    tile_batch_size: int = Field(8, ge=1, le=256, description="Tiles per model call")
+    default_overlap: float = Field(0.25, ge=0.0, le=0.75)
+    inference_workers: int = Field(
+        1, ge=1, le=64, description="Requests processed at the same time"
+    )
+    max_queue: int = Field(8, ge=0, description="Requests allowed to wait; beyond that: 503")
+    retry_after_seconds: int = Field(2, ge=1)
+    max_upload_bytes: int = Field(1 << 30, ge=1024, description="Whole request body limit")
+    max_image_pixels: int = Field(16384 * 16384, ge=1, description="Width x height limit")
+    api_key: SecretStr | None = Field(None, description="When set, /segment and /models need it")
+    metrics_require_key: bool = False
+    cors_origins: list[str] = Field(default_factory=list)
+    log_level: str = "INFO"
+
+    @field_validator("model_dir")
+    @classmethod
+    def _model_dir_exists(cls, v: Path) -> Path:
+        if not v.is_dir():
+            raise ValueError(f"model directory {v} does not exist")
+        return v
+
+    @field_validator("providers")
+    @classmethod
+    def _providers_named(cls, v: list[str]) -> list[str]:
+        if not v or any(not p.endswith("ExecutionProvider") for p in v):
+            raise ValueError(f"providers must be ONNX Runtime provider names, got {v}")
+        return v
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Settings read once from the environment."""
+    return Settings()

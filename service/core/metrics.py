@@ -1,0 +1,107 @@
+"""Model metrics for Prometheus, on the app's own registry (HTTP metrics come from
+prometheus-fastapi-instrumentator on the same registry).
+
+Names follow Prometheus conventions (base units, ``_seconds``/``_total``/``_bytes``); label values
+are bounded: model names come from the model directory, reasons and stages from fixed sets.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# A 256x256 tile batch takes tens of milliseconds on a GPU and up to seconds on a CPU; a
+# gigapixel image minutes. Buckets span that range roughly geometrically.
+INFERENCE_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+ERROR_REASONS = (
+    "unsupported_media_type",
+    "invalid_image",
+    "too_large",
+    "invalid_ground_truth",
+    "invalid_parameter",
+    "unknown_model",
+    "not_ready",
+    "unauthorized",
+    "internal",
+)
+STAGES = ("decode", "normalize", "infer", "stitch", "encode", "score")
+
+
+class ServiceMetrics:
+    """The service's hand-made metrics; one instance per app, on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.inference_seconds = Histogram(
+            "segment_inference_seconds",
+            "Time in the model (all tile batches of one request).",
+            ["model"],
+            buckets=INFERENCE_BUCKETS,
+            registry=registry,
+        )
+        self.stage_seconds = Histogram(
+            "segment_stage_seconds",
+            "Time per pipeline stage of a /segment request.",
+            ["stage"],
+            buckets=INFERENCE_BUCKETS,
+            registry=registry,
+        )
+        self.tiles = Counter(
+            "segment_tiles_total", "Tiles run through the model.", ["model"], registry=registry
+        )
+        self.pixels = Counter(
+            "segment_pixels_total", "Image pixels segmented.", ["model"], registry=registry
+        )
+        self.image_bytes = Counter(
+            "segment_image_bytes_total", "Bytes of images received.", registry=registry
+        )
+        self.tile_batch_size = Histogram(
+            "segment_tile_batch_size",
+            "Tiles per model call.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "segment_requests_in_flight",
+            "Segmentation requests admitted (running or waiting for a worker).",
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "segment_requests_rejected_total",
+            "Segmentation requests refused with 503 because the service was saturated.",
+            registry=registry,
+        )
+        self.errors = Counter(
+            "segment_errors_total",
+            "Failed segmentation requests by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ERROR_REASONS:
+            self.errors.labels(reason)
+        self.model_info = Gauge(
+            "segment_model_info",
+            "Loaded models (value 1) with their version and the execution provider really used.",
+            ["model", "version", "provider"],
+            registry=registry,
+        )
+        self.models_ready = Gauge(
+            "segment_models_ready", "1 when every model is loaded and warmed up.", registry=registry
+        )

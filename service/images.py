@@ -1,0 +1,232 @@
+"""Decoding uploads (PNG, JPEG, TIFF; 8/16-bit; grayscale or RGB) and encoding mask PNGs.
+
+The format is recognised from the file's first bytes, never from its name or content type, and
+the image size is read from the header and checked against the pixel limit before any pixel is
+decoded, so a small file that declares an enormous image is refused without allocating it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+
+from service.core.errors import ApiError, invalid_image, too_large, unsupported_media
+
+ACCEPTED = "PNG, JPEG or TIFF (8- or 16-bit, grayscale or RGB)"
+
+_SIGNATURES: list[tuple[bytes, str]] = [
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),  # BigTIFF
+    (b"MM\x00+", "TIFF"),
+]
+_OTHER_SIGNATURES: list[tuple[bytes, str]] = [
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"RIFF", "WebP/RIFF"),
+    (b"%PDF", "PDF"),
+    (b"PK\x03\x04", "ZIP"),
+    (b"\x00\x00\x00\x0cjP", "JPEG 2000"),
+]
+
+# Class colours for multiclass masks (index 0, background, is black). Tableau-like, colour-blind
+# friendly; the pixel values stay the class indices, the palette is only for looking.
+PALETTE: list[tuple[int, int, int]] = [
+    (0, 0, 0),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """Pixels as ``(H, W, C)`` plus what the file was, for the response and the logs."""
+
+    pixels: np.ndarray
+    format: str
+    dtype: str
+    mode: str
+
+    @property
+    def height(self) -> int:
+        """Rows."""
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        """Columns."""
+        return int(self.pixels.shape[1])
+
+
+def sniff_format(head: bytes) -> str:
+    """``PNG``, ``JPEG`` or ``TIFF`` from the first bytes; 415 naming what arrived otherwise."""
+    for sig, name in _SIGNATURES:
+        if head.startswith(sig):
+            return name
+    if not head:
+        raise invalid_image("the uploaded file is empty")
+    what = next((name for sig, name in _OTHER_SIGNATURES if head.startswith(sig)), None)
+    arrived = f"a {what} file" if what else "bytes that are not an image this service reads"
+    raise unsupported_media(f"unsupported image format: expected {ACCEPTED}, got {arrived}")
+
+
+def _check_pixels(height: int, width: int, max_pixels: int, what: str) -> None:
+    if height < 1 or width < 1:
+        raise invalid_image(f"the {what} has no pixels ({width}x{height})")
+    if height * width > max_pixels:
+        raise too_large(
+            f"the {what} is {width}x{height} = {height * width:,} pixels; this service accepts at "
+            f"most {max_pixels:,} pixels per image (setting SEG_MAX_IMAGE_PIXELS)"
+        )
+
+
+def _decode_tiff(file: BinaryIO, max_pixels: int, what: str) -> DecodedImage:
+    try:
+        with tifffile.TiffFile(file) as tif:
+            series = tif.series[0] if tif.series else None
+            if series is None or not tif.pages:
+                raise invalid_image(f"the {what} is a TIFF without image data")
+            pages = len(tif.pages)
+            shape, dtype = tuple(series.shape), np.dtype(series.dtype)
+            # One 2-D plane, with samples last (RGB) or first (planar RGB). Anything else is a
+            # stack (pages, Z, time) from which the service cannot guess the plane meant.
+            samples_first = len(shape) == 3 and shape[-1] not in (1, 3, 4) and shape[0] in (1, 3, 4)
+            if (
+                pages > 1
+                or len(shape) not in (2, 3)
+                or (len(shape) == 3 and shape[-1] not in (1, 3, 4) and not samples_first)
+            ):
+                raise invalid_image(
+                    f"the {what} is a multi-page TIFF ({pages} pages, shape {shape}); "
+                    "send a single "
+                    "2-D image (one plane, grayscale or RGB)"
+                )
+            h, w = (shape[1], shape[2]) if samples_first else (shape[0], shape[1])
+            _check_pixels(h, w, max_pixels, what)
+            if dtype.kind not in "uif" or dtype.itemsize > 8:
+                raise invalid_image(f"the {what} has pixel type {dtype}, expected 8- or 16-bit")
+            pixels = series.asarray()
+    except ApiError:
+        raise
+    except Exception as exc:  # tifffile raises many types for damaged files
+        raise invalid_image(
+            f"the {what} is a damaged or truncated TIFF ({type(exc).__name__})"
+        ) from exc
+    if samples_first:
+        pixels = np.moveaxis(pixels, 0, -1)
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+        raise invalid_image(f"the {what} contains NaN or infinite values")
+    return DecodedImage(
+        pixels=pixels, format="TIFF", dtype=str(pixels.dtype), mode=f"{pixels.shape[2]}ch"
+    )
+
+
+_PIL_MODES = {
+    "1",
+    "L",
+    "LA",
+    "P",
+    "PA",
+    "RGB",
+    "RGBA",
+    "CMYK",
+    "YCbCr",
+    "I;16",
+    "I;16B",
+    "I;16L",
+    "I",
+    "F",
+}
+
+
+def _decode_pillow(file: BinaryIO, fmt: str, max_pixels: int, what: str) -> DecodedImage:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img: Image.Image = Image.open(file)
+            _check_pixels(img.height, img.width, max_pixels, what)
+            frames = int(getattr(img, "n_frames", 1))
+            if frames > 1:
+                raise invalid_image(f"the {what} is animated ({frames} frames); send one frame")
+            mode = img.mode
+            if mode not in _PIL_MODES:
+                raise invalid_image(f"the {what} has colour mode {mode}, expected grayscale or RGB")
+            img.load()
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise too_large(f"the {what} declares more pixels than this service accepts") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise invalid_image(f"the {what} is a damaged or truncated {fmt}") from exc
+    # Drop alpha, resolve palettes and CMYK to plain grey or RGB; keep 16-bit as uint16.
+    if mode in ("1", "LA"):
+        img = img.convert("L")
+    elif mode in ("P", "PA") or mode in ("RGBA", "CMYK", "YCbCr"):
+        img = img.convert("RGB")
+    pixels = np.asarray(img)
+    if mode == "I" and pixels.size and pixels.min() >= 0 and pixels.max() < 65536:
+        pixels = pixels.astype(np.uint16)  # 16-bit greyscale that Pillow widened to int32
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    return DecodedImage(pixels=pixels, format=fmt, dtype=str(pixels.dtype), mode=mode)
+
+
+def decode_image(file: BinaryIO, *, max_pixels: int, what: str = "image") -> DecodedImage:
+    """Decode an uploaded file (seekable binary) into ``(H, W, C)`` pixels.
+
+    Raises :class:`ApiError` (415, 413 or 422) with a message that says what was expected and
+    what arrived.
+    """
+    file.seek(0)
+    head = file.read(16)
+    file.seek(0)
+    fmt = sniff_format(head)
+    if fmt == "TIFF":
+        return _decode_tiff(file, max_pixels, what)
+    return _decode_pillow(file, fmt, max_pixels, what)
+
+
+def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """Match the model's channel count: RGB to grey by channel mean, grey to RGB by repetition."""
+    have = pixels.shape[2]
+    if have == channels:
+        return pixels
+    if channels == 1 and have in (3, 4):
+        return pixels[..., :3].mean(axis=2, dtype=np.float32)[..., None].astype(pixels.dtype)
+    if channels == 3 and have == 1:
+        return np.repeat(pixels, 3, axis=2)
+    if have == 4 and channels == 3:
+        return pixels[..., :3]
+    raise invalid_image(f"the model takes {channels}-channel images, the image has {have} channels")
+
+
+def encode_png(mask: np.ndarray, *, palette: bool = False) -> bytes:
+    """Single-channel uint8 PNG; with ``palette`` the class indices are shown in colour."""
+    img = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
+    if palette:
+        # putpalette turns an "L" image into "P" and keeps the pixel values (the class indices).
+        flat = [c for rgb in PALETTE for c in rgb]
+        img.putpalette(flat + [255] * (768 - len(flat)))
+    buf = io.BytesIO()
+    # Masks are mostly runs of equal values: the fastest zlib level compresses them nearly as
+    # well as the slowest and keeps encoding a small share of the request on gigapixel images.
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()

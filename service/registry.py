@@ -1,0 +1,186 @@
+"""Loading ONNX models from the model directory into ONNX Runtime sessions.
+
+Layout: ``<model_dir>/<name>/<version>/model.onnx`` (also a Triton model repository); the highest
+numeric version of each name is served. Each model's metadata comes from its own file. The
+execution providers actually in use are read back from the session: onnxruntime-gpu falls back to
+the CPU silently when CUDA is missing, and the service says so loudly instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.inference.modelmeta import ModelMetadata
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """One model ready to run: session, metadata and the names read from the graph."""
+
+    name: str
+    path: Path
+    meta: ModelMetadata
+    session: ort.InferenceSession
+    input_name: str
+    output_name: str
+    providers: list[str]
+    load_seconds: float
+
+    @property
+    def provider(self) -> str:
+        """The provider that runs the model's nodes first (the one that matters)."""
+        return self.providers[0]
+
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        """Probabilities ``(N, t, t, K)`` for normalised tiles ``(N, t, t, C)``."""
+        out = self.session.run([self.output_name], {self.input_name: tiles})[0]
+        return np.asarray(out)
+
+    def describe(self) -> dict[str, object]:
+        """What ``GET /models`` reports."""
+        meta = self.meta.model_dump(mode="json")
+        return {
+            "name": self.name,
+            "version": self.meta.version,
+            "provider": self.provider,
+            "providers": self.providers,
+            "input": {"name": self.input_name, "layout": self.meta.input_layout},
+            "output": {"name": self.output_name},
+            "metadata": meta,
+        }
+
+
+@dataclass
+class ModelRegistry:
+    """Every model of the model directory, plus those that failed to load and why."""
+
+    models: dict[str, LoadedModel] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def get(self, name: str) -> LoadedModel | None:
+        """The model called ``name``, if it loaded."""
+        return self.models.get(name)
+
+
+def find_model_files(model_dir: Path) -> dict[str, Path]:
+    """Newest ``<name>/<version>/model.onnx`` per model name (versions compared as numbers)."""
+    found: dict[str, Path] = {}
+    for name_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+        versions = [v for v in name_dir.iterdir() if v.is_dir() and v.name.isdigit()]
+        if not versions:
+            continue
+        newest = max(versions, key=lambda v: int(v.name))
+        found[name_dir.name] = newest / "model.onnx"
+    return found
+
+
+def resolve_providers(requested: list[str]) -> list[str]:
+    """Requested providers that this ONNX Runtime build offers, in order; CPU always last."""
+    available = ort.get_available_providers()
+    usable = [p for p in requested if p in available]
+    missing = [p for p in requested if p not in available]
+    if missing:
+        log.warning(
+            "execution provider(s) %s requested but not in this onnxruntime build (available: %s)",
+            missing,
+            available,
+        )
+    if "CPUExecutionProvider" not in usable:
+        usable.append("CPUExecutionProvider")
+    return usable
+
+
+def load_model(
+    name: str, path: Path, providers: list[str], intra_op_threads: int, warmup_batch: int
+) -> LoadedModel:
+    """Create the session, parse the metadata, check the graph's shapes and warm it up."""
+    start = time.perf_counter()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.name} is missing in {path.parent.name}/")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    meta = ModelMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map))
+    if meta.name != name:
+        log.warning(
+            "model folder %r holds a model named %r; serving it as %r", name, meta.name, name
+        )
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ValueError(f"expected one input and one output, got {len(inputs)} and {len(outputs)}")
+    used = session.get_providers()
+    wanted = providers[0]
+    if used[0] != wanted:
+        log.warning(
+            "model %s: wanted %s but ONNX Runtime runs it on %s. On a GPU host check the NVIDIA "
+            "driver, the container toolkit, and that onnxruntime-gpu (not onnxruntime) is "
+            "installed.",
+            name,
+            wanted,
+            used[0],
+        )
+    model = LoadedModel(
+        name=name,
+        path=path,
+        meta=meta,
+        session=session,
+        input_name=inputs[0].name,
+        output_name=outputs[0].name,
+        providers=used,
+        load_seconds=0.0,
+    )
+    # Warm-up at the serving shape: the first run allocates buffers (and on CUDA searches the
+    # cuDNN algorithms), and it proves that the output has the shape the metadata promises.
+    t = meta.tile_size
+    probe = np.zeros((warmup_batch, t, t, meta.channels), np.float32)
+    out = model.predict(probe)
+    expected = (warmup_batch, t, t, meta.output_channels)
+    if out.shape != expected:
+        raise ValueError(f"model output has shape {out.shape}, metadata implies {expected}")
+    model.load_seconds = time.perf_counter() - start
+    log.info(
+        "model %s v%s loaded from %s on %s in %.2f s (tile %d, %d class(es), %s)",
+        name,
+        meta.version,
+        path,
+        used[0],
+        model.load_seconds,
+        t,
+        meta.num_classes,
+        meta.task,
+    )
+    return model
+
+
+def load_registry(
+    registry: ModelRegistry,
+    model_dir: Path,
+    providers: list[str],
+    intra_op_threads: int,
+    warmup_batch: int,
+) -> ModelRegistry:
+    """Load every model; a broken one is logged and recorded, and the others still serve."""
+    usable = resolve_providers(providers)
+    for name, path in find_model_files(model_dir).items():
+        try:
+            registry.models[name] = load_model(name, path, usable, intra_op_threads, warmup_batch)
+        except Exception as exc:  # one bad file must not take the other models down
+            reason = f"{type(exc).__name__}: {exc}"
+            registry.failed[name] = reason
+            log.error("model %s could not be loaded from %s: %s", name, path, reason)
+    if not registry.models and not registry.failed:
+        registry.failed["*"] = f"no <name>/<version>/model.onnx found in {model_dir}"
+        log.error("no models found in %s", model_dir)
+    registry.ready.set()
+    return registry
