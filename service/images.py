@@ -8,7 +8,6 @@ decoded, so a small file that declares an enormous image is refused without allo
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -19,6 +18,10 @@ from PIL import Image, UnidentifiedImageError
 from service.core.errors import ApiError, invalid_image, too_large, unsupported_media
 
 ACCEPTED = "PNG, JPEG or TIFF (8- or 16-bit, grayscale or RGB)"
+
+# The service's own limit (``max_pixels``, SEG_MAX_IMAGE_PIXELS) is checked from the header before
+# any pixel is decoded; Pillow's process-wide default (about 89 Mpx) would override it silently.
+Image.MAX_IMAGE_PIXELS = None
 
 _SIGNATURES: list[tuple[bytes, str]] = [
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -74,16 +77,17 @@ class DecodedImage:
         return int(self.pixels.shape[1])
 
 
-def sniff_format(head: bytes) -> str:
-    """``PNG``, ``JPEG`` or ``TIFF`` from the first bytes; 415 naming what arrived otherwise."""
+def sniff_format(head: bytes, what: str = "image") -> str:
+    """``PNG``, ``JPEG`` or ``TIFF`` from the first bytes; 415 naming what arrived otherwise
+    (``what`` says which upload: the image or the ground truth)."""
     for sig, name in _SIGNATURES:
         if head.startswith(sig):
             return name
     if not head:
-        raise invalid_image("the uploaded file is empty")
-    what = next((name for sig, name in _OTHER_SIGNATURES if head.startswith(sig)), None)
-    arrived = f"a {what} file" if what else "bytes that are not an image this service reads"
-    raise unsupported_media(f"unsupported image format: expected {ACCEPTED}, got {arrived}")
+        raise invalid_image(f"the uploaded {what} is an empty file")
+    other = next((name for sig, name in _OTHER_SIGNATURES if head.startswith(sig)), None)
+    arrived = f"a {other} file" if other else "bytes that are not an image this service reads"
+    raise unsupported_media(f"unsupported {what} format: expected {ACCEPTED}, got {arrived}")
 
 
 def _check_pixels(height: int, width: int, max_pixels: int, what: str) -> None:
@@ -98,7 +102,9 @@ def _check_pixels(height: int, width: int, max_pixels: int, what: str) -> None:
 
 def _decode_tiff(file: BinaryIO, max_pixels: int, what: str) -> DecodedImage:
     try:
-        with tifffile.TiffFile(file) as tif:
+        # A name, because tifffile takes one from the stream and an upload's spooled temporary
+        # file has none (None in memory, an int descriptor once rolled over to disk).
+        with tifffile.TiffFile(file, name="upload.tif") as tif:
             series = tif.series[0] if tif.series else None
             if series is None or not tif.pages:
                 raise invalid_image(f"the {what} is a TIFF without image data")
@@ -159,20 +165,18 @@ _PIL_MODES = {
 
 def _decode_pillow(file: BinaryIO, fmt: str, max_pixels: int, what: str) -> DecodedImage:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img: Image.Image = Image.open(file)
-            _check_pixels(img.height, img.width, max_pixels, what)
-            frames = int(getattr(img, "n_frames", 1))
-            if frames > 1:
-                raise invalid_image(f"the {what} is animated ({frames} frames); send one frame")
-            mode = img.mode
-            if mode not in _PIL_MODES:
-                raise invalid_image(f"the {what} has colour mode {mode}, expected grayscale or RGB")
-            img.load()
+        img: Image.Image = Image.open(file)
+        _check_pixels(img.height, img.width, max_pixels, what)
+        frames = int(getattr(img, "n_frames", 1))
+        if frames > 1:
+            raise invalid_image(f"the {what} is animated ({frames} frames); send one frame")
+        mode = img.mode
+        if mode not in _PIL_MODES:
+            raise invalid_image(f"the {what} has colour mode {mode}, expected grayscale or RGB")
+        img.load()
     except ApiError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:  # only if someone re-enabled Pillow's limit
         raise too_large(f"the {what} declares more pixels than this service accepts") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise invalid_image(f"the {what} is a damaged or truncated {fmt}") from exc
@@ -198,7 +202,7 @@ def decode_image(file: BinaryIO, *, max_pixels: int, what: str = "image") -> Dec
     file.seek(0)
     head = file.read(16)
     file.seek(0)
-    fmt = sniff_format(head)
+    fmt = sniff_format(head, what)
     if fmt == "TIFF":
         return _decode_tiff(file, max_pixels, what)
     return _decode_pillow(file, fmt, max_pixels, what)

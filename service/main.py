@@ -95,6 +95,50 @@ class EarlyOverloadMiddleware:
         await self.app(scope, receive, send)
 
 
+def _upload_too_large(limit: int) -> str:
+    """The 413 message for an upload over ``limit`` bytes."""
+    return (
+        f"the upload is larger than this service accepts ({limit:,} bytes, setting "
+        "SEG_MAX_UPLOAD_BYTES)"
+    )
+
+
+class UploadLimitMiddleware:
+    """413 for a request body over ``limit`` bytes, with the service's JSON error body: at once
+    when ``Content-Length`` declares it, otherwise as soon as the streamed body passes the limit.
+
+    (Starlette's own body limit answers a plain-text 413 in place of any response to a request
+    whose ``Content-Length`` is over the limit, so the service does not use it.)
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            err = ApiError(413, "too_large", _upload_too_large(self.limit))
+            response = _error_response(Request(scope, receive), err)
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:  # answered by create_app's HTTPException handler
+                    raise StarletteHTTPException(413, _upload_too_large(self.limit))
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
 def _error_response(request: Request, err: ApiError) -> JSONResponse:
     rid = getattr(request.state, "request_id", "-")
     if err.status >= 500 and err.code != "overloaded":
@@ -169,7 +213,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="POST an image, get a PNG mask (and per-class IoU/Dice with a ground truth).",
         lifespan=lifespan,
-        max_body_size=settings.max_upload_bytes,
     )
     app.state.settings = settings
     app.state.registry = ModelRegistry()
@@ -197,16 +240,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 413:
-            message = (
-                f"the upload is larger than this service accepts ({settings.max_upload_bytes:,}"
-                " bytes, setting SEG_MAX_UPLOAD_BYTES)"
-            )
-        else:
-            message = str(exc.detail)
         code = _STATUS_CODES.get(exc.status_code, "bad_request")
         return _error_response(
-            request, ApiError(exc.status_code, code, message, dict(exc.headers or {}))
+            request, ApiError(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
         )
 
     @app.exception_handler(Exception)
@@ -220,6 +256,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app, latency_highr_buckets=INFERENCE_BUCKETS, latency_lowr_buckets=(0.1, 1.0, 10.0, 60.0)
     )
     app.add_middleware(EarlyOverloadMiddleware, gate=gate, retry_after=settings.retry_after_seconds)
+    app.add_middleware(UploadLimitMiddleware, limit=settings.max_upload_bytes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -177,10 +177,11 @@ def load_registry(
             registry.models[name] = load_model(name, path, usable, intra_op_threads, warmup_batch)
         except Exception as exc:  # one bad file must not take the other models down
             reason = f"{type(exc).__name__}: {exc}"
-            registry.failed[name] = reason
             log.error("model %s could not be loaded from %s: %s", name, path, reason)
+            # /readyz and /models show the reason to anyone: no server paths in it.
+            registry.failed[name] = reason.replace(str(model_dir), "<model_dir>")
     if not registry.models and not registry.failed:
-        registry.failed["*"] = f"no <name>/<version>/model.onnx found in {model_dir}"
+        registry.failed["*"] = "no <name>/<version>/model.onnx found in the model directory"
         log.error("no models found in %s", model_dir)
     registry.ready.set()
     return registry

@@ -1,0 +1,167 @@
+"""Shared fixtures: a model directory of small real ONNX models, app clients, image encoders.
+
+Helpers that tests import directly (``from tests.conftest import png_bytes``) live here as plain
+functions; everything with set-up and tear-down is a fixture.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.core.config import Settings
+from service.main import create_app
+from tests.onnx_models import build_model
+
+MULTICLASS = ["background", "a", "b"]
+LABEL_VALUES = [0, 128, 255]
+READY_TIMEOUT_S = 60.0
+
+
+# --- encoders -------------------------------------------------------------------------------
+
+
+def png_bytes(arr: np.ndarray, **save: Any) -> bytes:
+    """PNG of a ``(H, W)`` or ``(H, W, 3)`` uint8/uint16 array, values kept exactly."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def jpeg_bytes(arr: np.ndarray, quality: int = 95) -> bytes:
+    """JPEG (lossy) of a uint8 ``(H, W)`` or ``(H, W, 3)`` array."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def tiff_bytes(arr: np.ndarray, **write: Any) -> bytes:
+    """TIFF written by tifffile (any dtype; ``photometric``/``planarconfig`` passed through)."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, **write)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> Image.Image:
+    """A PNG response body as a loaded Pillow image."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def expected_toy_mask(img: np.ndarray) -> np.ndarray:
+    """What the binary kernel-1 ``toy`` model must return: ``x/255 >= 0.5`` as 0/255."""
+    grey = img if img.ndim == 2 else img[..., 0]
+    return ((grey.astype(np.float64) / 255.0) >= 0.5).astype(np.uint8) * 255
+
+
+def random_image(height: int, width: int, seed: int = 0, dtype: type = np.uint8) -> np.ndarray:
+    """Uniform noise over the dtype's range (uint8) or 0..1023 (uint16)."""
+    rng = np.random.default_rng(seed)
+    high = 256 if dtype is np.uint8 else 1024
+    return rng.integers(0, high, (height, width), dtype=dtype)
+
+
+def segment_files(image: bytes, truth: bytes | None = None, name: str = "image") -> dict:
+    """The multipart ``files`` argument of a ``POST /segment``."""
+    files: dict[str, tuple[str, bytes, str]] = {name: ("upload", image, "application/octet-stream")}
+    if truth is not None:
+        files["ground_truth"] = ("truth", truth, "application/octet-stream")
+    return files
+
+
+# --- models and clients ---------------------------------------------------------------------
+
+
+def write_models(root: Path, *, corrupt: str | None = None) -> Path:
+    """``toy`` (binary, tile 64), ``toy3`` (3 classes, kernel 3), ``toy3lv`` (3 classes trained
+    on mask values 0/128/255); ``corrupt`` names an extra model folder whose file is garbage."""
+    build_model(root / "toy" / "1" / "model.onnx", name="toy", tile_size=64)
+    build_model(
+        root / "toy3" / "1" / "model.onnx",
+        name="toy3",
+        classes=MULTICLASS,
+        kernel=3,
+        tile_size=32,
+        seed=1,  # weights that predict all three classes on noise and on ramps
+    )
+    build_model(
+        root / "toy3lv" / "1" / "model.onnx",
+        name="toy3lv",
+        classes=MULTICLASS,
+        kernel=3,
+        tile_size=32,
+        seed=1,
+        label_values=LABEL_VALUES,
+    )
+    if corrupt:
+        bad = root / corrupt / "1" / "model.onnx"
+        bad.parent.mkdir(parents=True)
+        bad.write_bytes(b"this is not an ONNX model" * 10)
+    return root
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory holding the three good test models."""
+    return write_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def broken_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The good test models plus ``broken``, whose model.onnx is not ONNX."""
+    return write_models(tmp_path_factory.mktemp("models_broken"), corrupt="broken")
+
+
+def wait_ready(client: TestClient, *, expect: int = 200) -> dict:
+    """Poll ``/readyz`` until model loading is over (status != 'loading'); bounded."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        r = client.get("/readyz")
+        body = r.json()
+        if body["status"] != "loading":
+            assert r.status_code == expect, body
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"models not loaded after {READY_TIMEOUT_S} s: {body}")
+        time.sleep(0.02)
+
+
+@contextmanager
+def running_app(
+    model_dir: Path, *, expect_ready: int = 200, **overrides: Any
+) -> Iterator[TestClient]:
+    """A TestClient (lifespan running) on an app over ``model_dir``, models loaded."""
+    settings = Settings(
+        model_dir=model_dir,
+        default_model="toy",
+        providers=["CPUExecutionProvider"],
+        intra_op_threads=1,
+        **overrides,
+    )
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client, expect=expect_ready)
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(model_dir: Path) -> Iterator[TestClient]:
+    """The app with default limits, shared by a module's tests (they do not change its state)."""
+    with running_app(model_dir) as c:
+        yield c
+
+
+@pytest.fixture
+def make_client(model_dir: Path) -> Callable[..., Any]:
+    """``with make_client(api_key='x') as c:``: an app with other settings."""
+    return lambda **overrides: running_app(model_dir, **overrides)
