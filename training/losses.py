@@ -76,13 +76,15 @@ class DiceScore(keras.metrics.Metric):
 
     def result(self) -> Any:
         """Mean Dice over the selected classes."""
-        dice = 2.0 * self.tp / ops.maximum(2.0 * self.tp + self.fp + self.fn, 1.0)
+        # Explicit tensors: the JAX backend does not do arithmetic on Variables directly.
+        tp, fp, fn = (ops.convert_to_tensor(v) for v in (self.tp, self.fp, self.fn))
+        dice = 2.0 * tp / ops.maximum(2.0 * tp + fp + fn, 1.0)
         return ops.mean(ops.take(dice, self.class_ids))
 
     def reset_state(self) -> None:
         """Zero the counts."""
         for v in (self.tp, self.fp, self.fn):
-            v.assign(ops.zeros_like(v))
+            v.assign(ops.zeros(v.shape))
 
     def get_config(self) -> dict[str, Any]:
         """Serialisable constructor arguments."""
@@ -94,7 +96,9 @@ class DiceScore(keras.metrics.Metric):
         }
 
 
-def segmentation_metrics(class_names: list[str], threshold: float = 0.5) -> list[keras.metrics.Metric]:
+def segmentation_metrics(
+    class_names: list[str], threshold: float = 0.5
+) -> list[keras.metrics.Metric]:
     """Confusion-matrix IoU ("iou": foreground for binary, mean for multiclass), per-class IoU
     for multiclass, and Dice."""
     k = len(class_names)

@@ -6,7 +6,9 @@ import keras
 from keras import layers
 
 
-def conv_block(x: keras.KerasTensor, filters: int, *, batchnorm: bool, dropout: float) -> keras.KerasTensor:
+def conv_block(
+    x: keras.KerasTensor, filters: int, *, batchnorm: bool, dropout: float
+) -> keras.KerasTensor:
     """Two 3x3 convolutions, each followed by optional batch norm and ReLU.
 
     The convolution has no bias when batch norm follows: the norm's own shift makes it redundant.
@@ -16,7 +18,9 @@ def conv_block(x: keras.KerasTensor, filters: int, *, batchnorm: bool, dropout: 
             filters, 3, padding="same", kernel_initializer="he_normal", use_bias=not batchnorm
         )(x)
         if batchnorm:
-            x = layers.BatchNormalization()(x)
+            # Momentum 0.9, not Keras' 0.99: runs here are a few hundred steps, and with 0.99 the
+            # moving statistics used at inference still lag far behind the batch statistics.
+            x = layers.BatchNormalization(momentum=0.9)(x)
         x = layers.Activation("relu")(x)
         if dropout and i == 0:
             x = layers.Dropout(dropout)(x)
@@ -35,7 +39,9 @@ def decoder_block(
     x: keras.KerasTensor, skip: keras.KerasTensor, filters: int, *, batchnorm: bool, dropout: float
 ) -> keras.KerasTensor:
     """2x transposed-convolution upsampling, concatenation with the skip, conv block."""
-    x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same", kernel_initializer="he_normal")(x)
+    x = layers.Conv2DTranspose(
+        filters, 2, strides=2, padding="same", kernel_initializer="he_normal"
+    )(x)
     x = layers.Concatenate()([x, skip])
     return conv_block(x, filters, batchnorm=batchnorm, dropout=dropout)
 

@@ -80,7 +80,8 @@ class TrainConfig:
             "label_values": self.label_values,
             "architecture": (
                 f"unet(depth={self.depth}, base_filters={self.base_filters}, "
-                f"max_filters={self.max_filters}, batchnorm={self.batchnorm}, dropout={self.dropout})"
+                f"max_filters={self.max_filters}, batchnorm={self.batchnorm}, "
+                f"dropout={self.dropout})"
             ),
             "description": self.description,
             "training_data": self.training_data,
@@ -107,7 +108,7 @@ class TimeBudget(keras.callbacks.Callback):
         """Estimate the next epoch from the mean so far; stop if it would not fit."""
         elapsed = time.perf_counter() - self.start
         if elapsed + elapsed / (epoch + 1) > self.limit:
-            log.warning("time budget of %.1f min reached after epoch %d", self.limit / 60, epoch + 1)
+            log.warning("time budget %.1f min reached after epoch %d", self.limit / 60, epoch + 1)
             self.stopped = True
             assert self.model is not None
             self.model.stop_training = True
@@ -136,7 +137,8 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
     for name, items in splits.items():
         log.info("%s: %s", name, [p.stem for p in items])
     kwargs: dict[str, Any] = {
-        "label_values": config.label_values, "boundary_width": config.boundary_width
+        "label_values": config.label_values,
+        "boundary_width": config.boundary_width,
     }
     train_frames = load_frames(splits["train"], config.normalization, config.mask_mode, **kwargs)
     val_frames = load_frames(splits["val"], config.normalization, config.mask_mode, **kwargs)
@@ -148,8 +150,13 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
     val_ds = val_dataset(val_frames, config.tile_size, config.batch_size, k)
 
     model = build_unet(
-        channels, 1 if k == 2 else k, depth=config.depth, base_filters=config.base_filters,
-        max_filters=config.max_filters, dropout=config.dropout, batchnorm=config.batchnorm,
+        channels,
+        1 if k == 2 else k,
+        depth=config.depth,
+        base_filters=config.base_filters,
+        max_filters=config.max_filters,
+        dropout=config.dropout,
+        batchnorm=config.batchnorm,
         name=config.name.replace("-", "_"),
     )
     compile_model(model, config)
@@ -169,8 +176,12 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
     ]
     start = time.perf_counter()
     history = model.fit(
-        train_ds, validation_data=val_ds, epochs=config.epochs,
-        steps_per_epoch=config.steps_per_epoch, callbacks=callbacks, verbose=2,
+        train_ds,
+        validation_data=val_ds,
+        epochs=config.epochs,
+        steps_per_epoch=config.steps_per_epoch,
+        callbacks=callbacks,
+        verbose=2,
     )
     wall = time.perf_counter() - start
     val_iou = history.history.get("val_iou", [0.0])

@@ -1,0 +1,77 @@
+"""The bundled models: they load as the service loads them, carry valid metadata, stay small,
+and tiled inference through the service's stitching agrees with a single whole-image pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.core.config import REPO_MODELS
+from service.inference.modelmeta import Task
+from service.inference.pipeline import predict_mask
+from service.registry import find_model_files, load_model
+
+BUNDLED = ["nuclei", "nuclei-3class"]
+
+
+def synthetic_nuclei(size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """Bright blurred ellipses on a noisy dark background, 16-bit like the HeLa frames."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: size[0], : size[1]]
+    image = np.zeros(size, np.float64)
+    for _ in range(size[0] * size[1] // 3000):
+        cy, cx = rng.uniform(0, size[0]), rng.uniform(0, size[1])
+        ry, rx = rng.uniform(6, 14), rng.uniform(6, 14)
+        image += rng.uniform(0.6, 1.0) / (
+            1 + np.exp(8 * (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 - 1))
+        )
+    image = image.clip(0, 1) * 3000 + 200 + rng.normal(0, 40, size)
+    return image.clip(0, 65535).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, object]:
+    files = find_model_files(REPO_MODELS)
+    return {name: load_model(name, files[name], ["CPUExecutionProvider"], 0, 2) for name in BUNDLED}
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_model_is_complete_and_small(name: str) -> None:
+    folder = REPO_MODELS / name
+    onnx_file = find_model_files(REPO_MODELS)[name]
+    assert onnx_file.stat().st_size < 8 * 2**20, "bundled models must stay a few MB"
+    assert (folder / "config.pbtxt").is_file(), "the folder must be a Triton model repository"
+    assert (folder / "README.md").is_file(), "every bundled model has a model card"
+
+
+def test_metadata_is_what_the_service_needs(models: dict[str, object]) -> None:
+    nuclei, three = models["nuclei"], models["nuclei-3class"]
+    assert nuclei.meta.task is Task.BINARY and nuclei.meta.num_classes == 2  # type: ignore[attr-defined]
+    assert three.meta.task is Task.MULTICLASS and three.meta.num_classes == 3  # type: ignore[attr-defined]
+    for m in (nuclei, three):
+        meta = m.meta  # type: ignore[attr-defined]
+        assert meta.tile_size % meta.tile_multiple == 0 and meta.channels == 1
+        assert meta.metrics, "held-out test metrics travel with the model"
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_tiled_inference_agrees_with_whole_image(models: dict[str, object], name: str) -> None:
+    """The U-Net sees 2**depth-aligned context either way; stitched tiles (overlap, Gaussian
+    blending) must reproduce the whole-image mask except for a sliver of border pixels."""
+    model = models[name]
+    meta = model.meta  # type: ignore[attr-defined]
+    side = 2 * meta.tile_size + meta.tile_multiple * 3  # several tiles, a multiple of 2**depth
+    image = synthetic_nuclei((side, side - meta.tile_multiple))
+    tiled = predict_mask(image, meta, model.predict, batch_size=4, overlap=0.25)  # type: ignore[attr-defined]
+    whole_meta = meta.model_copy(update={"tile_size": side})
+    whole = predict_mask(image, whole_meta, model.predict, batch_size=1)  # type: ignore[attr-defined]
+    agreement = float((tiled == whole).mean())
+    assert agreement > 0.995, f"tiled and whole-image masks agree on only {agreement:.4%}"
+    assert 0.02 < float((tiled > 0).mean()) < 0.9, "the model finds the synthetic nuclei"
+
+
+def test_real_model_file_paths_are_under_models() -> None:
+    for name, path in find_model_files(REPO_MODELS).items():
+        assert Path(path).relative_to(REPO_MODELS).parts[0] == name

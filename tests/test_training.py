@@ -1,0 +1,215 @@
+"""Training pipeline: pairing, splitting, 3-class derivation, and an end-to-end smoke run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tifffile
+from PIL import Image
+
+from service.inference.modelmeta import ModelMetadata
+from service.inference.pipeline import predict_mask
+from training.data import (
+    PairingError,
+    instances_to_three_class,
+    mask_to_classes,
+    pair_files,
+    split_sequence,
+)
+
+# ------------------------------------------------------------------------------------ pairing
+
+
+def _touch(folder: Path, *names: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"")
+
+
+def test_pairs_match_by_stem_not_by_order(tmp_path: Path) -> None:
+    # Sorted by full name the two folders would pair a<->b: only stems give the right pairs.
+    _touch(tmp_path / "images", "a.tif", "b.png", "c.jpg")
+    _touch(tmp_path / "masks", "a.png", "b.tif", "c.tiff")
+    pairs = pair_files(tmp_path / "images", tmp_path / "masks")
+    assert [(p.stem, p.image.name, p.mask.name) for p in pairs] == [
+        ("a", "a.tif", "a.png"),
+        ("b", "b.png", "b.tif"),
+        ("c", "c.jpg", "c.tiff"),
+    ]
+
+
+def test_unmatched_files_are_reported_and_stop(tmp_path: Path) -> None:
+    _touch(tmp_path / "images", "a.tif", "b.tif", "only_image.tif")
+    _touch(tmp_path / "masks", "a.tif", "b.tif", "only_mask.png", "notes.txt")
+    with pytest.raises(PairingError) as err:
+        pair_files(tmp_path / "images", tmp_path / "masks")
+    assert err.value.unmatched_images == ["only_image.tif"]
+    assert err.value.unmatched_masks == ["only_mask.png"]
+    assert "only_image.tif" in str(err.value) and "only_mask.png" in str(err.value)
+
+
+def test_duplicate_stems_are_rejected(tmp_path: Path) -> None:
+    _touch(tmp_path / "images", "a.tif", "a.png")
+    _touch(tmp_path / "masks", "a.tif")
+    with pytest.raises(ValueError, match="two files with stem"):
+        pair_files(tmp_path / "images", tmp_path / "masks")
+
+
+# -------------------------------------------------------------------------------------- split
+
+
+@pytest.mark.parametrize("n", [3, 5, 10, 20, 37])
+def test_split_by_frame_is_disjoint_ordered_and_complete(tmp_path: Path, n: int) -> None:
+    names = [f"frame_{i:03d}.tif" for i in range(n)]
+    _touch(tmp_path / "images", *names)
+    _touch(tmp_path / "masks", *names)
+    splits = split_sequence(pair_files(tmp_path / "images", tmp_path / "masks"))
+    stems = {k: [p.stem for p in v] for k, v in splits.items()}
+    assert all(stems.values())
+    assert not set(stems["train"]) & set(stems["val"])
+    assert not set(stems["train"]) & set(stems["test"])
+    assert not set(stems["val"]) & set(stems["test"])
+    # Early frames train, middle validate, last are the held-out test: no temporal leakage.
+    assert stems["train"] + stems["val"] + stems["test"] == [f"frame_{i:03d}" for i in range(n)]
+
+
+def test_hela_split_holds_out_the_last_frames(tmp_path: Path) -> None:
+    names = [f"frame_{i:03d}.tif" for i in range(20)]
+    _touch(tmp_path / "images", *names)
+    _touch(tmp_path / "masks", *names)
+    splits = split_sequence(pair_files(tmp_path / "images", tmp_path / "masks"))
+    assert [p.stem for p in splits["test"]] == ["frame_017", "frame_018", "frame_019"]
+    assert [p.stem for p in splits["val"]] == ["frame_014", "frame_015", "frame_016"]
+
+
+# ------------------------------------------------------------------------------ 3-class labels
+
+
+def test_three_class_separates_touching_nuclei() -> None:
+    labels = np.zeros((10, 14), np.uint16)
+    labels[2:8, 1:7] = 1  # two 6x6 nuclei touching along columns 6|7
+    labels[2:8, 7:13] = 2
+    out = instances_to_three_class(labels, boundary_width=1)
+    expected = np.zeros((10, 14), np.uint8)
+    expected[2:8, 1:13] = 2
+    expected[3:7, 2:6] = 1  # interior of nucleus 1
+    expected[3:7, 8:12] = 1  # interior of nucleus 2
+    np.testing.assert_array_equal(out, expected)
+    # The two columns where the nuclei touch are boundary on both sides ...
+    assert (out[2:8, 6] == 2).all() and (out[2:8, 7] == 2).all()
+    # ... so the interiors form two separate components, one per nucleus.
+    from scipy import ndimage
+
+    _, n = ndimage.label(out == 1)
+    assert n == 2
+
+
+def test_three_class_background_and_image_edge() -> None:
+    labels = np.zeros((8, 8), np.int32)
+    labels[0:5, 0:5] = 7  # a nucleus cut by the image edge: the edge is no boundary
+    out = instances_to_three_class(labels, boundary_width=1)
+    assert (out[labels == 0] == 0).all()
+    assert out[0, 0] == 1 and out[4, 0] == 2 and out[0, 4] == 2 and out[4, 4] == 2
+    wide = instances_to_three_class(labels, boundary_width=2)
+    assert (wide[3:5, 0] == 2).all() and wide[2, 0] == 1
+
+
+def test_mask_modes() -> None:
+    labels = np.array([[0, 3], [5, 5]], np.uint16)
+    np.testing.assert_array_equal(mask_to_classes(labels, "binary"), [[0, 1], [1, 1]])
+    dense = np.array([[1, 49], [91, 67]], np.uint8)
+    np.testing.assert_array_equal(
+        mask_to_classes(dense, "labels", label_values=[1, 49, 67, 91]), [[0, 1], [3, 2]]
+    )
+    with pytest.raises(ValueError, match="not in label_values"):
+        mask_to_classes(dense, "labels", label_values=[1, 49])
+
+
+# --------------------------------------------------------------------------------- smoke, e2e
+
+
+def _make_disk_data(root: Path, n: int = 4, shape: tuple[int, int] = (72, 100)) -> None:
+    """Bright disks (instances) on a noisy uint16 background; one frame as PNG to mix formats."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir(parents=True)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for i in range(n):
+        labels = np.zeros(shape, np.uint16)
+        for k in range(1, 7):
+            cy, cx, r = rng.integers(8, shape[0] - 8), rng.integers(8, shape[1] - 8), 6
+            labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = k
+        image = (1000 + 200 * rng.standard_normal(shape) + 3000 * (labels > 0)).clip(0, 65535)
+        tifffile.imwrite(root / "images" / f"frame_{i:03d}.tif", image.astype(np.uint16))
+        if i == 0:
+            Image.fromarray(labels.astype(np.uint8)).save(root / "masks" / f"frame_{i:03d}.png")
+        else:
+            tifffile.imwrite(root / "masks" / f"frame_{i:03d}.tif", labels)
+
+
+@pytest.mark.parametrize(
+    ("mode", "classes"),
+    [("binary", ["background", "nucleus"]), ("3class", ["background", "interior", "boundary"])],
+)
+def test_smoke_train_export_parity_and_serve(tmp_path: Path, mode: str, classes: list[str]) -> None:
+    from training.cli import export_run
+    from training.evaluate import onnx_predictor
+    from training.export import ort_predictor
+    from training.train import TrainConfig, train
+
+    data = tmp_path / "data"
+    _make_disk_data(data)
+    config = TrainConfig(
+        name="smoke-" + mode,
+        data_dir=str(data),
+        mask_mode=mode,
+        classes=classes,
+        boundary_width=1,
+        tile_size=32,
+        depth=2,
+        base_filters=4,
+        max_filters=8,
+        batch_size=4,
+        epochs=1,
+        steps_per_epoch=3,
+        val_fraction=0.25,
+        test_fraction=0.25,
+    )
+    run_dir = tmp_path / "runs" / config.name
+    summary = train(config, run_dir)
+    assert summary["epochs_run"] == 1
+    assert summary["splits"]["test"] == ["frame_003"]
+    for name in ("best.keras", "history.csv", "config.json", "train_summary.json"):
+        assert (run_dir / name).is_file()
+
+    result = export_run(run_dir, tmp_path / "models", "1")
+    onnx_path = tmp_path / "models" / config.name / "1" / "model.onnx"
+    assert Path(result["onnx"]) == onnx_path
+    assert result["parity"] <= 1e-5
+    model_dir = onnx_path.parent.parent
+    config_pbtxt = (model_dir / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in config_pbtxt
+    assert "dims: [ 32, 32, 1 ]" in config_pbtxt
+    assert (model_dir / "README.md").is_file()
+    assert (model_dir / "training_curves.png").is_file()
+    assert (model_dir / "test_frame_003.png").is_file()
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert set(report["onnx"]["aggregate"]["iou"]) == set(classes)
+
+    # Serve one request the way the service does: metadata from the file, ORT, predict_mask.
+    proto = onnx.load(str(onnx_path))
+    assert proto.opset_import[0].version <= 18
+    meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+    assert meta.classes == classes and meta.tile_size == 32 and meta.tile_multiple == 4
+    assert "iou" in meta.metrics
+    image = tifffile.imread(data / "images" / "frame_003.tif")
+    session = ort_predictor(onnx_path)
+    *dynamic, channels = session.get_inputs()[0].shape
+    assert channels == 1 and not any(isinstance(d, int) for d in dynamic)  # batch, height, width
+    mask = predict_mask(image, meta, onnx_predictor(session), batch_size=3)
+    assert mask.shape == image.shape and mask.dtype == np.uint8
+    assert int(mask.max()) < len(classes)

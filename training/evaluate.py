@@ -1,0 +1,163 @@
+"""Held-out evaluation on whole images through the service's own tiling, and its pictures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on training machines
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import ListedColormap
+
+from service.inference.metrics import score_segmentation
+from service.inference.modelmeta import ModelMetadata
+from service.inference.normalize import normalize_image
+from service.inference.pipeline import predict_mask
+from training.data import Pair, mask_to_classes, read_image, read_mask
+
+Predictor = Callable[[np.ndarray], np.ndarray]
+_COLOURS = ["#000000", "#1f9e89", "#fde725", "#e4572e", "#4f6bd6", "#c04fd6"]
+EVAL_SETTINGS: dict[str, Any] = {"batch_size": 8, "overlap": 0.25, "mode": "gaussian"}
+
+
+def keras_predictor(model: Any) -> Predictor:
+    """Keras model as a tile predictor (direct call: faster than ``predict`` for small batches)."""
+    return lambda tiles: np.asarray(model(tiles, training=False))
+
+
+def onnx_predictor(session: Any) -> Predictor:
+    """ONNX Runtime session as a tile predictor: what the service runs."""
+    name = session.get_inputs()[0].name
+    return lambda tiles: session.run(None, {name: tiles.astype(np.float32)})[0]
+
+
+def evaluate_images(
+    pairs: list[Pair],
+    meta: ModelMetadata,
+    predictor: Predictor,
+    mask_mode: str,
+    *,
+    boundary_width: int = 2,
+    pictures_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Segment each whole image with :func:`predict_mask` and score it against its mask.
+
+    Returns per-image scores and the aggregate over all pixels of all images (one confusion
+    matrix, so large images weigh by their size). Writes one input/truth/prediction PNG per
+    image to ``pictures_dir`` when given.
+    """
+    per_image: dict[str, Any] = {}
+    preds, targets = [], []
+    total_seconds = 0.0
+    for pair in pairs:
+        image = read_image(pair.image)
+        target = mask_to_classes(
+            read_mask(pair.mask),
+            mask_mode,
+            label_values=meta.label_values,
+            boundary_width=boundary_width,
+        )
+        start = time.perf_counter()
+        pred = predict_mask(image, meta, predictor, **EVAL_SETTINGS)
+        seconds = time.perf_counter() - start
+        per_image[pair.stem] = score_segmentation(pred, target, meta.classes).as_dict()
+        per_image[pair.stem]["seconds"] = round(seconds, 3)
+        total_seconds += seconds
+        preds.append(pred.ravel())
+        targets.append(target.ravel())
+        if pictures_dir is not None:
+            pictures_dir.mkdir(parents=True, exist_ok=True)
+            save_triptych(
+                image,
+                target,
+                pred,
+                meta,
+                pictures_dir / f"test_{pair.stem}.png",
+                per_image[pair.stem],
+            )
+    total = score_segmentation(np.concatenate(preds), np.concatenate(targets), meta.classes)
+    aggregate = {**total.as_dict(), "seconds_per_image": round(total_seconds / len(pairs), 3)}
+    return {"images": [p.stem for p in pairs], "aggregate": aggregate, "per_image": per_image}
+
+
+def _display(image: np.ndarray, meta: ModelMetadata) -> np.ndarray:
+    """Whole-image normalised and clipped to [0, 1] for viewing."""
+    shown = np.clip(normalize_image(image, meta.normalization), 0.0, 1.0)
+    return shown[..., 0] if shown.shape[2] == 1 else shown[..., :3]
+
+
+def save_triptych(
+    image: np.ndarray,
+    target: np.ndarray,
+    pred: np.ndarray,
+    meta: ModelMetadata,
+    path: Path,
+    scores: dict[str, Any] | None = None,
+    dpi: int = 60,
+) -> None:
+    """Input, ground truth and prediction side by side, as a small PNG."""
+    cmap = ListedColormap(_COLOURS[: meta.num_classes])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 15 * image.shape[0] / image.shape[1] / 3 + 0.6))
+    axes[0].imshow(_display(image, meta), cmap="gray")
+    axes[0].set_title("input")
+    axes[1].imshow(target, cmap=cmap, vmin=0, vmax=meta.num_classes - 1, interpolation="nearest")
+    axes[1].set_title("ground truth")
+    axes[2].imshow(pred, cmap=cmap, vmin=0, vmax=meta.num_classes - 1, interpolation="nearest")
+    title = "prediction"
+    if scores is not None:
+        ious = ", ".join(
+            f"{k} {v:.3f}" for k, v in scores["iou"].items() if v is not None and k != "background"
+        )
+        title += f" (IoU {ious})"
+    axes[2].set_title(title)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def read_history(path: Path) -> dict[str, list[float]]:
+    """Columns of a Keras ``CSVLogger`` file."""
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    return {key: [float(r[key]) for r in rows] for key in rows[0]} if rows else {}
+
+
+def plot_history(history_csv: Path, path: Path, dpi: int = 70) -> None:
+    """Loss and IoU per epoch, training and validation, as a PNG."""
+    hist = read_history(history_csv)
+    epochs = [int(e) + 1 for e in hist["epoch"]]
+    iou_keys = [k for k in hist if k.endswith("iou") and not k.startswith("val_")]
+    fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_loss.plot(epochs, hist["loss"], label="train")
+    ax_loss.plot(epochs, hist["val_loss"], label="validation")
+    ax_loss.set_yscale("log")
+    ax_loss.set_title("loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.legend()
+    for key in iou_keys + [k for k in hist if k.startswith("iou_")]:
+        if key in iou_keys and key != "iou":
+            continue
+        ax_iou.plot(epochs, hist[key], "--", label=f"train {key}")
+        ax_iou.plot(epochs, hist[f"val_{key}"], label=f"val {key}")
+    ax_iou.set_title("IoU")
+    ax_iou.set_xlabel("epoch")
+    ax_iou.set_ylim(0, 1)
+    ax_iou.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    """The evaluation report as indented JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
