@@ -142,13 +142,12 @@ def running_app(
     model_dir: Path, *, expect_ready: int = 200, **overrides: Any
 ) -> Iterator[TestClient]:
     """A TestClient (lifespan running) on an app over ``model_dir``, models loaded."""
-    settings = Settings(
-        model_dir=model_dir,
-        default_model="toy",
-        providers=["CPUExecutionProvider"],
-        intra_op_threads=1,
-        **overrides,
-    )
+    options: dict[str, Any] = {
+        "default_model": "toy",
+        "providers": ["CPUExecutionProvider"],
+        "intra_op_threads": 1,
+    }
+    settings = Settings(model_dir=model_dir, **(options | overrides))
     with TestClient(create_app(settings)) as client:
         wait_ready(client, expect=expect_ready)
         yield client

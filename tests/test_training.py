@@ -13,6 +13,7 @@ from PIL import Image
 
 from service.inference.modelmeta import ModelMetadata
 from service.inference.pipeline import predict_mask
+from tests.conftest import decode_png, running_app, tiff_bytes
 from training.data import (
     PairingError,
     instances_to_three_class,
@@ -213,3 +214,12 @@ def test_smoke_train_export_parity_and_serve(tmp_path: Path, mode: str, classes:
     mask = predict_mask(image, meta, onnx_predictor(session), batch_size=3)
     assert mask.shape == image.shape and mask.dtype == np.uint8
     assert int(mask.max()) < len(classes)
+
+    # And through the real service: the exported folder is served with no other configuration.
+    with running_app(tmp_path / "models", default_model=config.name) as client:
+        listed = client.get("/models").json()["models"]
+        assert [m["name"] for m in listed] == [config.name]
+        r = client.post("/segment", files={"image": ("f.tif", tiff_bytes(image))})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        served = np.asarray(decode_png(r.content))
+        assert np.array_equal(served, mask * 255 if mode == "binary" else mask)
