@@ -89,14 +89,17 @@ def resolve_providers(requested: list[str]) -> list[str]:
     available = ort.get_available_providers()
     usable = [p for p in requested if p in available]
     missing = [p for p in requested if p not in available]
-    if missing:
-        log.warning(
-            "execution provider(s) %s requested but not in this onnxruntime build (available: %s)",
-            missing,
-            available,
-        )
     if "CPUExecutionProvider" not in usable:
         usable.append("CPUExecutionProvider")
+    if missing:
+        log.warning(
+            "execution provider(s) %s requested but not in this onnxruntime build (available: "
+            "%s): models will run on %s. For CUDA install the `gpu` extra (onnxruntime-gpu) "
+            "instead of `cpu`, never both.",
+            missing,
+            available,
+            usable[0],
+        )
     return usable
 
 
