@@ -193,6 +193,11 @@ def _decode_pillow(file: BinaryIO, fmt: str, max_pixels: int, what: str) -> Deco
     return DecodedImage(pixels=pixels, format=fmt, dtype=str(pixels.dtype), mode=mode)
 
 
+def _png_is_16bit_colour(head: bytes) -> bool:
+    """16-bit RGB, RGBA or grey+alpha PNG (from IHDR): Pillow would keep only the high byte."""
+    return len(head) >= 26 and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 4, 6)
+
+
 def decode_image(file: BinaryIO, *, max_pixels: int, what: str = "image") -> DecodedImage:
     """Decode an uploaded file (seekable binary) into ``(H, W, C)`` pixels.
 
@@ -200,9 +205,15 @@ def decode_image(file: BinaryIO, *, max_pixels: int, what: str = "image") -> Dec
     what arrived.
     """
     file.seek(0)
-    head = file.read(16)
+    head = file.read(32)
     file.seek(0)
     fmt = sniff_format(head, what)
+    if fmt == "PNG" and _png_is_16bit_colour(head):
+        raise invalid_image(
+            f"the {what} is a 16-bit colour PNG, which this service cannot read without losing "
+            "precision (its decoder keeps 8 bits per colour sample); send it as a 16-bit TIFF, "
+            "or as a 16-bit grayscale PNG"
+        )
     if fmt == "TIFF":
         return _decode_tiff(file, max_pixels, what)
     return _decode_pillow(file, fmt, max_pixels, what)
@@ -224,7 +235,10 @@ def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
 
 def encode_png(mask: np.ndarray, *, palette: bool = False) -> bytes:
     """Single-channel uint8 PNG; with ``palette`` the class indices are shown in colour."""
-    img = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
+    pixels = np.ascontiguousarray(mask, dtype=np.uint8)
+    # frombuffer shares the array's memory ("L" raw, stride 0 = packed rows) where fromarray
+    # would copy it: one mask-sized allocation less on gigapixel images.
+    img = Image.frombuffer("L", (pixels.shape[1], pixels.shape[0]), pixels, "raw", "L", 0, 1)
     if palette:
         # putpalette turns an "L" image into "P" and keeps the pixel values (the class indices).
         flat = [c for rgb in PALETTE for c in rgb]

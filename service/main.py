@@ -87,6 +87,7 @@ class EarlyOverloadMiddleware:
             app_state.metrics.rejected.inc()
             rid = scope.get("state", {}).get("request_id", "-")
             err = ApiError(503, "overloaded", f"the service is busy; retry in {self.retry_after} s")
+            log.info("POST %s -> 503 %s", scope["path"], err.message)
             response = JSONResponse(
                 err.body(rid), status_code=503, headers={"Retry-After": str(self.retry_after)}
             )
@@ -247,10 +248,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _error_response(
-            request, ApiError(500, "internal", "internal error; quote the request ID")
-        )
+        # Starlette answers these outside the middleware stack, after RequestIdMiddleware is
+        # done: put the request ID back on the log lines and on the response here.
+        rid = getattr(request.state, "request_id", "-")
+        token = request_id_var.set(rid)
+        try:
+            log.exception("unexpected error on %s %s", request.method, request.url.path)
+            response = _error_response(
+                request, ApiError(500, "internal", "internal error; quote the request ID")
+            )
+        finally:
+            request_id_var.reset(token)
+        response.headers["X-Request-ID"] = rid
+        return response
 
     Instrumentator(registry=registry, excluded_handlers=["/metrics"]).instrument(
         app, latency_highr_buckets=INFERENCE_BUCKETS, latency_lowr_buckets=(0.1, 1.0, 10.0, 60.0)

@@ -8,6 +8,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    """Every error answer (4xx and 5xx)."""
+
+    detail: str = Field(description="What went wrong, in plain language, and what to do")
+    code: str = Field(description="Stable machine-readable reason, e.g. invalid_image")
+    request_id: str = Field(description="Also in the X-Request-ID header and the service log")
+
+
+def error_responses(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for error statuses, all with the :class:`ErrorBody` model."""
+    return {status: {"model": ErrorBody, "description": text} for status, text in described.items()}
+
 
 class ApiError(Exception):
     """An error answered with ``status`` and a message meant for the person who sent the request."""

@@ -42,7 +42,7 @@ class InferenceGate:
         """True when the next request would be refused."""
         return self._admitted >= self.limit
 
-    def _release(self, _: Future[Any]) -> None:
+    def _release(self, _: Future[Any] | None = None) -> None:
         with self._lock:
             self._admitted -= 1
             n = self._admitted
@@ -56,7 +56,11 @@ class InferenceGate:
             self._admitted += 1
             n = self._admitted
         self.on_change(n)
-        future = self._executor.submit(fn)
+        try:
+            future = self._executor.submit(fn)
+        except RuntimeError:  # the pool is shut down: the service is stopping
+            self._release()  # never keep a place that no work will give back
+            raise OverloadedError from None
         future.add_done_callback(self._release)
         return await asyncio.wrap_future(future)
 

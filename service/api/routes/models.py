@@ -8,9 +8,13 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from service.api.deps import ApiKeyDep, RegistryDep, SettingsDep
-from service.core.errors import ApiError
+from service.core.errors import ApiError, error_responses
 
-router = APIRouter(tags=["models"], dependencies=[ApiKeyDep])
+router = APIRouter(
+    tags=["models"],
+    dependencies=[ApiKeyDep],
+    responses=error_responses({401: "API key required"}),
+)
 
 
 class ModelInfo(BaseModel):
@@ -48,7 +52,9 @@ def list_models(registry: RegistryDep, settings: SettingsDep) -> ModelList:
 
 
 @router.get(
-    "/models/{name}", response_model=ModelInfo, responses={404: {"description": "No such model"}}
+    "/models/{name}",
+    response_model=ModelInfo,
+    responses=error_responses({404: "No such model", 422: "Invalid request"}),
 )
 @router.get("/v1/models/{name}", response_model=ModelInfo, include_in_schema=False)
 def get_model(name: str, registry: RegistryDep, settings: SettingsDep) -> ModelInfo:

@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from service.api.deps import ApiKeyDep, GateDep, MetricsDep, RegistryDep, SettingsDep
-from service.core.errors import ApiError
+from service.core.errors import ApiError, error_responses
 from service.core.gate import OverloadedError
 from service.core.metrics import ServiceMetrics
 from service.inference.modelmeta import Task
@@ -123,12 +123,18 @@ def _record(
             "content": {"image/png": {}},
             "description": "The mask as PNG (default), or JSON with `Accept: application/json`.",
         },
-        401: {"description": "API key required"},
-        404: {"description": "Unknown model"},
-        413: {"description": "Upload or image over the size limit"},
-        415: {"description": "Not a PNG, JPEG or TIFF"},
-        422: {"description": "Unusable image, ground truth or parameter"},
-        503: {"description": "Saturated or still loading; retry after `Retry-After` seconds"},
+        **error_responses(
+            {
+                400: "Malformed request body (e.g. broken multipart framing)",
+                401: "API key required",
+                404: "Unknown model",
+                413: "Upload or image over the size limit",
+                415: "Not a PNG, JPEG or TIFF",
+                422: "Unusable image, ground truth or parameter",
+                500: "Unexpected error; quote the request ID",
+                503: "Saturated or still loading; retry after `Retry-After` seconds",
+            }
+        ),
     },
 )
 async def segment_image(

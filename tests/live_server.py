@@ -1,0 +1,137 @@
+"""The service as a real ``uvicorn`` process on loopback, and what /proc says about it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import READY_TIMEOUT_S
+
+REPO = Path(__file__).resolve().parents[1]
+UVICORN = [sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory"]
+
+
+@dataclass
+class LiveServer:
+    """A running service process, its address, its log and its temporary directory."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    port: int
+    log: Path
+    tmpdir: Path
+
+    def output(self, tail: int = 4000) -> str:
+        """The end of the process's stdout and stderr."""
+        return self.log.read_text(errors="replace")[-tail:]
+
+    def status(self, field: str) -> int:
+        """A number from ``/proc/<pid>/status`` (``VmRSS`` in kB, ``Threads``)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    def rss_mib(self) -> float:
+        """Resident memory in MiB."""
+        return self.status("VmRSS") / 1024
+
+    def threads(self) -> int:
+        """Threads of the process."""
+        return self.status("Threads")
+
+    def open_files(self) -> list[str]:
+        """What each open file descriptor points at."""
+        fd_dir = Path(f"/proc/{self.proc.pid}/fd")
+        targets = []
+        for fd in fd_dir.iterdir():
+            try:
+                targets.append(os.readlink(fd))
+            except FileNotFoundError:  # closed while listing
+                continue
+        return targets
+
+    def temp_files_open(self) -> list[str]:
+        """Open descriptors on files in the process's temporary directory (spooled uploads)."""
+        return [t for t in self.open_files() if t.startswith(str(self.tmpdir))]
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """One sample of ``/metrics``."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return float(s.value)
+        return None
+
+    def wait_for_metric(self, name: str, value: float, timeout: float = 60.0) -> None:
+        """Poll ``/metrics`` until ``name`` equals ``value`` (bounded)."""
+        deadline = time.monotonic() + timeout
+        while self.metric(name) != value:
+            assert self.proc.poll() is None, self.output()
+            assert time.monotonic() < deadline, f"{name} never reached {value}"
+            time.sleep(0.02)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def live_server(model_dir: Path, workdir: Path, **settings: str) -> Iterator[LiveServer]:
+    """``uvicorn service.main:create_app --factory`` on a free loopback port with the ``toy``
+    models, ``TMPDIR`` in ``workdir/tmp`` and ``SEG_<KEY>`` = value for each setting; yields once
+    ``/readyz`` says 200 and always kills the process afterwards."""
+    port = free_port()
+    tmpdir = workdir / "tmp"
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEG_")}
+    env.update(
+        TMPDIR=str(tmpdir),
+        SEG_MODEL_DIR=str(model_dir),
+        SEG_DEFAULT_MODEL="toy",
+        SEG_PROVIDERS='["CPUExecutionProvider"]',
+        SEG_INTRA_OP_THREADS="1",
+    )
+    env.update({f"SEG_{k.upper()}": v for k, v in settings.items()})
+    log = workdir / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*UVICORN, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    srv = LiveServer(proc, f"http://127.0.0.1:{port}", port, log, tmpdir)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited with {proc.returncode}:\n{srv.output()}")
+            try:
+                if httpx.get(f"{srv.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server not ready after {READY_TIMEOUT_S} s:\n{srv.output()}")
+            time.sleep(0.05)
+        yield srv
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
