@@ -13,7 +13,7 @@ from service.inference.modelmeta import Task
 from service.inference.pipeline import predict_mask
 from service.registry import find_model_files, load_model
 
-BUNDLED = ["nuclei", "nuclei-3class"]
+BUNDLED = ["nuclei", "nuclei-3class", "nuclei-int8"]
 
 
 def synthetic_nuclei(size: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -50,7 +50,9 @@ def test_metadata_is_what_the_service_needs(models: dict[str, object]) -> None:
     nuclei, three = models["nuclei"], models["nuclei-3class"]
     assert nuclei.meta.task is Task.BINARY and nuclei.meta.num_classes == 2  # type: ignore[attr-defined]
     assert three.meta.task is Task.MULTICLASS and three.meta.num_classes == 3  # type: ignore[attr-defined]
-    for m in (nuclei, three):
+    int8 = models["nuclei-int8"]
+    assert int8.meta.metrics["quantized_from"] == f"nuclei v{nuclei.meta.version}"  # type: ignore[attr-defined]
+    for m in (nuclei, three, int8):
         meta = m.meta  # type: ignore[attr-defined]
         assert meta.tile_size % meta.tile_multiple == 0 and meta.channels == 1
         assert meta.metrics, "held-out test metrics travel with the model"

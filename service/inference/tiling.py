@@ -146,16 +146,21 @@ def sliding_window_inference(
     acc: np.ndarray | None = None
     wsum = np.zeros((strip_rows, width), np.float32)
     strip_top = 0
-    pieces: list[np.ndarray] = []
+    # The result is written in place strip by strip (no list of pieces concatenated at the end:
+    # that would hold the reduced image twice at its peak).
+    result: np.ndarray | None = None
 
     def flush(until: int) -> None:
         """Hand rows [strip_top, until) to ``reduce`` and slide the strip down to ``until``."""
-        nonlocal strip_top
+        nonlocal strip_top, result
         assert acc is not None
         n = until - strip_top
         if n <= 0:
             return
-        pieces.append(reduce_fn(acc[:n] / wsum[:n, :, None]))
+        piece = reduce_fn(acc[:n] / wsum[:n, :, None])
+        if result is None:
+            result = np.empty((height, *piece.shape[1:]), piece.dtype)
+        result[strip_top:until] = piece
         acc[:-n], wsum[:-n] = acc[n:].copy(), wsum[n:].copy()
         acc[-n:], wsum[-n:] = 0.0, 0.0
         strip_top = until
@@ -176,4 +181,5 @@ def sliding_window_inference(
             acc[r0 : r0 + h, x : x + w] += tile_out[:h, :w] * weights[:h, :w, None]
             wsum[r0 : r0 + h, x : x + w] += weights[:h, :w]
     flush(height)
-    return np.concatenate(pieces, axis=0)
+    assert result is not None
+    return result

@@ -1,0 +1,1 @@
+"""Benchmark harness: ``python -m bench.run`` (or ``make bench``) writes docs/benchmarks.md."""

@@ -1,0 +1,116 @@
+"""The in-process cases: (1) the tutorial way in Keras, (2) raw ONNX Runtime on the service's
+tiles, (3) the service's pipeline from TIFF bytes to PNG bytes."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from service.inference.metrics import score_segmentation
+from service.inference.modelmeta import ModelMetadata
+from service.inference.normalize import compute_intensity_stats
+from service.inference.tiling import _cut_tile, compute_scan_interval, compute_window_starts
+from service.registry import LoadedModel
+from service.segmenter import SegmentParams, SegmentResult, render_mask, segment
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Wall seconds of one call, and its result."""
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+# --- (1) the tutorial way ----------------------------------------------------------------------
+
+
+def tutorial_predict(
+    keras_model: Any, pixels: np.ndarray, meta: ModelMetadata, batch_size: int = 8
+) -> np.ndarray:
+    """What users come from: pad to a multiple of the tile, cut non-overlapping patches
+    (``patchify``), ``model.predict``, put the patches back (``unpatchify``), threshold.
+
+    Normalisation is the same whole-image percentile scaling as the service's, so that only the
+    tiling and the runtime differ. The patch borders show as seams.
+    """
+    t = meta.tile_size
+    height, width, channels = pixels.shape
+    image = compute_intensity_stats(pixels, meta.normalization).apply(pixels)
+    image = np.pad(image, ((0, -height % t), (0, -width % t), (0, 0)))
+    ny, nx = image.shape[0] // t, image.shape[1] // t
+    patches = (
+        image.reshape(ny, t, nx, t, channels).transpose(0, 2, 1, 3, 4).reshape(-1, t, t, channels)
+    )
+    probs = np.asarray(keras_model.predict(patches, batch_size=batch_size, verbose=0))
+    k = probs.shape[-1]
+    full = probs.reshape(ny, nx, t, t, k).transpose(0, 2, 1, 3, 4).reshape(ny * t, nx * t, k)
+    full = full[:height, :width]
+    if k == 1:
+        return (full[..., 0] >= meta.threshold).astype(np.uint8)
+    return np.argmax(full, axis=-1).astype(np.uint8)
+
+
+def tutorial_tiles(shape: tuple[int, ...], tile: int) -> int:
+    """Patches the tutorial way cuts."""
+    return -(-shape[0] // tile) * -(-shape[1] // tile)
+
+
+# --- (2) raw ONNX Runtime ----------------------------------------------------------------------
+
+
+def service_batches(
+    pixels: np.ndarray, meta: ModelMetadata, overlap: float, batch_size: int
+) -> list[np.ndarray]:
+    """Exactly the tiles the service runs (same positions, same normalisation), pre-cut."""
+    t = meta.tile_size
+    step = compute_scan_interval((t, t), overlap)
+    ys = compute_window_starts(pixels.shape[0], t, step[0])
+    xs = compute_window_starts(pixels.shape[1], t, step[1])
+    stats = compute_intensity_stats(pixels, meta.normalization)
+    tiles = [_cut_tile(pixels, y, x, (t, t)) for y in ys for x in xs]
+    return [
+        np.ascontiguousarray(stats.apply(np.stack(tiles[i : i + batch_size])))
+        for i in range(0, len(tiles), batch_size)
+    ]
+
+
+def run_raw(model: LoadedModel, batches: list[np.ndarray]) -> int:
+    """Push pre-cut batches through the session; the tile count."""
+    for batch in batches:
+        model.session.run([model.output_name], {model.input_name: batch})
+    return sum(len(b) for b in batches)
+
+
+# --- (3) the service's pipeline ----------------------------------------------------------------
+
+
+def run_pipeline(
+    model: LoadedModel, tiff: bytes, batch_size: int, overlap: float = 0.25
+) -> tuple[SegmentResult, bytes, float]:
+    """TIFF bytes to PNG bytes through ``service.segmenter``: the request minus HTTP."""
+    result = segment(
+        model,
+        io.BytesIO(tiff),
+        SegmentParams(batch_size=batch_size, overlap=overlap),
+        max_pixels=1 << 31,
+    )
+    start = time.perf_counter()
+    png = render_mask(result, model.meta)
+    return result, png, time.perf_counter() - start
+
+
+def iou(preds: list[np.ndarray], truths: list[np.ndarray], classes: list[str]) -> dict[str, float]:
+    """Foreground and mean IoU over all pixels of all images (one confusion matrix)."""
+    scores = score_segmentation(
+        np.concatenate([p.ravel() for p in preds]),
+        np.concatenate([t.ravel() for t in truths]),
+        classes,
+    )
+    return {
+        "foreground": float(scores.iou[classes[1]] or 0.0),
+        "mean": float(scores.mean_iou or 0.0),
+    }

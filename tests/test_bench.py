@@ -1,0 +1,64 @@
+"""The benchmark harness runs end to end (``--quick``: tiny synthetic images, one repeat).
+
+No wall-time assertions: CI machines differ; this proves that every case runs and reports.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import report
+from bench.flops import conv_flops
+from bench.run import MODEL, main
+
+pytest.importorskip("keras")
+
+
+def test_quick_run_writes_every_case(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    main(["--quick", "--out", str(out)])
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert {r["image"] for r in res["images"]} == {"synthetic 420x300", "synthetic 640x640"}
+    for row in res["images"]:
+        assert set(row["seconds"]) == {"tutorial", "raw", "pipeline"}
+        assert row["service_tiles"] >= row["tutorial_tiles"] > 0
+    http = res["http"]["workers 1 x intra_op 2 (default)"]
+    assert http["errors"] == 0 and http["eight_clients"]["ok"] == 8
+    burst = http["burst"]
+    assert burst["ok"] + burst["rejected_503"] == burst["sent"] and burst["rejected_503"] > 0
+    assert [m["side"] for m in res["memory"]] == [512, 1024]
+    assert all(m["peak_kib"] >= m["idle_kib"] > 0 for m in res["memory"])
+    assert res["efficiency"]["raw_fraction"] > 0 and res["peak_gflops"]["median"] > 0
+    assert len(res["targets"]) == 4  # the 16384^2 memory target only in the full run
+    text = out.read_text()
+    for heading in (
+        "## Machine",
+        "## Cases 1-3",
+        "## Case 4",
+        "## Case 5",
+        "## Case 6",
+        "## Targets",
+    ):
+        assert heading in text
+    # Re-rendering from the JSON gives the same report.
+    again = tmp_path / "again.md"
+    main(["--from-json", str(out.with_suffix(".json")), "--out", str(again)])
+    assert again.read_text() == text
+
+
+def test_conv_flops_of_the_bundled_unet() -> None:
+    # 1.29 M parameters at 256^2: about 5.7 GFLOP per tile, mostly 3x3 convolutions.
+    gflop = conv_flops(MODEL, 256, 1)["gflop"]
+    assert 5.0 < gflop < 6.5
+    assert conv_flops(MODEL, 256, 1, batch=2)["gflop"] == pytest.approx(2 * gflop)
+
+
+def test_memory_bound_formula() -> None:
+    bound = report.memory_bound(16384, 16384, 1, 2, 256, 8, 1)
+    assert bound["image"] == 512 * 2**20 and bound["mask"] == 256 * 2**20
+    assert bound["total"] < 1.5 * 2**30
+    assert np.isclose(bound["total"], sum(v for k, v in bound.items() if k != "total"))
