@@ -20,10 +20,19 @@ def _config(args: argparse.Namespace) -> Any:
     from training.presets import PRESETS
 
     config = dataclasses.replace(PRESETS[args.preset])
-    for key in ("data_dir", "epochs", "steps_per_epoch", "max_minutes", "seed", "batch_size"):
+    keys: tuple[str, ...] = ("data_dir", "epochs", "steps_per_epoch", "max_minutes", "seed")
+    keys += ("batch_size", "arch", "depth", "base_filters", "max_filters", "name")
+    for key in keys:
         value = getattr(args, key, None)
         if value is not None:
             setattr(config, key, value)
+    if getattr(args, "neighbour_residuals", False):
+        config.neighbour_residuals = True
+    if getattr(args, "no_deep_supervision", False):
+        config.deep_supervision = False
+    if args.name is None and config.arch != "unet":
+        # Another network must not overwrite the preset's run folder or bundled model.
+        config.name = f"{config.name}-{config.arch}"
     return config
 
 
@@ -236,6 +245,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``segtrain`` argument parser."""
+    from training.architectures import ARCHITECTURES
     from training.presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="segtrain", description=__doc__)
@@ -258,6 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-minutes", type=float, help="training time budget")
         p.add_argument("--seed", type=int, help="random seed")
         p.add_argument("--runs-dir", default="runs", help="run folders (default: runs)")
+        p.add_argument(
+            "--arch",
+            choices=sorted(ARCHITECTURES),
+            help="network (default: the preset's, unet); see training.architectures",
+        )
+        p.add_argument("--depth", type=int, help="poolings (unet, encoder-decoder, ...)")
+        p.add_argument("--base-filters", type=int, help="filters at full resolution")
+        p.add_argument("--max-filters", type=int, help="filter cap (u2net: stage outputs)")
+        p.add_argument(
+            "--neighbour-residuals",
+            action="store_true",
+            help="residual-unet: the Keras example's neighbour-only residuals, no U-Net skips",
+        )
+        p.add_argument(
+            "--no-deep-supervision",
+            action="store_true",
+            help="u2net: train the fused output only",
+        )
+        p.add_argument(
+            "--name", help="model and run name (default: the preset's, '-<arch>' appended)"
+        )
 
     p = sub.add_parser("train", help="train a preset into runs/<name>")
     preset_args(p)

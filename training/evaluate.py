@@ -133,7 +133,12 @@ def read_history(path: Path) -> dict[str, list[float]]:
 
 def plot_history(history_csv: Path, path: Path, dpi: int = 70) -> None:
     """Loss and IoU per epoch, training and validation, as a PNG."""
-    hist = read_history(history_csv)
+    # Deep-supervised models log their fused output's metrics as "probabilities_<metric>".
+    hist = {
+        k.replace("probabilities_", ""): v
+        for k, v in read_history(history_csv).items()
+        if "side" not in k
+    }
     epochs = [int(e) + 1 for e in hist["epoch"]]
     iou_keys = [k for k in hist if k.endswith("iou") and not k.startswith("val_")]
     fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(10, 3.5))

@@ -12,10 +12,10 @@ from typing import Any
 import keras
 
 from service.inference.modelmeta import ModelMetadata, Normalization, Task
+from training.architectures import ARCHITECTURES, ArchOptions, build_model, inference_model
 from training.data import MaskMode, Pair, pair_files, split_sequence
 from training.dataset import load_frames, train_dataset, val_dataset
 from training.losses import bce_dice_loss, cce_dice_loss, segmentation_metrics
-from training.model import build_unet
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,16 @@ class TrainConfig:
     description: str = ""
     training_data: str = ""
     tile_size: int = 256
+    # Network: a key of training.architectures.ARCHITECTURES; the fields below it are read by
+    # the architectures they mean something to (e.g. fcn8s has VGG-16's fixed depth).
+    arch: str = "unet"
     depth: int = 4
     base_filters: int = 16
     max_filters: int = 128
     dropout: float = 0.0
     batchnorm: bool = True
+    neighbour_residuals: bool = False
+    deep_supervision: bool = True
     batch_size: int = 8
     epochs: int = 40
     steps_per_epoch: int = 25
@@ -57,6 +62,19 @@ class TrainConfig:
         return Normalization(method="percentile", low=self.norm_low, high=self.norm_high)
 
     @property
+    def options(self) -> ArchOptions:
+        """The network options of this config."""
+        return ArchOptions(
+            depth=self.depth,
+            base_filters=self.base_filters,
+            max_filters=self.max_filters,
+            dropout=self.dropout,
+            batchnorm=self.batchnorm,
+            neighbour_residuals=self.neighbour_residuals,
+            deep_supervision=self.deep_supervision,
+        )
+
+    @property
     def task(self) -> Task:
         """Binary for two classes, multiclass otherwise."""
         return Task.BINARY if len(self.classes) == 2 else Task.MULTICLASS
@@ -74,15 +92,11 @@ class TrainConfig:
             "task": self.task,
             "classes": self.classes,
             "tile_size": self.tile_size,
-            "tile_multiple": 2**self.depth,
+            "tile_multiple": ARCHITECTURES[self.arch].tile_multiple(self.options),
             "channels": channels,
             "normalization": self.normalization,
             "label_values": self.label_values,
-            "architecture": (
-                f"unet(depth={self.depth}, base_filters={self.base_filters}, "
-                f"max_filters={self.max_filters}, batchnorm={self.batchnorm}, "
-                f"dropout={self.dropout})"
-            ),
+            "architecture": ARCHITECTURES[self.arch].describe(self.options),
             "description": self.description,
             "training_data": self.training_data,
         }
@@ -117,10 +131,13 @@ class TimeBudget(keras.callbacks.Callback):
 def compile_model(model: keras.Model, config: TrainConfig) -> None:
     """Adam, the task's cross-entropy + Dice loss and confusion-matrix metrics."""
     loss = bce_dice_loss if config.task is Task.BINARY else cce_dice_loss
+    n = len(model.outputs)
+    # Metrics on the first (fused) output only: the side outputs are a training aid.
+    metrics: Any = segmentation_metrics(config.classes)
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss=loss,
-        metrics=segmentation_metrics(config.classes),
+        loss=loss if n == 1 else [loss] * n,
+        metrics=metrics if n == 1 else [metrics] + [[] for _ in range(n - 1)],
     )
 
 
@@ -149,24 +166,28 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
     )
     val_ds = val_dataset(val_frames, config.tile_size, config.batch_size, k)
 
-    model = build_unet(
+    model = build_model(
+        config.arch,
         channels,
         1 if k == 2 else k,
-        depth=config.depth,
-        base_filters=config.base_filters,
-        max_filters=config.max_filters,
-        dropout=config.dropout,
-        batchnorm=config.batchnorm,
+        config.options,
         name=config.name.replace("-", "_"),
     )
     compile_model(model, config)
+    outputs = len(model.outputs)
+    if outputs > 1:
+        # Deep supervision: every side output is trained against the same mask.
+        train_ds = train_ds.map(lambda x, y: (x, (y,) * outputs))
+        val_ds = val_ds.map(lambda x, y: (x, (y,) * outputs))
+    # Keras prefixes metric names with the output's name when there are several outputs.
+    monitor = "val_iou" if outputs == 1 else "val_probabilities_iou"
     budget = TimeBudget(config.max_minutes)
     callbacks = [
         keras.callbacks.ModelCheckpoint(
-            str(run_dir / "best.keras"), monitor="val_iou", mode="max", save_best_only=True
+            str(run_dir / "best.keras"), monitor=monitor, mode="max", save_best_only=True
         ),
         keras.callbacks.EarlyStopping(
-            monitor="val_iou", mode="max", patience=config.patience, restore_best_weights=True
+            monitor=monitor, mode="max", patience=config.patience, restore_best_weights=True
         ),
         keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=0.5, patience=max(2, config.patience // 3), min_lr=1e-5
@@ -184,14 +205,14 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
         verbose=2,
     )
     wall = time.perf_counter() - start
-    val_iou = history.history.get("val_iou", [0.0])
+    val_iou = history.history.get(monitor, [0.0])
     summary = {
         "wall_time_s": round(wall, 1),
         "epochs_run": len(history.history["loss"]),
         "best_epoch": int(max(range(len(val_iou)), key=val_iou.__getitem__)) + 1,
         "best_val_iou": float(max(val_iou)),
         "stopped_by_time_budget": budget.stopped,
-        "params": int(model.count_params()),
+        "params": int(inference_model(model).count_params()),
         "splits": {name: [p.stem for p in items] for name, items in splits.items()},
         "channels": int(channels),
     }
@@ -201,5 +222,6 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def load_trained(run_dir: Path) -> keras.Model:
-    """The best checkpoint of a run (custom losses and metrics are registered on import)."""
-    return keras.models.load_model(run_dir / "best.keras")
+    """The best checkpoint of a run, fused output only (custom losses and metrics are
+    registered on import)."""
+    return inference_model(keras.models.load_model(run_dir / "best.keras"))
