@@ -53,7 +53,7 @@ def held_out_metrics(meta: ModelMetadata, path: Path) -> dict[str, object]:
     report = evaluate_images(
         [pairs[s] for s in meta.metrics["test_images"]],
         model.meta,
-        model.predict,  # type: ignore[arg-type]
+        model.predict,
         "binary",
     )
     agg = report["aggregate"]
