@@ -478,6 +478,8 @@ def main(argv: list[str] | None = None) -> None:
         "peak_gflops": {
             "runs": [p["gflops"] for p in peaks],
             "median": median([p["gflops"] for p in peaks]),
+            "numpy": [p["numpy_gflops"] for p in peaks],
+            "ort": [p["ort_gflops"] for p in peaks],
             "size": peaks[0]["size"],
         },
         "images": rows,
