@@ -223,3 +223,44 @@ def test_smoke_train_export_parity_and_serve(tmp_path: Path, mode: str, classes:
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         served = np.asarray(decode_png(r.content))
         assert np.array_equal(served, mask * 255 if mode == "binary" else mask)
+
+
+def test_parity_is_measured_against_float64_keras_and_catches_a_wrong_export() -> None:
+    """The check's reference is the Keras network in float64 (Keras float32 has round-off of its
+    own); a 1 % error in one layer's weights, the size of a conversion bug, is refused."""
+    from onnx import numpy_helper
+
+    from training.architectures import build_model
+    from training.export import ParityError, check_parity, float64_twin, ort_predictor, to_onnx
+    from training.train import TrainConfig
+
+    config = TrainConfig(
+        name="parity",
+        data_dir="unused",
+        mask_mode="3class",
+        classes=["background", "interior", "boundary"],
+        tile_size=32,
+        arch="residual-unet",
+        depth=3,
+        base_filters=4,
+        max_filters=8,
+    )
+    model = build_model("residual-unet", 1, 3, config.options)
+    tiles = np.random.default_rng(0).random((4, 32, 32, 1), np.float32)
+
+    exact = np.asarray(float64_twin(model).predict(tiles.astype(np.float64), verbose=0))
+    assert exact.dtype == np.float64
+    np.testing.assert_allclose(exact, model.predict(tiles, verbose=0), atol=1e-5)
+
+    proto = to_onnx(model, config.metadata(1))
+    parity = check_parity(model, ort_predictor(proto), tiles)
+    assert parity.onnx_vs_exact <= 1e-5
+    assert 0 < parity.keras_vs_exact <= 1e-5  # float32 Keras is close to, not equal to, exact
+    assert parity.onnx_vs_keras <= parity.onnx_vs_exact + parity.keras_vs_exact
+
+    # The output layer's weights 1 % off: what a wrong scale or epsilon in a converter gives.
+    head = [node for node in proto.graph.node if node.op_type == "Conv"][-1]
+    weight = next(init for init in proto.graph.initializer if init.name == head.input[1])
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
+    with pytest.raises(ParityError, match=r"float64\) max abs diff"):
+        check_parity(model, ort_predictor(proto), tiles)

@@ -121,6 +121,7 @@ def run_variant(key: str, preset: str, args: argparse.Namespace, root: Path) -> 
         "best_epoch": summary["best_epoch"],
         "stopped_by_time_budget": summary["stopped_by_time_budget"],
         "parity": result["parity"],
+        "parity_keras_float32": result["parity_detail"]["keras_vs_exact"],
         "iou": result["test"]["iou"],
         "dice": result["test"]["dice"],
         "mean_iou": result["test"]["mean_iou"],
@@ -163,6 +164,11 @@ def picture(results: list[dict[str, Any]], path: Path, data_dir: str) -> None:
     plt.close(fig)
 
 
+def _keras32(result: dict[str, Any]) -> str:
+    value = result.get("parity_keras_float32")
+    return "" if value is None else f"{value:.1e}"
+
+
 def write_doc(data: dict[str, Any], path: Path) -> None:
     """The comparison tables (and the picture link) as Markdown."""
     results = data["results"]
@@ -171,14 +177,15 @@ def write_doc(data: dict[str, Any], path: Path) -> None:
         "## Binary nuclei (held-out frames 17-19)",
         "",
         "| variant | params | ONNX MB | GFLOP / 256² tile | ORT tiles/s | train min "
-        "| nucleus IoU | nucleus Dice | s / test frame | parity |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| nucleus IoU | nucleus Dice | s / test frame | parity | Keras f32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in binary:
         lines.append(
             f"| `{r['variant']}` | {r['params']:,} | {r['onnx_mb']} | {r['gflop_per_tile']} "
             f"| {r['tiles_per_s']} | {r['train_wall_s'] / 60:.1f} | {r['iou']['nucleus']:.3f} "
-            f"| {r['dice']['nucleus']:.3f} | {r['seconds_per_image']} | {r['parity']:.1e} |"
+            f"| {r['dice']['nucleus']:.3f} | {r['seconds_per_image']} | {r['parity']:.1e} "
+            f"| {_keras32(r)} |"
         )
     lines += ["", "Architecture strings (as in each model's metadata):", ""]
     lines += [
@@ -191,15 +198,20 @@ def write_doc(data: dict[str, Any], path: Path) -> None:
             "",
             "## 3-class (background / interior / boundary), the two best binary variants",
             "",
-            "| variant | background IoU | interior IoU | boundary IoU | mean IoU | train min |",
-            "|---|---|---|---|---|---|",
+            "| variant | background IoU | interior IoU | boundary IoU | mean IoU | train min "
+            "| parity | Keras f32 |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in three:
             iou = r["iou"]
             lines.append(
                 f"| `{r['variant']}` | {iou['background']:.3f} | {iou['interior']:.3f} "
-                f"| {iou['boundary']:.3f} | {r['mean_iou']:.3f} | {r['train_wall_s'] / 60:.1f} |"
+                f"| {iou['boundary']:.3f} | {r['mean_iou']:.3f} | {r['train_wall_s'] / 60:.1f} "
+                f"| {r['parity']:.1e} | {_keras32(r)} |"
             )
+    if data.get("failures"):
+        lines += ["", "Failed in this run (no row above):", ""]
+        lines += [f"- {failure}" for failure in data["failures"]]
     lines += [
         "",
         f"![same crop of {PICTURE[0]}](architectures_crop.png)",
