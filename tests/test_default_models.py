@@ -24,9 +24,9 @@ def synthetic_nuclei(size: tuple[int, int], seed: int = 0) -> np.ndarray:
     for _ in range(size[0] * size[1] // 3000):
         cy, cx = rng.uniform(0, size[0]), rng.uniform(0, size[1])
         ry, rx = rng.uniform(6, 14), rng.uniform(6, 14)
-        image += rng.uniform(0.6, 1.0) / (
-            1 + np.exp(8 * (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 - 1))
-        )
+        edge = 8 * (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 - 1)
+        # 1 / (1 + exp(edge)), written so that far from the nucleus exp does not overflow.
+        image += rng.uniform(0.6, 1.0) * np.exp(-np.logaddexp(0, edge))
     image = image.clip(0, 1) * 3000 + 200 + rng.normal(0, 40, size)
     return image.clip(0, 65535).astype(np.uint16)
 
