@@ -95,10 +95,6 @@ class Parity:
         return dataclasses.asdict(self)
 
 
-def _batches(array: np.ndarray, size: int = 8) -> list[np.ndarray]:
-    return [array[i : i + size] for i in range(0, len(array), size)]
-
-
 def float64_twin(model: keras.Model) -> keras.Model:
     """The same network and weights with every layer computing in float64."""
 
@@ -131,9 +127,9 @@ def check_parity(
     keras32 = np.asarray(model.predict(tiles, batch_size=8, verbose=0), np.float64)
     # Called eagerly: predict() would compile a graph, and TensorFlow's graph optimiser logs a
     # warning per float64 op it does not handle.
-    twin = float64_twin(model)
+    twin, tiles64 = float64_twin(model), tiles.astype(np.float64)
     exact = np.concatenate(
-        [np.asarray(twin(batch, training=False)) for batch in _batches(tiles.astype(np.float64))]
+        [np.asarray(twin(tiles64[i : i + 8], training=False)) for i in range(0, len(tiles64), 8)]
     )
     got = np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: tiles})[0], np.float64)
     parity = Parity(
