@@ -246,7 +246,7 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "## Case 5: peak memory",
         "",
-        "A fresh server per size (pointwise test model `tests/onnx_models.build_model`, tile "
+        "A fresh server per size (pointwise test model `bench/onnx_models.build_model`, tile "
         "256, percentile normalisation: the real model would take an hour at 16384^2), one "
         "uint16 TIFF upload; peak = `VmHWM` of the server process, idle = its `VmHWM` once "
         "ready. Bound = idle + the formula below.",

@@ -17,12 +17,12 @@ on tiny inputs (the smoke test uses it).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +34,7 @@ import numpy as np
 
 from bench import cases, flops, report, server
 from bench.images import BenchImage, load_images, synthetic
+from bench.live_server import REPO
 from service.registry import LoadedModel, load_model
 
 MODEL = Path("models/nuclei/1/model.onnx")
@@ -86,8 +87,22 @@ def machine() -> dict[str, Any]:
         "memory": " ".join(mem.split()[1:]),
         "os": platform.platform(),
         "versions": versions,
-        "gpu": "none: the `device` GPU is not lent to this task; CPU figures only",
+        "gpu": gpu_description(),
     }
+
+
+def gpu_description() -> str:
+    """The GPUs this run had, as ``nvidia-smi`` names them (with the driver), or ``none``."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "none"
+    query = ["--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+    try:
+        out = subprocess.run([smi, *query], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({smi} failed: {exc})"
+    gpus = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    return "; ".join(gpus) if out.returncode == 0 and gpus else "none"
 
 
 def settle() -> None:
@@ -263,7 +278,7 @@ def int8_lever(
 
 
 def overlap_lever(
-    frames: list[BenchImage], model: LoadedModel, keras_model: Any, repeats: int
+    frames: list[BenchImage], model: LoadedModel, repeats: int
 ) -> list[dict[str, Any]]:
     """Held-out IoU and time per frame against the tiling overlap (fewer tiles, more seams)."""
     truths = [f.truth for f in frames if f.truth is not None]
@@ -309,8 +324,8 @@ def http_cases(model_dir: Path, tmp: Path, body: bytes, quick: bool) -> dict[str
         ("workers 2 x intra_op 1", {"inference_workers": "2", "intra_op_threads": "1"}),
     ]
     for label, settings in configs[:1] if quick else configs:
-        with server.serve(
-            model_dir, tmp / "server.log", max_queue="8", tile_batch_size=str(BATCH), **settings
+        with server.quiet_server(
+            model_dir, tmp / "http", max_queue="8", tile_batch_size=str(BATCH), **settings
         ) as srv:
             server.load(srv.url, body, 2, 1)  # warm connections and allocator
             ones, eights = [], []
@@ -341,11 +356,8 @@ def memory_cases(tmp: Path, sides: list[int]) -> list[dict[str, Any]]:
     """Peak RSS of a fresh server per upload size, with a pointwise model (tile 256)."""
     import tifffile
 
-    sys.path.insert(0, str(server.REPO))
+    from bench.onnx_models import build_model
     from service.inference.modelmeta import Normalization
-
-    # tests/ is not a package mypy checks with bench: import it at run time
-    build_model = importlib.import_module("tests.onnx_models").build_model
 
     model_dir = tmp / "memory-models"
     (model_dir / "toy" / "1").mkdir(parents=True, exist_ok=True)
@@ -363,7 +375,7 @@ def memory_cases(tmp: Path, sides: list[int]) -> list[dict[str, Any]]:
         tifffile.imwrite(path, np.tile(base, (reps, reps))[:side, :side])
         r = server.upload_peak_rss(
             model_dir,
-            tmp / "mem.log",
+            tmp / "memory",
             path,
             default_model="toy",
             tile_batch_size=str(BATCH),
@@ -408,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     repeats = args.repeats or (1 if args.quick else 3)
     started = time.perf_counter()
-    os.chdir(server.REPO)
+    os.chdir(REPO)
     command = (
         "python -m bench.run"
         + (" --quick" if args.quick else "")
@@ -435,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     levers: dict[str, Any] = {"session": session_levers(MODEL, lever_tiles, repeats, args.quick)}
     levers["int8"] = int8_lever(frames, model, keras_model, repeats, q["pipeline"], lever_tiles)
-    levers["overlap"] = overlap_lever(frames, model, keras_model, 1 if args.quick else 2)
+    levers["overlap"] = overlap_lever(frames, model, 1 if args.quick else 2)
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp_name:
         tmp = Path(tmp_name)

@@ -1,96 +1,17 @@
-"""A real uvicorn serving one model directory on 127.0.0.1, its peak RSS, and async load."""
+"""Load on a real uvicorn (:mod:`bench.live_server`): concurrent clients, bursts, peak RSS."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class Server:
-    """A started server: where it listens and its process."""
-
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def status_kib(self, field: str) -> int:
-        """A ``VmHWM``/``VmRSS`` line of ``/proc/<pid>/status``, in KiB."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        raise KeyError(field)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def serve(model_dir: Path, log: Path, **settings: str) -> Iterator[Server]:
-    """``uvicorn service.main:create_app --factory`` (same process group), ready when yielded."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SEG_")}
-    env.update(
-        SEG_MODEL_DIR=str(model_dir),
-        SEG_PROVIDERS='["CPUExecutionProvider"]',
-        SEG_LOG_LEVEL="WARNING",
-        **{f"SEG_{k.upper()}": v for k, v in settings.items()},
-    )
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "service.main:create_app",
-                "--factory",
-                *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    server = Server(f"http://127.0.0.1:{port}", proc, log)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}): {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+from bench.live_server import LiveServer, live_server
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -178,17 +99,30 @@ def burst(url: str, body: bytes, clients: int) -> dict[str, Any]:
     return asyncio.run(_burst(url, body, clients))
 
 
+def quiet_server(
+    model_dir: Path, workdir: Path, **settings: str
+) -> AbstractContextManager[LiveServer]:
+    """The service for measuring: warnings only in its log (no access log), stopped gracefully."""
+    return live_server(
+        model_dir,
+        workdir,
+        {"log_level": "WARNING", **settings},
+        graceful_stop=True,
+        uvicorn_args=("--log-level", "warning"),
+    )
+
+
 def upload_peak_rss(
-    model_dir: Path, log: Path, image_path: Path, **settings: str
+    model_dir: Path, workdir: Path, image_path: Path, **settings: str
 ) -> dict[str, Any]:
     """Fresh server, one upload of ``image_path``: the server's RSS before and its peak (VmHWM)."""
-    with serve(model_dir, log, **settings) as server:
-        idle = server.status_kib("VmHWM")
+    with quiet_server(model_dir, workdir, **settings) as server:
+        idle = server.status("VmHWM")
         start = time.perf_counter()
         with image_path.open("rb") as f, httpx.Client(timeout=1800) as http:
             r = http.post(f"{server.url}/segment", files={"image": ("big.tif", f, "image/tiff")})
         took = time.perf_counter() - start
-        peak = server.status_kib("VmHWM")
+        peak = server.status("VmHWM")
     if r.status_code != 200:
         raise RuntimeError(f"upload failed: {r.status_code} {r.text[:300]}")
     return {"idle_kib": idle, "peak_kib": peak, "seconds": took, "png_bytes": len(r.content)}

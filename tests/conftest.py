@@ -19,9 +19,10 @@ import tifffile
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from bench.live_server import LiveServer, live_server
+from bench.onnx_models import build_model
 from service.core.config import Settings
 from service.main import create_app
-from tests.onnx_models import build_model
 
 MULTICLASS = ["background", "a", "b"]
 LABEL_VALUES = [0, 128, 255]
@@ -164,3 +165,14 @@ def client(model_dir: Path) -> Iterator[TestClient]:
 def make_client(model_dir: Path) -> Callable[..., Any]:
     """``with make_client(api_key='x') as c:``: an app with other settings."""
     return lambda **overrides: running_app(model_dir, **overrides)
+
+
+@contextmanager
+def toy_server(model_dir: Path, workdir: Path, **settings: str) -> Iterator[LiveServer]:
+    """The toy models behind a real uvicorn (:func:`bench.live_server.live_server`) with the
+    tests' defaults: ``toy`` as the default model and one ONNX Runtime thread per session."""
+    defaults = {"default_model": "toy", "intra_op_threads": "1"}
+    with live_server(
+        model_dir, workdir, {**defaults, **settings}, ready_timeout=READY_TIMEOUT_S
+    ) as srv:
+        yield srv

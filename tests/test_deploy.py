@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import READY_TIMEOUT_S, png_bytes, random_image, segment_files
+from bench.live_server import free_port
+from tests.conftest import png_bytes, random_image, segment_files, toy_server
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy" / "prometheus"
@@ -62,12 +62,6 @@ def _run(*cmd: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     )
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_for(probe: Callable[[], T | None], timeout: float, what: str) -> T:
@@ -246,21 +240,9 @@ class PromAPI:
 @pytest.mark.slow
 def test_real_prometheus_scrapes_the_real_service(model_dir: Path, tmp_path: Path) -> None:
     prometheus = _tool("prometheus")
-    service_port, prom_port = _free_port(), _free_port()
-    service_url = f"http://127.0.0.1:{service_port}"
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SEG_")}
-    env.update(
-        SEG_MODEL_DIR=str(model_dir),
-        SEG_DEFAULT_MODEL="toy",
-        SEG_PROVIDERS='["CPUExecutionProvider"]',
-        SEG_INTRA_OP_THREADS="1",
-    )
-    uvicorn = [sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory"]
-    uvicorn += ["--host", "127.0.0.1", "--port", str(service_port)]
-
+    prom_port = free_port()
+    prom_log = tmp_path / "prometheus.log"
     config = tmp_path / "prometheus.yml"
-    config.write_text(json.dumps(_scrape_config(service_port), indent=2))  # JSON is YAML
     prom_cmd = [
         prometheus,
         f"--config.file={config}",
@@ -268,76 +250,72 @@ def test_real_prometheus_scrapes_the_real_service(model_dir: Path, tmp_path: Pat
         f"--web.listen-address=127.0.0.1:{prom_port}",
         "--log.level=warn",
     ]
-    svc_log, prom_log = tmp_path / "service.log", tmp_path / "prometheus.log"
 
-    with (
-        _process(uvicorn, svc_log, cwd=REPO, env=env) as svc,
-        _process(prom_cmd, prom_log, cwd=tmp_path) as prom,
-    ):
+    with toy_server(model_dir, tmp_path / "service") as svc:
+        service_url = svc.url
+        config.write_text(json.dumps(_scrape_config(svc.port), indent=2))  # JSON is YAML
+        with _process(prom_cmd, prom_log, cwd=tmp_path) as prom:
+            api = PromAPI(f"http://127.0.0.1:{prom_port}")
 
-        def service_ready() -> bool | None:
-            assert svc.poll() is None, f"service exited:\n{_tail(svc_log)}"
-            try:
-                return httpx.get(f"{service_url}/readyz", timeout=2).status_code == 200 or None
-            except httpx.TransportError:
+            def target_up() -> dict[str, Any] | None:
+                assert prom.poll() is None, f"prometheus exited:\n{_tail(prom_log)}"
+                data = api.get("targets", state="active")
+                for t in (data or {}).get("activeTargets", []):
+                    if t["labels"].get("job") == JOB and t["health"] == "up":
+                        return dict(t)
                 return None
 
-        _wait_for(service_ready, READY_TIMEOUT_S, "the service to be ready")
-        api = PromAPI(f"http://127.0.0.1:{prom_port}")
+            target = _wait_for(target_up, SCRAPE_TIMEOUT_S, f"Prometheus to scrape {service_url}")
+            assert target["scrapeUrl"] == f"{service_url}/metrics"
+            # The project's relabelling ran: these are what the alert rules select on.
+            assert target["labels"]["compose_service"] == "segment"
+            assert target["labels"]["accelerator"] == "gpu"
+            assert api.value(f'up{{job="{JOB}"}}') == 1.0
+            assert api.value(f'segment_models_ready{{job="{JOB}"}}') == 1.0
 
-        def target_up() -> dict[str, Any] | None:
-            assert prom.poll() is None, f"prometheus exited:\n{_tail(prom_log)}"
-            data = api.get("targets", state="active")
-            for t in (data or {}).get("activeTargets", []):
-                if t["labels"].get("job") == JOB and t["health"] == "up":
-                    return dict(t)
-            return None
+            img = random_image(100, 140, seed=41)
+            r = httpx.post(
+                f"{service_url}/segment", files=segment_files(png_bytes(img)), timeout=30
+            )
+            assert r.status_code == 200, r.text
 
-        target = _wait_for(target_up, SCRAPE_TIMEOUT_S, f"Prometheus to scrape {service_url}")
-        assert target["scrapeUrl"] == f"{service_url}/metrics"
-        # The project's relabelling ran: these are what the alert rules select on.
-        assert target["labels"]["compose_service"] == "segment"
-        assert target["labels"]["accelerator"] == "gpu"
-        assert api.value(f'up{{job="{JOB}"}}') == 1.0
-        assert api.value(f'segment_models_ready{{job="{JOB}"}}') == 1.0
+            query = f'sum(segment_inference_seconds_count{{job="{JOB}", model="toy"}})'
+            count = _wait_for(
+                lambda: v if (v := api.value(query)) and v > 0 else None,
+                SCRAPE_TIMEOUT_S,
+                "segment_inference_seconds_count > 0 in Prometheus",
+            )
+            assert count == 1.0
+            tiles = api.value(f'sum(segment_tiles_total{{job="{JOB}", model="toy"}})')
+            assert tiles is not None and tiles > 0
+            requests = api.value(
+                f'sum(http_requests_total{{job="{JOB}", handler="/segment", status="2xx"}})'
+            )
+            assert requests == 1.0
 
-        img = random_image(100, 140, seed=41)
-        r = httpx.post(f"{service_url}/segment", files=segment_files(png_bytes(img)), timeout=30)
-        assert r.status_code == 200, r.text
+            # The project's alert rules load and evaluate cleanly against the real series ...
+            def rules_evaluated() -> list[dict[str, Any]] | None:
+                data = api.get("rules", type="alert")
+                groups = [g for g in (data or {}).get("groups", []) if g["name"] == JOB]
+                rules = [r for g in groups for r in g["rules"]]
+                # lastEvaluation is "0001-01-01T00:00:00Z" until a rule was first evaluated.
+                done = rules and all(r.get("lastEvaluation", "").startswith("2") for r in rules)
+                return rules if done else None
 
-        query = f'sum(segment_inference_seconds_count{{job="{JOB}", model="toy"}})'
-        count = _wait_for(
-            lambda: v if (v := api.value(query)) and v > 0 else None,
-            SCRAPE_TIMEOUT_S,
-            "segment_inference_seconds_count > 0 in Prometheus",
-        )
-        assert count == 1.0
-        tiles = api.value(f'sum(segment_tiles_total{{job="{JOB}", model="toy"}})')
-        assert tiles is not None and tiles > 0
-        requests = api.value(
-            f'sum(http_requests_total{{job="{JOB}", handler="/segment", status="2xx"}})'
-        )
-        assert requests == 1.0
-
-        # The project's alert rules load and evaluate cleanly against the real series ...
-        def rules_evaluated() -> list[dict[str, Any]] | None:
-            data = api.get("rules", type="alert")
-            groups = [g for g in (data or {}).get("groups", []) if g["name"] == JOB]
-            rules = [r for g in groups for r in g["rules"]]
-            # lastEvaluation is "0001-01-01T00:00:00Z" until a rule was first evaluated.
-            done = rules and all(r.get("lastEvaluation", "").startswith("2") for r in rules)
-            return rules if done else None
-
-        rules = _wait_for(rules_evaluated, SCRAPE_TIMEOUT_S, "the alert rules to be evaluated")
-        assert len(rules) == 6
-        assert all(r["health"] == "ok" for r in rules), [(r["name"], r["health"]) for r in rules]
-        # ... and match them: this service runs its models on the CPU while labelled as the GPU
-        # service, so SegmentModelNotOnGPU is pending for each model; nothing else is.
-        alerts = _wait_for(
-            lambda: a if len(a := (api.get("alerts") or {"alerts": []})["alerts"]) >= 3 else None,
-            SCRAPE_TIMEOUT_S,
-            "SegmentModelNotOnGPU to be pending",
-        )
-        assert {a["labels"]["alertname"] for a in alerts} == {"SegmentModelNotOnGPU"}
-        assert {a["labels"]["model"] for a in alerts} == {"toy", "toy3", "toy3lv"}
-        assert {a["state"] for a in alerts} == {"pending"}
+            rules = _wait_for(rules_evaluated, SCRAPE_TIMEOUT_S, "the alert rules to be evaluated")
+            assert len(rules) == 6
+            assert all(r["health"] == "ok" for r in rules), [
+                (r["name"], r["health"]) for r in rules
+            ]
+            # ... and match them: this service runs its models on the CPU while labelled as the GPU
+            # service, so SegmentModelNotOnGPU is pending for each model; nothing else is.
+            alerts = _wait_for(
+                lambda: (
+                    a if len(a := (api.get("alerts") or {"alerts": []})["alerts"]) >= 3 else None
+                ),
+                SCRAPE_TIMEOUT_S,
+                "SegmentModelNotOnGPU to be pending",
+            )
+            assert {a["labels"]["alertname"] for a in alerts} == {"SegmentModelNotOnGPU"}
+            assert {a["labels"]["model"] for a in alerts} == {"toy", "toy3", "toy3lv"}
+            assert {a["state"] for a in alerts} == {"pending"}

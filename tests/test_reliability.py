@@ -21,10 +21,17 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.live_server import LiveServer
 from service.core.gate import InferenceGate, OverloadedError
-from tests.conftest import decode_png, expected_toy_mask, png_bytes, random_image, segment_files
+from tests.conftest import (
+    decode_png,
+    expected_toy_mask,
+    png_bytes,
+    random_image,
+    segment_files,
+    toy_server,
+)
 from tests.figures import record
-from tests.live_server import LiveServer, live_server
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +52,7 @@ def big_image(side: int = 3000) -> np.ndarray:
 @pytest.fixture(scope="module")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """One worker and room for 16 more: the soak's 16 concurrent requests all fit."""
-    with live_server(
+    with toy_server(
         model_dir,
         tmp_path_factory.mktemp("server"),
         inference_workers="1",
@@ -343,7 +350,7 @@ def test_overload_gets_quick_503s_and_every_accepted_request_finishes(
     img = big_image()
     data, expected = png_bytes(img), expected_toy_mask(img)
     n = 10
-    with live_server(model_dir, tmp_path, inference_workers="1", max_queue="1") as srv:
+    with toy_server(model_dir, tmp_path, inference_workers="1", max_queue="1") as srv:
         start = threading.Barrier(n)
         results: list[tuple[float, httpx.Response | BaseException]] = []
         t0 = 0.0

@@ -2,115 +2,39 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from bench.live_server import LiveServer, metric_sample
 from tests.conftest import (
-    READY_TIMEOUT_S,
     decode_png,
     expected_toy_mask,
     png_bytes,
     random_image,
     segment_files,
+    toy_server,
 )
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 EXIT_TIMEOUT_S = 30.0
 
 
-@dataclass
-class Server:
-    """A running service process and its address."""
-
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _metric(text: str, name: str, **labels: str) -> float | None:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return None
-
-
 @pytest.fixture
-def server(model_dir: Path, tmp_path: Path) -> Iterator[Server]:
+def server(model_dir: Path, tmp_path: Path) -> Iterator[LiveServer]:
     """``uvicorn service.main:create_app --factory`` on a free loopback port, models loaded."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SEG_")}
-    env.update(
-        SEG_MODEL_DIR=str(model_dir),
-        SEG_DEFAULT_MODEL="toy",
-        SEG_PROVIDERS='["CPUExecutionProvider"]',
-        SEG_INTRA_OP_THREADS="1",
-    )
-    log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "service.main:create_app",
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    srv = Server(proc, f"http://127.0.0.1:{port}", log)
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{srv.output()}")
-            try:
-                if httpx.get(f"{srv.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after {READY_TIMEOUT_S} s:\n{srv.output()}")
-            time.sleep(0.1)
+    with toy_server(model_dir, tmp_path) as srv:
         yield srv
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
 
 
-def test_real_server_segments_and_reports_metrics(server: Server) -> None:
+def test_real_server_segments_and_reports_metrics(server: LiveServer) -> None:
     img = random_image(150, 230, seed=31)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
@@ -131,14 +55,16 @@ def test_real_server_segments_and_reports_metrics(server: Server) -> None:
         assert names == {"toy", "toy3", "toy3lv"}
 
         text = client.get("/metrics").text
-    assert _metric(text, "segment_inference_seconds_count", model="toy") == 2
-    assert (_metric(text, "segment_tiles_total", model="toy") or 0) > 0
-    assert _metric(text, "segment_model_info", model="toy", provider="CPUExecutionProvider") == 1
-    assert _metric(text, "http_requests_total", handler="/segment", status="2xx") == 2
-    assert _metric(text, "segment_errors_total", reason="unsupported_media_type") == 1
+    assert metric_sample(text, "segment_inference_seconds_count", model="toy") == 2
+    assert (metric_sample(text, "segment_tiles_total", model="toy") or 0) > 0
+    assert (
+        metric_sample(text, "segment_model_info", model="toy", provider="CPUExecutionProvider") == 1
+    )
+    assert metric_sample(text, "http_requests_total", handler="/segment", status="2xx") == 2
+    assert metric_sample(text, "segment_errors_total", reason="unsupported_media_type") == 1
 
 
-def test_sigterm_lets_the_request_in_flight_finish_then_exits_cleanly(server: Server) -> None:
+def test_sigterm_lets_the_request_in_flight_finish_then_exits_cleanly(server: LiveServer) -> None:
     img = random_image(2500, 2500, seed=32)  # about a second of work on one CPU thread
     data = png_bytes(img)
     result: dict[str, httpx.Response | BaseException] = {}
@@ -155,7 +81,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_cleanly(server: Se
     # Wait until the request is admitted and running, as the service itself reports it.
     deadline = time.monotonic() + 60
     with httpx.Client(base_url=server.url, timeout=5) as probe:
-        while _metric(probe.get("/metrics").text, "segment_requests_in_flight") != 1:
+        while metric_sample(probe.get("/metrics").text, "segment_requests_in_flight") != 1:
             assert worker.is_alive(), result
             assert time.monotonic() < deadline, "the request never started"
             time.sleep(0.01)

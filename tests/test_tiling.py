@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.onnx_models import build_model
 from service.inference.tiling import (
     BlendMode,
     compute_importance_map,
@@ -17,7 +18,6 @@ from service.inference.tiling import (
     compute_window_starts,
     sliding_window_inference,
 )
-from tests.onnx_models import build_model
 
 SIZES = [(1, 1), (1, 7), (3, 500), (500, 3), (31, 33), (64, 64), (65, 64), (130, 257), (301, 173)]
 

@@ -201,7 +201,7 @@ def export_run(run_dir: Path, models_dir: Path, version: str) -> dict[str, Any]:
     for png in sorted(eval_dir.glob("*.png")):
         shutil.copy(png, model_dir / png.name)
         pictures.append(png.name)
-    # An optional note measured outside this run (e.g. the GPU speed-up, training.bench).
+    # An optional note measured outside this run (e.g. the GPU speed-up, bench.training_speed).
     note = run_dir / "card_note.md"
     extra = "\n" + note.read_text() if note.exists() else ""
     write_card(

@@ -2,10 +2,10 @@
 
 Standalone on purpose: it needs only Keras and NumPy (no TensorFlow, no ``tf.data``), so the very
 same model, loss, metrics and batches can be timed on a machine with JAX and a GPU. Patches come
-from a ``.npz`` written by ``python -m training.bench make-patches`` (real training patches).
+from a ``.npz`` written by ``python -m bench.training_speed make-patches`` (real training patches).
 
-    python -m training.bench make-patches nuclei .whl/patches.npz
-    KERAS_BACKEND=jax python -m training.bench time .whl/patches.npz --epochs 3
+    python -m bench.training_speed make-patches nuclei .whl/patches.npz
+    KERAS_BACKEND=jax python -m bench.training_speed time .whl/patches.npz --epochs 3
 """
 
 from __future__ import annotations

@@ -45,15 +45,15 @@ def build_model(
     else:
         w = rng.normal(0, 1, (k_out, channels, kernel, kernel)).astype(np.float32)
         b = np.linspace(-1, 1, k_out).astype(np.float32)
+    activation = (
+        helper.make_node("Sigmoid", ["logits"], ["probs"])
+        if binary
+        else helper.make_node("Softmax", ["logits"], ["probs"], axis=1)
+    )
     nodes = [
         helper.make_node("Transpose", [input_name], ["nchw"], perm=[0, 3, 1, 2]),
         helper.make_node("Conv", ["nchw", "w", "b"], ["logits"], pads=[kernel // 2] * 4),
-        helper.make_node(
-            "Sigmoid" if binary else "Softmax",
-            ["logits"],
-            ["probs"],
-            **({} if binary else {"axis": 1}),
-        ),
+        activation,
         helper.make_node("Transpose", ["probs"], [output_name], perm=[0, 2, 3, 1]),
     ]
     graph = helper.make_graph(
@@ -77,7 +77,7 @@ def build_model(
         threshold=0.5,
         label_values=label_values,
         architecture="test-conv",
-        description="test model built by tests/onnx_models.py",
+        description="test model built by bench/onnx_models.py",
     )
     helper.set_model_props(model, meta.to_props())
     onnx.checker.check_model(model)

@@ -1,4 +1,8 @@
-"""The service as a real ``uvicorn`` process on loopback, and what /proc says about it."""
+"""The service as a real ``uvicorn`` process on loopback, and what /proc says about it.
+
+The one place that starts the service on a free port for the tests and the benchmarks: both
+need the real server (sockets, worker threads, spooled uploads, signals), not an in-process app.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +19,9 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import READY_TIMEOUT_S
-
 REPO = Path(__file__).resolve().parents[1]
 UVICORN = [sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory"]
+READY_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -36,7 +39,7 @@ class LiveServer:
         return self.log.read_text(errors="replace")[-tail:]
 
     def status(self, field: str) -> int:
-        """A number from ``/proc/<pid>/status`` (``VmRSS`` in kB, ``Threads``)."""
+        """A number from ``/proc/<pid>/status`` (``VmRSS``/``VmHWM`` in KiB, ``Threads``)."""
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith(f"{field}:"):
                 return int(line.split()[1])
@@ -67,12 +70,7 @@ class LiveServer:
 
     def metric(self, name: str, **labels: str) -> float | None:
         """One sample of ``/metrics``."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    return float(s.value)
-        return None
+        return metric_sample(httpx.get(f"{self.url}/metrics", timeout=10).text, name, **labels)
 
     def wait_for_metric(self, name: str, value: float, timeout: float = 60.0) -> None:
         """Poll ``/metrics`` until ``name`` equals ``value`` (bounded)."""
@@ -83,6 +81,15 @@ class LiveServer:
             time.sleep(0.02)
 
 
+def metric_sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of sample ``name`` with ``labels`` in a Prometheus text exposition, or None."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return None
+
+
 def free_port() -> int:
     """A loopback port nobody listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -90,11 +97,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _stop(proc: subprocess.Popen[bytes], graceful: bool) -> None:
+    """Kill the process, or with ``graceful`` SIGTERM it and wait for uvicorn's own shutdown."""
+    if proc.poll() is None:
+        if graceful:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        proc.kill()
+    proc.wait(timeout=10)
+
+
 @contextmanager
-def live_server(model_dir: Path, workdir: Path, **settings: str) -> Iterator[LiveServer]:
-    """``uvicorn service.main:create_app --factory`` on a free loopback port with the ``toy``
-    models, ``TMPDIR`` in ``workdir/tmp`` and ``SEG_<KEY>`` = value for each setting; yields once
-    ``/readyz`` says 200 and always kills the process afterwards."""
+def live_server(
+    model_dir: Path,
+    workdir: Path,
+    settings: Mapping[str, str] | None = None,
+    *,
+    graceful_stop: bool = False,
+    ready_timeout: float = READY_TIMEOUT_S,
+    uvicorn_args: Sequence[str] = (),
+) -> Iterator[LiveServer]:
+    """``uvicorn service.main:create_app --factory`` on a free loopback port.
+
+    Serves ``model_dir`` on the CPU, with ``SEG_<KEY>`` = value for each of ``settings``, the
+    log in ``workdir/server.log`` and ``TMPDIR`` in ``workdir/tmp`` (so spooled uploads can be
+    watched); ``uvicorn_args`` are added to uvicorn's command line. Yields once ``/readyz``
+    says 200; afterwards always stops the process: killed, or with ``graceful_stop`` sent
+    SIGTERM first.
+    """
     port = free_port()
     tmpdir = workdir / "tmp"
     tmpdir.mkdir(parents=True, exist_ok=True)
@@ -102,15 +136,13 @@ def live_server(model_dir: Path, workdir: Path, **settings: str) -> Iterator[Liv
     env.update(
         TMPDIR=str(tmpdir),
         SEG_MODEL_DIR=str(model_dir),
-        SEG_DEFAULT_MODEL="toy",
         SEG_PROVIDERS='["CPUExecutionProvider"]',
-        SEG_INTRA_OP_THREADS="1",
     )
-    env.update({f"SEG_{k.upper()}": v for k, v in settings.items()})
+    env.update({f"SEG_{k.upper()}": v for k, v in (settings or {}).items()})
     log = workdir / "server.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [*UVICORN, "--host", "127.0.0.1", "--port", str(port)],
+            [*UVICORN, "--host", "127.0.0.1", "--port", str(port), *uvicorn_args],
             cwd=REPO,
             env=env,
             stdout=out,
@@ -118,7 +150,7 @@ def live_server(model_dir: Path, workdir: Path, **settings: str) -> Iterator[Liv
         )
     srv = LiveServer(proc, f"http://127.0.0.1:{port}", port, log, tmpdir)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        deadline = time.monotonic() + ready_timeout
         while True:
             if proc.poll() is not None:
                 raise AssertionError(f"server exited with {proc.returncode}:\n{srv.output()}")
@@ -128,10 +160,8 @@ def live_server(model_dir: Path, workdir: Path, **settings: str) -> Iterator[Liv
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise AssertionError(f"server not ready after {READY_TIMEOUT_S} s:\n{srv.output()}")
+                raise AssertionError(f"server not ready after {ready_timeout} s:\n{srv.output()}")
             time.sleep(0.05)
         yield srv
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
+        _stop(proc, graceful_stop)
