@@ -85,12 +85,16 @@ def crop_prediction(onnx_path: Path, config: Any) -> np.ndarray:
 
 def run_variant(key: str, preset: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """Train, export (parity), evaluate and measure one variant on one preset."""
-    from training.cli import export_run
     from training.presets import PRESETS
+    from training.release import export_run
     from training.train import train
 
+    variant = dict(VARIANTS[key])
+    arch = variant.pop("arch", "unet")  # the rest are network options
+    base = PRESETS[preset]
     overrides = {
-        **VARIANTS[key],
+        "arch": arch,
+        "options": dataclasses.replace(base.options, **variant),
         "name": f"{preset}-{key}",
         "epochs": args.epochs,
         "steps_per_epoch": args.steps_per_epoch,
@@ -99,7 +103,7 @@ def run_variant(key: str, preset: str, args: argparse.Namespace, root: Path) -> 
         # Early stopping off: the same number of steps for every network.
         "patience": args.epochs,
     }
-    config = dataclasses.replace(PRESETS[preset], **overrides)
+    config = dataclasses.replace(base, **overrides)
     run_dir = root / config.name
     summary = train(config, run_dir)
     result = export_run(run_dir, root / "models", "1")

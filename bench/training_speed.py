@@ -1,4 +1,4 @@
-"""Training-step speed of a preset's U-Net on any Keras 3 backend (CPU TensorFlow, GPU JAX).
+"""Training-step speed of a preset's network on any Keras 3 backend (CPU TensorFlow, GPU JAX).
 
 Standalone on purpose: it needs only Keras and NumPy (no TensorFlow, no ``tf.data``), so the very
 same model, loss, metrics and batches can be timed on a machine with JAX and a GPU. Patches come
@@ -17,22 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-_RECIPE = (
-    "name",
-    "classes",
-    "depth",
-    "base_filters",
-    "max_filters",
-    "dropout",
-    "batchnorm",
-    "batch_size",
-    "learning_rate",
-    "seed",
-)
+_RECIPE = ("name", "classes", "arch", "batch_size", "learning_rate", "seed")
 
 
 def make_patches(preset: str, out: Path, count: int = 128) -> None:
     """Cut ``count`` random training patches of the preset (normalised, float16 to stay small)."""
+    from training.architectures import options_for
     from training.dataset import load_frames, random_patches
     from training.presets import PRESETS
 
@@ -48,6 +38,7 @@ def make_patches(preset: str, out: Path, count: int = 128) -> None:
     images, classes = zip(*(next(gen) for _ in range(count)), strict=True)
     # The recipe travels inside the file: the GPU machine has neither TensorFlow nor pydantic.
     recipe = {key: getattr(config, key) for key in _RECIPE}
+    recipe["options"] = options_for(config.arch, config.options)
     np.savez_compressed(
         out,
         images=np.stack(images).astype(np.float16),
@@ -63,8 +54,8 @@ def time_training(patches: Path, epochs: int) -> dict[str, object]:
     """
     import keras
 
+    from training.architectures import build_model
     from training.losses import bce_dice_loss, cce_dice_loss, segmentation_metrics
-    from training.model import build_unet
 
     data = np.load(patches)
     r = json.loads(str(data["recipe"]))
@@ -73,15 +64,7 @@ def time_training(patches: Path, epochs: int) -> dict[str, object]:
     onehot = np.eye(k, dtype=np.float32)
     y = data["classes"][..., None].astype(np.float32) if k == 2 else onehot[data["classes"]]
     keras.utils.set_random_seed(r["seed"])
-    model = build_unet(
-        x.shape[-1],
-        1 if k == 2 else k,
-        depth=r["depth"],
-        base_filters=r["base_filters"],
-        max_filters=r["max_filters"],
-        dropout=r["dropout"],
-        batchnorm=r["batchnorm"],
-    )
+    model = build_model(r["arch"], x.shape[-1], 1 if k == 2 else k, **r["options"])
     model.compile(
         optimizer=keras.optimizers.Adam(r["learning_rate"]),
         loss=bce_dice_loss if k == 2 else cce_dice_loss,

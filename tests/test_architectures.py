@@ -17,15 +17,38 @@ from tests.conftest import decode_png, running_app, tiff_bytes
 from tests.test_training import _make_disk_data
 from training.architectures import (
     ARCHITECTURES,
-    ArchOptions,
     bilinear_kernel,
     build_model,
     count_layers,
+    describe,
     inference_model,
+    options_for,
+    tile_multiple,
     u2net_heights,
 )
+from training.config import ARCHITECTURE_NAMES, ArchOptions, TrainConfig
 
 TINY = ArchOptions(depth=2, base_filters=4, max_filters=8)
+
+
+def build(arch: str, classes: int, options: ArchOptions = TINY) -> keras.Model:
+    """``arch`` for one input channel, built with the ``options`` its builder takes."""
+    return build_model(arch, 1, classes, **options_for(arch, options))
+
+
+def multiple(arch: str, options: ArchOptions = TINY) -> int:
+    """The tile multiple of ``arch`` built with ``options``."""
+    return tile_multiple(arch, **options_for(arch, options))
+
+
+def test_the_registry_builds_the_networks_the_cli_offers() -> None:
+    assert tuple(ARCHITECTURES) == ARCHITECTURE_NAMES
+    with pytest.raises(TypeError, match="not \\['depth'\\]"):
+        build_model("fcn8s", 1, 1, depth=3)  # VGG-16's depth is fixed
+    with pytest.raises(ValueError, match="choose from"):
+        build_model("vgg", 1, 1)
+
+
 TILE = 32  # a multiple of every tiny variant's tile multiple (fcn8s: 32)
 
 
@@ -41,7 +64,7 @@ def _merging_layers(model: keras.Model) -> list[str]:
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("classes", [1, 3])
 def test_output_shape_and_activation(arch: str, classes: int) -> None:
-    model = inference_model(build_model(arch, 1, classes, TINY))
+    model = inference_model(build(arch, classes))
     x = np.random.default_rng(0).random((2, TILE, TILE, 1), np.float32)
     y = np.asarray(model(x, training=False))
     assert y.shape == (2, TILE, TILE, classes)
@@ -53,25 +76,23 @@ def test_output_shape_and_activation(arch: str, classes: int) -> None:
         np.testing.assert_allclose(y.sum(axis=-1), 1.0, atol=1e-5)  # softmax
     else:
         assert model.layers[-1].get_config()["activation"] == "sigmoid"
-    multiple = ARCHITECTURES[arch].tile_multiple(TINY)
-    assert TILE % multiple == 0
+    assert TILE % multiple(arch) == 0
 
 
 def test_encoder_decoder_has_no_skip() -> None:
-    model = build_model("encoder-decoder", 1, 1, TINY)
+    model = build("encoder-decoder", 1)
     # Nothing joins two tensors: every layer has exactly one input, so the decoder sees only
     # what passes the bottleneck.
     assert _merging_layers(model) == []
     # The U-Net of the same size does join encoder and decoder.
-    assert count_layers(build_model("unet", 1, 1, TINY), layers.Concatenate) == TINY.depth
+    assert count_layers(build("unet", 1), layers.Concatenate) == TINY.depth
 
 
 def test_residual_unet_skips_versus_neighbour_only() -> None:
     options = ArchOptions(depth=3, base_filters=4, max_filters=16)
-    full = build_model("residual-unet", 1, 1, options)
-    neighbour = build_model(
+    full = build("residual-unet", 1, options)
+    neighbour = build(
         "residual-unet",
-        1,
         1,
         ArchOptions(depth=3, base_filters=4, max_filters=16, neighbour_residuals=True),
     )
@@ -87,27 +108,25 @@ def test_residual_unet_skips_versus_neighbour_only() -> None:
         a, b = (t.shape for t in layer.input)
         assert a[1:3] == b[1:3]
     assert full.count_params() > neighbour.count_params()
-    assert "neighbour_residuals=True" in ARCHITECTURES["residual-unet"].describe(
-        ArchOptions(neighbour_residuals=True)
-    )
+    assert "neighbour_residuals=True" in describe("residual-unet", neighbour_residuals=True)
 
 
 def test_u2net_side_outputs_are_training_only() -> None:
     assert u2net_heights(5) == [7, 6, 5, 4, 3, 2]  # U²-Net: RSU-7..4, then two RSU-4F
-    model = build_model("u2net", 1, 3, TINY)
+    model = build("u2net", 3)
     assert len(model.outputs) == TINY.depth + 2  # fused + one side per stage
     served = inference_model(model)
     assert len(served.outputs) == 1 and served.outputs[0].shape[-1] == 3
-    assert ARCHITECTURES["u2net"].tile_multiple(ArchOptions(depth=5)) == 32
-    plain = build_model("u2net", 1, 1, ArchOptions(depth=2, deep_supervision=False))
+    assert multiple("u2net", ArchOptions(depth=5)) == 32
+    plain = build("u2net", 1, ArchOptions(depth=2, deep_supervision=False))
     assert len(plain.outputs) == 1
 
 
 def test_fcn8s_fuses_pool3_pool4_and_upsamples_bilinearly() -> None:
-    model = build_model("fcn8s", 1, 2, TINY)
+    model = build("fcn8s", 2)
     names = {layer.name for layer in model.layers}
     assert {"score_pool3", "score_pool4", "upscore8"} <= names
-    assert ARCHITECTURES["fcn8s"].tile_multiple(TINY) == 32
+    assert multiple("fcn8s") == 32
     # The bilinear kernel turns a constant map into the same constant (away from the border).
     up = layers.Conv2DTranspose(1, 8, strides=4, padding="same", use_bias=False)
     up.build((None, 4, 4, 1))
@@ -118,8 +137,8 @@ def test_fcn8s_fuses_pool3_pool4_and_upsamples_bilinearly() -> None:
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_train_export_parity_and_serve(tmp_path: Path, arch: str) -> None:
-    from training.cli import export_run
-    from training.train import TrainConfig, train
+    from training.release import export_run
+    from training.train import train
 
     data = tmp_path / "data"
     _make_disk_data(data)
@@ -128,9 +147,7 @@ def test_train_export_parity_and_serve(tmp_path: Path, arch: str) -> None:
         data_dir=str(data),
         arch=arch,
         tile_size=TILE,
-        depth=TINY.depth,
-        base_filters=TINY.base_filters,
-        max_filters=TINY.max_filters,
+        options=TINY,
         batch_size=2,
         epochs=1,
         steps_per_epoch=1,
@@ -146,7 +163,7 @@ def test_train_export_parity_and_serve(tmp_path: Path, arch: str) -> None:
     proto = onnx.load(result["onnx"])
     assert len(proto.graph.input) == 1 and len(proto.graph.output) == 1
     meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
-    assert meta.tile_multiple == ARCHITECTURES[arch].tile_multiple(config.options)
+    assert meta.tile_multiple == multiple(arch, config.options)
     assert meta.architecture.startswith(arch)
 
     image = tifffile.imread(data / "images" / "frame_003.tif")

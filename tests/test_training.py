@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from PIL import Image
 from service.inference.modelmeta import ModelMetadata
 from service.inference.pipeline import predict_mask
 from tests.conftest import decode_png, running_app, tiff_bytes
+from training.config import ArchOptions, TrainConfig
 from training.data import (
     PairingError,
     instances_to_three_class,
@@ -157,10 +160,10 @@ def _make_disk_data(root: Path, n: int = 4, shape: tuple[int, int] = (72, 100)) 
     [("binary", ["background", "nucleus"]), ("3class", ["background", "interior", "boundary"])],
 )
 def test_smoke_train_export_parity_and_serve(tmp_path: Path, mode: str, classes: list[str]) -> None:
-    from training.cli import export_run
     from training.evaluate import onnx_predictor
     from training.export import ort_predictor
-    from training.train import TrainConfig, train
+    from training.release import export_run
+    from training.train import train
 
     data = tmp_path / "data"
     _make_disk_data(data)
@@ -171,9 +174,7 @@ def test_smoke_train_export_parity_and_serve(tmp_path: Path, mode: str, classes:
         classes=classes,
         boundary_width=1,
         tile_size=32,
-        depth=2,
-        base_filters=4,
-        max_filters=8,
+        options=ArchOptions(depth=2, base_filters=4, max_filters=8),
         batch_size=4,
         epochs=1,
         steps_per_epoch=3,
@@ -230,9 +231,8 @@ def test_parity_is_measured_against_float64_keras_and_catches_a_wrong_export() -
     own); a 1 % error in one layer's weights, the size of a conversion bug, is refused."""
     from onnx import numpy_helper
 
-    from training.architectures import build_model
+    from training.architectures import build_model, options_for
     from training.export import ParityError, check_parity, float64_twin, ort_predictor, to_onnx
-    from training.train import TrainConfig
 
     config = TrainConfig(
         name="parity",
@@ -241,11 +241,9 @@ def test_parity_is_measured_against_float64_keras_and_catches_a_wrong_export() -
         classes=["background", "interior", "boundary"],
         tile_size=32,
         arch="residual-unet",
-        depth=3,
-        base_filters=4,
-        max_filters=8,
+        options=ArchOptions(depth=3, base_filters=4, max_filters=8),
     )
-    model = build_model("residual-unet", 1, 3, config.options)
+    model = build_model("residual-unet", 1, 3, **options_for("residual-unet", config.options))
     tiles = np.random.default_rng(0).random((4, 32, 32, 1), np.float32)
 
     exact = np.asarray(float64_twin(model).predict(tiles.astype(np.float64), verbose=0))
@@ -264,3 +262,29 @@ def test_parity_is_measured_against_float64_keras_and_catches_a_wrong_export() -
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
     with pytest.raises(ParityError, match=r"float64\) max abs diff"):
         check_parity(model, ort_predictor(proto), tiles)
+
+
+def test_segtrain_help_does_not_load_tensorflow() -> None:
+    """``segtrain --help`` (and every subcommand's help) reads the presets and architecture names
+    without importing Keras or TensorFlow: seconds, not a TensorFlow start-up."""
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from training.cli import main\n"
+        "helps = []\n"
+        "for argv in (['--help'], ['train', '--help'], ['release', '--help']):\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "    helps.append(out.getvalue())\n"
+        "heavy = sorted(m for m in ('tensorflow', 'keras', 'tf2onnx') if m in sys.modules)\n"
+        "print(json.dumps({'heavy': heavy, 'helps': helps}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    result = json.loads(proc.stdout)
+    assert result["heavy"] == [], proc.stderr
+    top, train_help, release_help = result["helps"]
+    assert "fetch-data" in top and "release" in top
+    assert "residual-unet" in train_help and "nuclei-3class" in train_help
+    assert "--skip-train" in release_help

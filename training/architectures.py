@@ -1,9 +1,11 @@
 """The seeds' segmentation networks next to the U-Net, each from small named blocks.
 
-``ARCHITECTURES`` maps the ``--arch`` names to a builder and to the tile multiple the network
-needs (the service reads it from the model's metadata, so it needs no change per network):
+``ARCHITECTURES`` maps the ``--arch`` names to their builders, as segmentation_models.pytorch's
+``create_model`` does; :func:`build_model` passes a network's options straight to its builder.
+The tile multiple a network needs goes into the model's metadata, so the service needs no change
+per network:
 
-- ``unet``: :func:`training.model.build_unet` (the default).
+- ``unet``: four-or-so poolings with skip concatenations (the default).
 - ``encoder-decoder``: strided convolutions down, transposed convolutions up, no skips.
 - ``residual-unet``: the Keras example's separable-convolution blocks with 1x1 residual
   projections, plus real encoder-to-decoder skip concatenations (``neighbour_residuals`` drops
@@ -19,15 +21,16 @@ output, except ``u2net`` with deep supervision, whose extra outputs exist for tr
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 from keras import layers
 
-from training.model import build_unet
+if TYPE_CHECKING:  # Keras and NumPy only at run time: bench.training_speed runs where
+    from training.config import ArchOptions  # neither pydantic nor TensorFlow is installed
 
 OUTPUT_LAYER = "probabilities"
 VGG16_CONVS = (2, 2, 3, 3, 3)  # convolutions per VGG-16 block; 5 poolings
@@ -72,6 +75,62 @@ def head(x: keras.KerasTensor, output_channels: int) -> keras.KerasTensor:
     return layers.Conv2D(
         output_channels, 1, activation=_activation(output_channels), name=OUTPUT_LAYER
     )(x)
+
+
+# ----------------------------------------------------------------------------------- U-Net
+
+
+def conv_block(
+    x: keras.KerasTensor, filters: int, *, batchnorm: bool, dropout: float
+) -> keras.KerasTensor:
+    """Two 3x3 convolution-norm-ReLU layers, with optional dropout after the first."""
+    x = conv_bn_relu(x, filters, batchnorm=batchnorm)
+    if dropout:
+        x = layers.Dropout(dropout)(x)
+    return conv_bn_relu(x, filters, batchnorm=batchnorm)
+
+
+def decoder_block(
+    x: keras.KerasTensor, skip: keras.KerasTensor, filters: int, *, batchnorm: bool, dropout: float
+) -> keras.KerasTensor:
+    """2x transposed-convolution upsampling, concatenation with the skip, conv block."""
+    x = layers.Conv2DTranspose(
+        filters, 2, strides=2, padding="same", kernel_initializer="he_normal"
+    )(x)
+    x = layers.Concatenate()([x, skip])
+    return conv_block(x, filters, batchnorm=batchnorm, dropout=dropout)
+
+
+def build_unet(
+    channels: int,
+    output_channels: int,
+    *,
+    depth: int = 4,
+    base_filters: int = 16,
+    max_filters: int = 128,
+    dropout: float = 0.0,
+    batchnorm: bool = True,
+    tile_size: int | None = None,
+    name: str = "unet",
+) -> keras.Model:
+    """U-Net with ``depth`` poolings: tile sides must be multiples of ``2**depth``.
+
+    Filters double per level from ``base_filters`` and are capped at ``max_filters``: the cap keeps
+    the bottleneck (most of the weights) small, so the ONNX file stays a few MB and CPU inference
+    is fast. ``output_channels`` 1 gives a sigmoid (binary), more give a softmax.
+    """
+    inputs = keras.Input((tile_size, tile_size, channels), name="image")
+    filters = level_filters(depth, base_filters, max_filters)
+    x = inputs
+    skips = []
+    for f in filters[:-1]:
+        skip = conv_block(x, f, batchnorm=batchnorm, dropout=dropout)
+        skips.append(skip)
+        x = layers.MaxPooling2D(2)(skip)
+    x = conv_block(x, filters[-1], batchnorm=batchnorm, dropout=dropout)
+    for f, skip in zip(reversed(filters[:-1]), reversed(skips), strict=True):
+        x = decoder_block(x, skip, f, batchnorm=batchnorm, dropout=dropout)
+    return keras.Model(inputs, head(x, output_channels), name=name)
 
 
 # ------------------------------------------------------------------------- encoder-decoder
@@ -386,148 +445,74 @@ def build_u2net(
 
 # ------------------------------------------------------------------------------- registry
 
+Builder = Callable[..., keras.Model]
 
-@dataclass(frozen=True)
-class ArchOptions:
-    """The config fields a builder may read (each arch ignores what it has no use for)."""
-
-    depth: int = 4
-    base_filters: int = 16
-    max_filters: int = 128
-    dropout: float = 0.0
-    batchnorm: bool = True
-    neighbour_residuals: bool = False
-    deep_supervision: bool = True
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """How to build one network, what tile-side multiple it needs, and how to describe it."""
-
-    build: Callable[[int, int, ArchOptions, int | None, str], keras.Model]
-    tile_multiple: Callable[[ArchOptions], int]
-    describe: Callable[[ArchOptions], str]
-
-
-def _unet(c: int, k: int, o: ArchOptions, tile: int | None, name: str) -> keras.Model:
-    return build_unet(
-        c,
-        k,
-        depth=o.depth,
-        base_filters=o.base_filters,
-        max_filters=o.max_filters,
-        dropout=o.dropout,
-        batchnorm=o.batchnorm,
-        tile_size=tile,
-        name=name,
-    )
-
-
-def _encdec(c: int, k: int, o: ArchOptions, tile: int | None, name: str) -> keras.Model:
-    return build_encoder_decoder(
-        c,
-        k,
-        depth=o.depth,
-        base_filters=o.base_filters,
-        max_filters=o.max_filters,
-        dropout=o.dropout,
-        batchnorm=o.batchnorm,
-        tile_size=tile,
-        name=name,
-    )
-
-
-def _resunet(c: int, k: int, o: ArchOptions, tile: int | None, name: str) -> keras.Model:
-    return build_residual_unet(
-        c,
-        k,
-        depth=o.depth,
-        base_filters=o.base_filters,
-        max_filters=o.max_filters,
-        neighbour_residuals=o.neighbour_residuals,
-        tile_size=tile,
-        name=name,
-    )
-
-
-def _fcn8s(c: int, k: int, o: ArchOptions, tile: int | None, name: str) -> keras.Model:
-    return build_fcn8s(
-        c,
-        k,
-        base_filters=o.base_filters,
-        max_filters=o.max_filters,
-        dropout=o.dropout,
-        batchnorm=o.batchnorm,
-        tile_size=tile,
-        name=name,
-    )
-
-
-def _u2net(c: int, k: int, o: ArchOptions, tile: int | None, name: str) -> keras.Model:
-    return build_u2net(
-        c,
-        k,
-        depth=o.depth,
-        base_filters=o.base_filters,
-        max_filters=o.max_filters,
-        deep_supervision=o.deep_supervision,
-        tile_size=tile,
-        name=name,
-    )
-
-
-def _common(o: ArchOptions) -> str:
-    return f"depth={o.depth}, base_filters={o.base_filters}, max_filters={o.max_filters}"
-
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "unet": Architecture(
-        _unet,
-        lambda o: 2**o.depth,
-        lambda o: f"unet({_common(o)}, batchnorm={o.batchnorm}, dropout={o.dropout})",
-    ),
-    "encoder-decoder": Architecture(
-        _encdec,
-        lambda o: 2**o.depth,
-        lambda o: f"encoder-decoder({_common(o)}, batchnorm={o.batchnorm}, dropout={o.dropout})",
-    ),
-    "residual-unet": Architecture(
-        _resunet,
-        lambda o: 2**o.depth,
-        lambda o: f"residual-unet({_common(o)}, neighbour_residuals={o.neighbour_residuals})",
-    ),
-    "fcn8s": Architecture(
-        _fcn8s,
-        lambda o: 2 ** len(VGG16_CONVS),
-        lambda o: (
-            f"fcn8s(vgg16 widths from base_filters={o.base_filters}, max_filters="
-            f"{o.max_filters}, batchnorm={o.batchnorm}, dropout={o.dropout})"
-        ),
-    ),
-    "u2net": Architecture(
-        _u2net,
-        lambda o: 2**o.depth,
-        lambda o: (
-            f"u2net(depth={o.depth}, mid={o.base_filters}, out={o.max_filters}, "
-            f"deep_supervision={o.deep_supervision})"
-        ),
-    ),
+ARCHITECTURES: dict[str, Builder] = {
+    "unet": build_unet,
+    "encoder-decoder": build_encoder_decoder,
+    "residual-unet": build_residual_unet,
+    "fcn8s": build_fcn8s,
+    "u2net": build_u2net,
 }
+
+_NOT_OPTIONS = ("channels", "output_channels", "tile_size", "name")
+
+
+def builder(arch: str) -> Builder:
+    """The builder of ``arch``, or a ValueError naming the choices."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[arch]
+
+
+def default_options(arch: str) -> dict[str, Any]:
+    """The options ``arch``'s builder takes, with their defaults."""
+    params = inspect.signature(builder(arch)).parameters.values()
+    return {p.name: p.default for p in params if p.name not in _NOT_OPTIONS}
+
+
+def options_for(arch: str, options: ArchOptions) -> dict[str, Any]:
+    """The fields of ``options`` that ``arch``'s builder takes (the others mean nothing to it)."""
+    return {key: getattr(options, key) for key in default_options(arch)}
+
+
+def _resolved(arch: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` over the builder's defaults; a TypeError naming any option it does not take."""
+    defaults = default_options(arch)
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(f"{arch} takes the options {sorted(defaults)}, not {unknown}")
+    return {**defaults, **options}
 
 
 def build_model(
     arch: str,
     channels: int,
     output_channels: int,
-    options: ArchOptions,
     *,
     tile_size: int | None = None,
-    name: str = "model",
+    name: str | None = None,
+    **options: Any,
 ) -> keras.Model:
-    """Build ``arch`` (a key of :data:`ARCHITECTURES`)."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
-    return ARCHITECTURES[arch].build(channels, output_channels, options, tile_size, name)
+    """Build ``arch`` (a key of :data:`ARCHITECTURES`) with ``options`` passed to its builder."""
+    build = builder(arch)
+    extra = {"name": name} if name is not None else {}
+    return build(
+        channels, output_channels, tile_size=tile_size, **_resolved(arch, options), **extra
+    )
+
+
+def tile_multiple(arch: str, **options: Any) -> int:
+    """What tile sides must be multiples of: 2 to the number of poolings."""
+    if arch == "fcn8s":
+        return 2 ** len(VGG16_CONVS)
+    return 2 ** int(_resolved(arch, options)["depth"])
+
+
+def describe(arch: str, **options: Any) -> str:
+    """``arch(option=value, ...)`` with every option the builder used, for the metadata."""
+    resolved = _resolved(arch, options)
+    return f"{arch}({', '.join(f'{k}={v}' for k, v in resolved.items())})"
 
 
 def inference_model(model: keras.Model) -> keras.Model:

@@ -6,30 +6,32 @@ import argparse
 import dataclasses
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-log = logging.getLogger("segtrain")
+from training.config import ARCHITECTURE_NAMES, TrainConfig
 
 
-def _config(args: argparse.Namespace) -> Any:
-    """The preset's config, with ``--data-dir`` / ``--epochs`` / ... overrides applied."""
+def _config(args: argparse.Namespace) -> TrainConfig:
+    """The preset's config, with ``--data-dir`` / ``--epochs`` / ``--depth`` ... applied."""
     from training.presets import PRESETS
 
-    config = dataclasses.replace(PRESETS[args.preset])
-    keys: tuple[str, ...] = ("data_dir", "epochs", "steps_per_epoch", "max_minutes", "seed")
-    keys += ("batch_size", "arch", "depth", "base_filters", "max_filters", "name")
-    for key in keys:
-        value = getattr(args, key, None)
-        if value is not None:
-            setattr(config, key, value)
-    if getattr(args, "neighbour_residuals", False):
-        config.neighbour_residuals = True
-    if getattr(args, "no_deep_supervision", False):
-        config.deep_supervision = False
+    preset = PRESETS[args.preset]
+    run_keys = ("data_dir", "epochs", "steps_per_epoch", "max_minutes", "seed", "batch_size")
+    run = {k: v for k in (*run_keys, "arch", "name") if (v := getattr(args, k, None)) is not None}
+    options = {
+        k: v
+        for k in ("depth", "base_filters", "max_filters")
+        if (v := getattr(args, k)) is not None
+    }
+    if args.neighbour_residuals:
+        options["neighbour_residuals"] = True
+    if args.no_deep_supervision:
+        options["deep_supervision"] = False
+    config = dataclasses.replace(
+        preset, **run, options=dataclasses.replace(preset.options, **options)
+    )
     if args.name is None and config.arch != "unet":
         # Another network must not overwrite the preset's run folder or bundled model.
         config.name = f"{config.name}-{config.arch}"
@@ -56,180 +58,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_run(run_dir: Path, onnx_path: Path | None = None) -> dict[str, Any]:
-    """Evaluate a run's checkpoint (and an ONNX file if given) on its held-out test split."""
-    from training.evaluate import (
-        evaluate_images,
-        keras_predictor,
-        onnx_predictor,
-        plot_history,
-        write_report,
-    )
-    from training.export import ort_predictor
-    from training.train import TrainConfig, load_trained
-
-    config = TrainConfig.load(run_dir / "config.json")
-    summary = json.loads((run_dir / "train_summary.json").read_text())
-    meta = config.metadata(summary["channels"])
-    test = config.splits()["test"]
-    report: dict[str, Any] = {}
-    eval_dir = run_dir / "eval"
-    width = config.boundary_width
-    if onnx_path is not None:
-        session = ort_predictor(onnx_path)
-        report["onnx"] = evaluate_images(
-            test,
-            meta,
-            onnx_predictor(session),
-            config.mask_mode,
-            boundary_width=width,
-            pictures_dir=eval_dir,
-        )
-    keras_pics = None if onnx_path is not None else eval_dir
-    report["keras"] = evaluate_images(
-        test,
-        meta,
-        keras_predictor(load_trained(run_dir)),
-        config.mask_mode,
-        boundary_width=width,
-        pictures_dir=keras_pics,
-    )
-    plot_history(run_dir / "history.csv", eval_dir / "training_curves.png")
-    write_report(report, eval_dir / "report.json")
-    return report
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Per-class IoU/Dice on the held-out split of a run."""
-    report = _evaluate_run(Path(args.run_dir), Path(args.onnx) if args.onnx else None)
+    from training.release import evaluate_run
+
+    report = evaluate_run(Path(args.run_dir), Path(args.onnx) if args.onnx else None)
     print(json.dumps({k: v["aggregate"] for k, v in report.items()}, indent=2))
     return 0
 
 
-def export_run(run_dir: Path, models_dir: Path, version: str) -> dict[str, Any]:
-    """Export, check parity, evaluate the ONNX model, embed the metrics and write the card.
-
-    The ONNX model is evaluated before it is written: its test metrics are part of its own
-    metadata. Changing metadata does not touch the weights, so parity holds for the final file.
-    """
-    from training.card import write_card
-    from training.dataset import grid_tiles, load_frames
-    from training.evaluate import (
-        evaluate_images,
-        keras_predictor,
-        onnx_predictor,
-        plot_history,
-        write_report,
-    )
-    from training.export import (
-        check_parity,
-        git_commit,
-        ort_predictor,
-        set_metadata,
-        to_onnx,
-        write_model_repository,
-    )
-    from training.train import TrainConfig, load_trained
-
-    config = TrainConfig.load(run_dir / "config.json")
-    summary = json.loads((run_dir / "train_summary.json").read_text())
-    meta = config.metadata(summary["channels"], version=version, commit=git_commit())
-    model = load_trained(run_dir)
-    proto = to_onnx(model, meta)
-    session = ort_predictor(proto)
-    test = config.splits()["test"]
-    # Parity on real tiles: the normalised held-out frames cut as the service cuts them.
-    frames = load_frames(
-        test[:1],
-        config.normalization,
-        config.mask_mode,
-        label_values=config.label_values,
-        boundary_width=config.boundary_width,
-    )
-    tiles, _ = grid_tiles(frames, config.tile_size)
-    parity = check_parity(model, session, tiles[:16])
-    log.info(
-        "parity: ONNX Runtime vs Keras float64 %.3g (Keras float32 vs float64 %.3g)",
-        parity.onnx_vs_exact,
-        parity.keras_vs_exact,
-    )
-
-    eval_dir = run_dir / "eval"
-    width = config.boundary_width
-    onnx_report = evaluate_images(
-        test,
-        meta,
-        onnx_predictor(session),
-        config.mask_mode,
-        boundary_width=width,
-        pictures_dir=eval_dir,
-    )
-    keras_report = evaluate_images(
-        test, meta, keras_predictor(model), config.mask_mode, boundary_width=width
-    )
-    plot_history(run_dir / "history.csv", eval_dir / "training_curves.png")
-    agg = onnx_report["aggregate"]
-    metrics = {
-        "test_images": onnx_report["images"],
-        "iou": agg["iou"],
-        "dice": agg["dice"],
-        "mean_iou": agg["mean_iou"],
-        "mean_dice": agg["mean_dice"],
-        "evaluated_with": "onnxruntime + service.inference.pipeline.predict_mask "
-        "(overlap 0.25, gaussian)",
-        # ONNX Runtime vs the Keras network in float64 (training.export.Parity).
-        "parity_max_abs_diff": parity.onnx_vs_exact,
-        "parity_keras_float32_max_abs_diff": parity.keras_vs_exact,
-        "training_wall_time_s": summary["wall_time_s"],
-        "cpu_seconds_per_image": agg["seconds_per_image"],
-    }
-    meta = meta.model_copy(update={"metrics": metrics})
-    set_metadata(proto, meta)
-    onnx_path = write_model_repository(proto, meta, models_dir)
-    write_report(
-        {
-            "onnx": onnx_report,
-            "keras": keras_report,
-            "parity": parity.as_dict(),
-            "train_summary": summary,
-        },
-        eval_dir / "report.json",
-    )
-
-    model_dir = models_dir / meta.name
-    pictures = []
-    for png in sorted(eval_dir.glob("*.png")):
-        shutil.copy(png, model_dir / png.name)
-        pictures.append(png.name)
-    # An optional note measured outside this run (e.g. the GPU speed-up, bench.training_speed).
-    note = run_dir / "card_note.md"
-    extra = "\n" + note.read_text() if note.exists() else ""
-    write_card(
-        model_dir / "README.md",
-        meta,
-        preset=config.name,
-        summary=summary,
-        onnx_scores=agg,
-        keras_scores=keras_report["aggregate"],
-        parity=parity,
-        onnx_bytes=onnx_path.stat().st_size,
-        pictures=pictures,
-        extra=extra,
-    )
-    result = {
-        "onnx": str(onnx_path),
-        "bytes": onnx_path.stat().st_size,
-        "parity": parity.onnx_vs_exact,
-        "parity_detail": parity.as_dict(),
-        "test": agg,
-        "keras_test_mean_iou": keras_report["aggregate"]["mean_iou"],
-    }
-    log.info("exported %s", json.dumps(result, default=float))
-    return result
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a trained run to the model repository."""
+    from training.release import export_run
+
     result = export_run(Path(args.run_dir), Path(args.models_dir), args.version)
     print(json.dumps(result, indent=2))
     return 0
@@ -237,6 +78,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     """Train, evaluate and export a preset in one go."""
+    from training.release import export_run
     from training.train import train
 
     config = _config(args)
@@ -252,7 +94,6 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``segtrain`` argument parser."""
-    from training.architectures import ARCHITECTURES
     from training.presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="segtrain", description=__doc__)
@@ -277,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--runs-dir", default="runs", help="run folders (default: runs)")
         p.add_argument(
             "--arch",
-            choices=sorted(ARCHITECTURES),
+            choices=ARCHITECTURE_NAMES,
             help="network (default: the preset's, unet); see training.architectures",
         )
         p.add_argument("--depth", type=int, help="poolings (unet, encoder-decoder, ...)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from training.train import TrainConfig
+from training.config import TrainConfig
 
 _HELA = (
     "Fluo-N2DL-HeLa sequence 02 (Cell Tracking Challenge, http://celltrackingchallenge.net), "

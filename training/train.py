@@ -1,112 +1,22 @@
-"""Training: a config, the data splits, the fit loop with its callbacks, and the run folder."""
+"""Training: the fit loop with its callbacks, and the run folder (the config: training.config)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import keras
 
-from service.inference.modelmeta import ModelMetadata, Normalization, Task
-from training.architectures import ARCHITECTURES, ArchOptions, build_model, inference_model
-from training.data import MaskMode, Pair, pair_files, split_sequence
+from service.inference.modelmeta import Task
+from training.architectures import build_model, inference_model, options_for
+from training.config import TrainConfig
 from training.dataset import load_frames, train_dataset, val_dataset
 from training.losses import bce_dice_loss, cce_dice_loss, segmentation_metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run; saved as ``config.json`` in the run folder."""
-
-    name: str
-    data_dir: str
-    mask_mode: str = MaskMode.BINARY.value
-    classes: list[str] = field(default_factory=lambda: ["background", "nucleus"])
-    label_values: list[int] | None = None
-    boundary_width: int = 2
-    description: str = ""
-    training_data: str = ""
-    tile_size: int = 256
-    # Network: a key of training.architectures.ARCHITECTURES; the fields below it are read by
-    # the architectures they mean something to (e.g. fcn8s has VGG-16's fixed depth).
-    arch: str = "unet"
-    depth: int = 4
-    base_filters: int = 16
-    max_filters: int = 128
-    dropout: float = 0.0
-    batchnorm: bool = True
-    neighbour_residuals: bool = False
-    deep_supervision: bool = True
-    batch_size: int = 8
-    epochs: int = 40
-    steps_per_epoch: int = 25
-    learning_rate: float = 2e-3
-    patience: int = 8
-    fg_bias: float = 0.3
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    norm_low: float = 1.0
-    norm_high: float = 99.8
-    max_minutes: float = 25.0
-    seed: int = 0
-
-    @property
-    def normalization(self) -> Normalization:
-        """Whole-image percentile normalisation, as the service applies it."""
-        return Normalization(method="percentile", low=self.norm_low, high=self.norm_high)
-
-    @property
-    def options(self) -> ArchOptions:
-        """The network options of this config."""
-        return ArchOptions(
-            depth=self.depth,
-            base_filters=self.base_filters,
-            max_filters=self.max_filters,
-            dropout=self.dropout,
-            batchnorm=self.batchnorm,
-            neighbour_residuals=self.neighbour_residuals,
-            deep_supervision=self.deep_supervision,
-        )
-
-    @property
-    def task(self) -> Task:
-        """Binary for two classes, multiclass otherwise."""
-        return Task.BINARY if len(self.classes) == 2 else Task.MULTICLASS
-
-    def splits(self) -> dict[str, list[Pair]]:
-        """Frame-level train/val/test split of the pairs in ``data_dir``."""
-        root = Path(self.data_dir)
-        pairs = pair_files(root / "images", root / "masks")
-        return split_sequence(pairs, self.val_fraction, self.test_fraction)
-
-    def metadata(self, channels: int, **overrides: Any) -> ModelMetadata:
-        """The model metadata this config implies (metrics and commit filled in at export)."""
-        fields: dict[str, Any] = {
-            "name": self.name,
-            "task": self.task,
-            "classes": self.classes,
-            "tile_size": self.tile_size,
-            "tile_multiple": ARCHITECTURES[self.arch].tile_multiple(self.options),
-            "channels": channels,
-            "normalization": self.normalization,
-            "label_values": self.label_values,
-            "architecture": ARCHITECTURES[self.arch].describe(self.options),
-            "description": self.description,
-            "training_data": self.training_data,
-        }
-        fields.update(overrides)
-        return ModelMetadata(**fields)
-
-    @classmethod
-    def load(cls, path: Path) -> TrainConfig:
-        """Read a run's ``config.json``."""
-        return cls(**json.loads(path.read_text()))
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -149,7 +59,7 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
     """
     keras.utils.set_random_seed(config.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    config.save(run_dir / "config.json")
     splits = config.splits()
     for name, items in splits.items():
         log.info("%s: %s", name, [p.stem for p in items])
@@ -170,8 +80,8 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
         config.arch,
         channels,
         1 if k == 2 else k,
-        config.options,
         name=config.name.replace("-", "_"),
+        **options_for(config.arch, config.options),
     )
     compile_model(model, config)
     outputs = len(model.outputs)

@@ -1,0 +1,128 @@
+"""A training run's configuration, importable without Keras or TensorFlow.
+
+``segtrain --help``, the presets and anything that only reads or lists configs stay light; the
+network builders (Keras) are imported only where a model is built or described.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from service.inference.modelmeta import ModelMetadata, Normalization, Task
+from training.data import MaskMode, Pair, pair_files, split_sequence
+
+# The networks of ``--arch``, named without importing Keras; training.architectures.ARCHITECTURES
+# maps each to its builder (tests/test_architectures.py checks that the two agree).
+ARCHITECTURE_NAMES = ("unet", "encoder-decoder", "residual-unet", "fcn8s", "u2net")
+
+
+@dataclass(frozen=True)
+class ArchOptions:
+    """Network options a config may set; each builder takes those it has a parameter for
+    (e.g. fcn8s has VGG-16's fixed depth, so ``depth`` means nothing to it)."""
+
+    depth: int = 4
+    base_filters: int = 16
+    max_filters: int = 128
+    dropout: float = 0.0
+    batchnorm: bool = True
+    neighbour_residuals: bool = False
+    deep_supervision: bool = True
+
+
+_OPTION_FIELDS = tuple(f.name for f in fields(ArchOptions))
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved as ``config.json`` in the run folder."""
+
+    name: str
+    data_dir: str
+    mask_mode: str = MaskMode.BINARY.value
+    classes: list[str] = field(default_factory=lambda: ["background", "nucleus"])
+    label_values: list[int] | None = None
+    boundary_width: int = 2
+    description: str = ""
+    training_data: str = ""
+    tile_size: int = 256
+    # Network: a name of ARCHITECTURE_NAMES, and the options its builder takes from ``options``.
+    arch: str = "unet"
+    options: ArchOptions = field(default_factory=ArchOptions)
+    batch_size: int = 8
+    epochs: int = 40
+    steps_per_epoch: int = 25
+    learning_rate: float = 2e-3
+    patience: int = 8
+    fg_bias: float = 0.3
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    norm_low: float = 1.0
+    norm_high: float = 99.8
+    max_minutes: float = 25.0
+    seed: int = 0
+
+    @property
+    def normalization(self) -> Normalization:
+        """Whole-image percentile normalisation, as the service applies it."""
+        return Normalization(method="percentile", low=self.norm_low, high=self.norm_high)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURE_NAMES:
+            raise ValueError(
+                f"unknown architecture {self.arch!r}; choose from {ARCHITECTURE_NAMES}"
+            )
+        if isinstance(self.options, dict):  # as read back from config.json
+            self.options = ArchOptions(**self.options)
+
+    @property
+    def task(self) -> Task:
+        """Binary for two classes, multiclass otherwise."""
+        return Task.BINARY if len(self.classes) == 2 else Task.MULTICLASS
+
+    def splits(self) -> dict[str, list[Pair]]:
+        """Frame-level train/val/test split of the pairs in ``data_dir``."""
+        root = Path(self.data_dir)
+        pairs = pair_files(root / "images", root / "masks")
+        return split_sequence(pairs, self.val_fraction, self.test_fraction)
+
+    def metadata(self, channels: int, **overrides: Any) -> ModelMetadata:
+        """The model metadata this config implies (metrics and commit filled in at export).
+
+        Needs the network's builders (Keras), which are imported here: exporting and
+        evaluating load Keras anyway, reading or listing configs does not.
+        """
+        from training.architectures import describe, options_for, tile_multiple
+
+        options = options_for(self.arch, self.options)
+        fields: dict[str, Any] = {
+            "name": self.name,
+            "task": self.task,
+            "classes": self.classes,
+            "tile_size": self.tile_size,
+            "tile_multiple": tile_multiple(self.arch, **options),
+            "channels": channels,
+            "normalization": self.normalization,
+            "label_values": self.label_values,
+            "architecture": describe(self.arch, **options),
+            "description": self.description,
+            "training_data": self.training_data,
+        }
+        fields.update(overrides)
+        return ModelMetadata(**fields)
+
+    def save(self, path: Path) -> None:
+        """Write the config as a run's ``config.json``."""
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        """Read a run's ``config.json`` (also one written before ``options`` was nested)."""
+        fields = json.loads(path.read_text())
+        flat = {k: fields.pop(k) for k in _OPTION_FIELDS if k in fields}
+        if flat:
+            fields["options"] = {**fields.get("options", {}), **flat}
+        return cls(**fields)

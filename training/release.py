@@ -1,0 +1,175 @@
+"""Evaluating a trained run and releasing it: ONNX export, parity, metrics, model card.
+
+Library code behind ``segtrain evaluate | export | release`` (and ``bench.compare``); the CLI
+only parses arguments and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from service.inference.modelmeta import ModelMetadata
+from training.card import write_card
+from training.config import TrainConfig
+from training.dataset import grid_tiles, load_frames
+from training.evaluate import (
+    evaluate_images,
+    keras_predictor,
+    onnx_predictor,
+    plot_history,
+    write_report,
+)
+from training.export import (
+    check_parity,
+    git_commit,
+    ort_predictor,
+    set_metadata,
+    to_onnx,
+    write_model_repository,
+)
+from training.train import load_trained
+
+log = logging.getLogger("segtrain")
+
+
+def evaluate_models(
+    run_dir: Path,
+    config: TrainConfig,
+    meta: ModelMetadata,
+    model: keras.Model,
+    session: Any | None = None,
+) -> dict[str, Any]:
+    """Held-out scores of the Keras ``model`` and, when given, of its ONNX Runtime ``session``.
+
+    The pictures in ``run_dir/eval`` show the ONNX model when there is one (what is served),
+    else the Keras model; the training curves are drawn beside them.
+    """
+    eval_dir = run_dir / "eval"
+    predictors = {"keras": keras_predictor(model)}
+    if session is not None:
+        predictors = {"onnx": onnx_predictor(session), **predictors}
+    report: dict[str, Any] = {}
+    for kind, predictor in predictors.items():
+        report[kind] = evaluate_images(
+            config.splits()["test"],
+            meta,
+            predictor,
+            config.mask_mode,
+            boundary_width=config.boundary_width,
+            pictures_dir=eval_dir if not report else None,
+        )
+    plot_history(run_dir / "history.csv", eval_dir / "training_curves.png")
+    return report
+
+
+def _run(run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """A run folder's config and training summary."""
+    config = TrainConfig.load(run_dir / "config.json")
+    return config, json.loads((run_dir / "train_summary.json").read_text())
+
+
+def evaluate_run(run_dir: Path, onnx_path: Path | None = None) -> dict[str, Any]:
+    """Evaluate a run's checkpoint (and an ONNX file if given) on its held-out test split."""
+    config, summary = _run(run_dir)
+    meta = config.metadata(summary["channels"])
+    session = ort_predictor(onnx_path) if onnx_path is not None else None
+    report = evaluate_models(run_dir, config, meta, load_trained(run_dir), session)
+    write_report(report, run_dir / "eval" / "report.json")
+    return report
+
+
+def export_run(run_dir: Path, models_dir: Path, version: str) -> dict[str, Any]:
+    """Export, check parity, evaluate the ONNX model, embed the metrics and write the card.
+
+    The ONNX model is evaluated before it is written: its test metrics are part of its own
+    metadata. Changing metadata does not touch the weights, so parity holds for the final file.
+    """
+    config, summary = _run(run_dir)
+    meta = config.metadata(summary["channels"], version=version, commit=git_commit())
+    model = load_trained(run_dir)
+    proto = to_onnx(model, meta)
+    session = ort_predictor(proto)
+    test = config.splits()["test"]
+    # Parity on real tiles: the normalised held-out frames cut as the service cuts them.
+    frames = load_frames(
+        test[:1],
+        config.normalization,
+        config.mask_mode,
+        label_values=config.label_values,
+        boundary_width=config.boundary_width,
+    )
+    tiles, _ = grid_tiles(frames, config.tile_size)
+    parity = check_parity(model, session, tiles[:16])
+    log.info(
+        "parity: ONNX Runtime vs Keras float64 %.3g (Keras float32 vs float64 %.3g)",
+        parity.onnx_vs_exact,
+        parity.keras_vs_exact,
+    )
+
+    reports = evaluate_models(run_dir, config, meta, model, session)
+    onnx_report, keras_report = reports["onnx"], reports["keras"]
+    eval_dir = run_dir / "eval"
+    agg = onnx_report["aggregate"]
+    metrics = {
+        "test_images": onnx_report["images"],
+        "iou": agg["iou"],
+        "dice": agg["dice"],
+        "mean_iou": agg["mean_iou"],
+        "mean_dice": agg["mean_dice"],
+        "evaluated_with": "onnxruntime + service.inference.pipeline.predict_mask "
+        "(overlap 0.25, gaussian)",
+        # ONNX Runtime vs the Keras network in float64 (training.export.Parity).
+        "parity_max_abs_diff": parity.onnx_vs_exact,
+        "parity_keras_float32_max_abs_diff": parity.keras_vs_exact,
+        "training_wall_time_s": summary["wall_time_s"],
+        "cpu_seconds_per_image": agg["seconds_per_image"],
+    }
+    meta = meta.model_copy(update={"metrics": metrics})
+    set_metadata(proto, meta)
+    onnx_path = write_model_repository(proto, meta, models_dir)
+    write_report(
+        {
+            "onnx": onnx_report,
+            "keras": keras_report,
+            "parity": parity.as_dict(),
+            "train_summary": summary,
+        },
+        eval_dir / "report.json",
+    )
+
+    model_dir = models_dir / meta.name
+    pictures = []
+    for png in sorted(eval_dir.glob("*.png")):
+        shutil.copy(png, model_dir / png.name)
+        pictures.append(png.name)
+    # An optional note measured outside this run (e.g. the GPU speed-up, bench.training_speed).
+    note = run_dir / "card_note.md"
+    extra = "\n" + note.read_text() if note.exists() else ""
+    write_card(
+        model_dir / "README.md",
+        meta,
+        preset=config.name,
+        summary=summary,
+        onnx_scores=agg,
+        keras_scores=keras_report["aggregate"],
+        parity=parity,
+        onnx_bytes=onnx_path.stat().st_size,
+        pictures=pictures,
+        extra=extra,
+    )
+    result = {
+        "onnx": str(onnx_path),
+        "bytes": onnx_path.stat().st_size,
+        "parity": parity.onnx_vs_exact,
+        "parity_detail": parity.as_dict(),
+        "test": agg,
+        "keras_test_mean_iou": keras_report["aggregate"]["mean_iou"],
+    }
+    log.info("exported %s", json.dumps(result, default=float))
+    return result
