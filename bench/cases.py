@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from service.inference.metrics import score_segmentation
+from service.inference.metrics import get_stats, scores_from_stats, total_stats
 from service.inference.modelmeta import ModelMetadata
 from service.inference.normalize import compute_intensity_stats
-from service.inference.tiling import _cut_tile, compute_scan_interval, compute_window_starts
+from service.inference.tiling import iter_tile_batches
 from service.registry import LoadedModel
 from service.segmenter import SegmentParams, SegmentResult, render_mask, segment
 
@@ -66,15 +66,10 @@ def service_batches(
     pixels: np.ndarray, meta: ModelMetadata, overlap: float, batch_size: int
 ) -> list[np.ndarray]:
     """Exactly the tiles the service runs (same positions, same normalisation), pre-cut."""
-    t = meta.tile_size
-    step = compute_scan_interval((t, t), overlap)
-    ys = compute_window_starts(pixels.shape[0], t, step[0])
-    xs = compute_window_starts(pixels.shape[1], t, step[1])
     stats = compute_intensity_stats(pixels, meta.normalization)
-    tiles = [_cut_tile(pixels, y, x, (t, t)) for y in ys for x in xs]
     return [
-        np.ascontiguousarray(stats.apply(np.stack(tiles[i : i + batch_size])))
-        for i in range(0, len(tiles), batch_size)
+        np.ascontiguousarray(stats.apply(tiles))
+        for tiles, _ in iter_tile_batches(pixels, meta.tile_size, batch_size, overlap)
     ]
 
 
@@ -104,12 +99,9 @@ def run_pipeline(
 
 
 def iou(preds: list[np.ndarray], truths: list[np.ndarray], classes: list[str]) -> dict[str, float]:
-    """Foreground and mean IoU over all pixels of all images (one confusion matrix)."""
-    scores = score_segmentation(
-        np.concatenate([p.ravel() for p in preds]),
-        np.concatenate([t.ravel() for t in truths]),
-        classes,
-    )
+    """Foreground and mean IoU over all pixels of all images (per-image counts summed)."""
+    counts = (get_stats(p, t, len(classes)) for p, t in zip(preds, truths, strict=True))
+    scores = scores_from_stats(total_stats(counts), classes)
     return {
         "foreground": float(scores.iou[classes[1]] or 0.0),
         "mean": float(scores.mean_iou or 0.0),

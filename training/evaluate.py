@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 
-from service.inference.metrics import score_segmentation
+from service.inference.metrics import get_stats, scores_from_stats, total_stats
 from service.inference.modelmeta import ModelMetadata
 from service.inference.normalize import normalize_image
 from service.inference.pipeline import predict_mask
@@ -49,12 +49,12 @@ def evaluate_images(
 ) -> dict[str, Any]:
     """Segment each whole image with :func:`predict_mask` and score it against its mask.
 
-    Returns per-image scores and the aggregate over all pixels of all images (one confusion
-    matrix, so large images weigh by their size). Writes one input/truth/prediction PNG per
+    Returns per-image scores and the aggregate over all pixels of all images (the per-image
+    counts summed, so large images weigh by their size). Writes one input/truth/prediction PNG per
     image to ``pictures_dir`` when given.
     """
     per_image: dict[str, Any] = {}
-    preds, targets = [], []
+    stats = []
     total_seconds = 0.0
     for pair in pairs:
         image = read_image(pair.image)
@@ -67,11 +67,10 @@ def evaluate_images(
         start = time.perf_counter()
         pred = predict_mask(image, meta, predictor, **EVAL_SETTINGS)
         seconds = time.perf_counter() - start
-        per_image[pair.stem] = score_segmentation(pred, target, meta.classes).as_dict()
+        stats.append(get_stats(pred, target, meta.num_classes))
+        per_image[pair.stem] = scores_from_stats(stats[-1], meta.classes).as_dict()
         per_image[pair.stem]["seconds"] = round(seconds, 3)
         total_seconds += seconds
-        preds.append(pred.ravel())
-        targets.append(target.ravel())
         if pictures_dir is not None:
             pictures_dir.mkdir(parents=True, exist_ok=True)
             save_triptych(
@@ -82,7 +81,7 @@ def evaluate_images(
                 pictures_dir / f"test_{pair.stem}.png",
                 per_image[pair.stem],
             )
-    total = score_segmentation(np.concatenate(preds), np.concatenate(targets), meta.classes)
+    total = scores_from_stats(total_stats(stats), meta.classes)
     aggregate = {**total.as_dict(), "seconds_per_image": round(total_seconds / len(pairs), 3)}
     return {"images": [p.stem for p in pairs], "aggregate": aggregate, "per_image": per_image}
 

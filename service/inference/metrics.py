@@ -1,14 +1,21 @@
 """Per-class IoU and Dice from one confusion matrix.
 
 As in ``segmentation_models.pytorch``'s ``metrics/functional.py``: the counts ``tp, fp, fn, tn``
-are computed once (:func:`get_stats`) and the scores derived from them with explicit reductions.
+are computed once per image (:func:`get_stats`) and the scores derived from them with explicit
+reductions. Counts add up (``stats_a + stats_b``), so a data set is scored over all its pixels
+by summing per-image counts, without holding every pixel in memory.
 A class absent from both prediction and truth has no defined score: it is ``None`` (JSON
 ``null``), never 0 or 1, and the mean runs over the classes that are present.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +30,20 @@ class Stats:
     fp: np.ndarray
     fn: np.ndarray
     tn: np.ndarray
+
+    def __add__(self, other: Stats) -> Stats:
+        """The counts of both sets of pixels together (same classes)."""
+        return Stats(
+            tp=self.tp + other.tp,
+            fp=self.fp + other.fp,
+            fn=self.fn + other.fn,
+            tn=self.tn + other.tn,
+        )
+
+
+def total_stats(stats: Iterable[Stats]) -> Stats:
+    """The sum of per-image counts: the micro reduction over a data set."""
+    return functools.reduce(operator.add, stats)
 
 
 def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
@@ -85,22 +106,20 @@ class SegmentationScores:
     mean_dice: float | None
     pixels: dict[str, dict[str, int]]
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {
-            "iou": self.iou,
-            "dice": self.dice,
-            "mean_iou": self.mean_iou,
-            "mean_dice": self.mean_dice,
-            "pixels": self.pixels,
-        }
+        return dataclasses.asdict(self)
 
 
 def score_segmentation(
     pred: np.ndarray, target: np.ndarray, class_names: list[str]
 ) -> SegmentationScores:
     """IoU and Dice per named class for class-index maps ``pred`` and ``target``."""
-    stats = get_stats(pred, target, len(class_names))
+    return scores_from_stats(get_stats(pred, target, len(class_names)), class_names)
+
+
+def scores_from_stats(stats: Stats, class_names: list[str]) -> SegmentationScores:
+    """IoU and Dice per named class from counts (one image's, or a sum of them)."""
     iou, dice = iou_score(stats), dice_score(stats)
     return SegmentationScores(
         iou=dict(zip(class_names, iou, strict=True)),

@@ -90,13 +90,22 @@ def _cut_tile(image: np.ndarray, y: int, x: int, roi: tuple[int, int]) -> np.nda
     return tile
 
 
-def _iter_batches(
-    image: np.ndarray, roi: tuple[int, int], ys: list[int], xs: list[int], batch: int
+def iter_tile_batches(
+    image: np.ndarray,
+    roi_size: int | tuple[int, int],
+    sw_batch_size: int,
+    overlap: float = 0.25,
 ) -> Iterator[tuple[np.ndarray, list[tuple[int, int]]]]:
-    """Tiles in row-major order, ``batch`` at a time, with their positions."""
+    """The tiles :func:`sliding_window_inference` runs, in its order: row-major,
+    ``sw_batch_size`` at a time (the last batch may be smaller), each batch with the ``(y, x)``
+    positions of its tiles."""
+    roi = _as_pair(roi_size, "roi_size")
+    step = compute_scan_interval(roi, overlap)
+    ys = compute_window_starts(image.shape[0], roi[0], step[0])
+    xs = compute_window_starts(image.shape[1], roi[1], step[1])
     positions = [(y, x) for y in ys for x in xs]
-    for i in range(0, len(positions), batch):
-        chunk = positions[i : i + batch]
+    for i in range(0, len(positions), sw_batch_size):
+        chunk = positions[i : i + sw_batch_size]
         yield np.stack([_cut_tile(image, y, x, roi) for y, x in chunk]), chunk
 
 
@@ -135,9 +144,6 @@ def sliding_window_inference(
     if sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
     roi = _as_pair(roi_size, "roi_size")
-    step = compute_scan_interval(roi, overlap)
-    ys = compute_window_starts(height, roi[0], step[0])
-    xs = compute_window_starts(width, roi[1], step[1])
     weights = compute_importance_map(roi, BlendMode(mode), sigma_scale)
     reduce_fn: Reducer = reduce if reduce is not None else (lambda strip: strip)
 
@@ -165,7 +171,7 @@ def sliding_window_inference(
         acc[-n:], wsum[-n:] = 0.0, 0.0
         strip_top = until
 
-    for tiles, positions in _iter_batches(image, roi, ys, xs, sw_batch_size):
+    for tiles, positions in iter_tile_batches(image, roi, sw_batch_size, overlap):
         out = np.asarray(predictor(tiles))
         if out.ndim != 4 or out.shape[:3] != tiles.shape[:3]:
             raise ValueError(
