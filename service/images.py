@@ -15,7 +15,12 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
-from service.core.errors import ApiError, invalid_image, too_large, unsupported_media
+from service.exceptions import (
+    ImageTooLargeError,
+    InvalidImageError,
+    SegmentationInputError,
+    UnsupportedFormatError,
+)
 
 ACCEPTED = "PNG, JPEG or TIFF (8- or 16-bit, grayscale or RGB)"
 
@@ -78,23 +83,23 @@ class DecodedImage:
 
 
 def sniff_format(head: bytes, what: str = "image") -> str:
-    """``PNG``, ``JPEG`` or ``TIFF`` from the first bytes; 415 naming what arrived otherwise
-    (``what`` says which upload: the image or the ground truth)."""
+    """``PNG``, ``JPEG`` or ``TIFF`` from the first bytes; :class:`UnsupportedFormatError` naming
+    what arrived otherwise (``what`` says which upload: the image or the ground truth)."""
     for sig, name in _SIGNATURES:
         if head.startswith(sig):
             return name
     if not head:
-        raise invalid_image(f"the uploaded {what} is an empty file")
+        raise InvalidImageError(f"the uploaded {what} is an empty file")
     other = next((name for sig, name in _OTHER_SIGNATURES if head.startswith(sig)), None)
     arrived = f"a {other} file" if other else "bytes that are not an image this service reads"
-    raise unsupported_media(f"unsupported {what} format: expected {ACCEPTED}, got {arrived}")
+    raise UnsupportedFormatError(f"unsupported {what} format: expected {ACCEPTED}, got {arrived}")
 
 
 def _check_pixels(height: int, width: int, max_pixels: int, what: str) -> None:
     if height < 1 or width < 1:
-        raise invalid_image(f"the {what} has no pixels ({width}x{height})")
+        raise InvalidImageError(f"the {what} has no pixels ({width}x{height})")
     if height * width > max_pixels:
-        raise too_large(
+        raise ImageTooLargeError(
             f"the {what} is {width}x{height} = {height * width:,} pixels; this service accepts at "
             f"most {max_pixels:,} pixels per image (setting SEG_MAX_IMAGE_PIXELS)"
         )
@@ -107,7 +112,7 @@ def _decode_tiff(file: BinaryIO, max_pixels: int, what: str) -> DecodedImage:
         with tifffile.TiffFile(file, name="upload.tif") as tif:
             series = tif.series[0] if tif.series else None
             if series is None or not tif.pages:
-                raise invalid_image(f"the {what} is a TIFF without image data")
+                raise InvalidImageError(f"the {what} is a TIFF without image data")
             pages = len(tif.pages)
             shape, dtype = tuple(series.shape), np.dtype(series.dtype)
             # One 2-D plane, with samples last (RGB) or first (planar RGB). Anything else is a
@@ -118,7 +123,7 @@ def _decode_tiff(file: BinaryIO, max_pixels: int, what: str) -> DecodedImage:
                 or len(shape) not in (2, 3)
                 or (len(shape) == 3 and shape[-1] not in (1, 3, 4) and not samples_first)
             ):
-                raise invalid_image(
+                raise InvalidImageError(
                     f"the {what} is a multi-page TIFF ({pages} pages, shape {shape}); "
                     "send a single "
                     "2-D image (one plane, grayscale or RGB)"
@@ -126,12 +131,12 @@ def _decode_tiff(file: BinaryIO, max_pixels: int, what: str) -> DecodedImage:
             h, w = (shape[1], shape[2]) if samples_first else (shape[0], shape[1])
             _check_pixels(h, w, max_pixels, what)
             if dtype.kind not in "uif" or dtype.itemsize > 8:
-                raise invalid_image(f"the {what} has pixel type {dtype}, expected 8- or 16-bit")
+                raise InvalidImageError(f"the {what} has pixel type {dtype}, expected 8- or 16-bit")
             pixels = series.asarray()
-    except ApiError:
+    except SegmentationInputError:
         raise
     except Exception as exc:  # tifffile raises many types for damaged files
-        raise invalid_image(
+        raise InvalidImageError(
             f"the {what} is a damaged or truncated TIFF ({type(exc).__name__})"
         ) from exc
     if samples_first:
@@ -139,7 +144,7 @@ def _decode_tiff(file: BinaryIO, max_pixels: int, what: str) -> DecodedImage:
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
-        raise invalid_image(f"the {what} contains NaN or infinite values")
+        raise InvalidImageError(f"the {what} contains NaN or infinite values")
     return DecodedImage(
         pixels=pixels, format="TIFF", dtype=str(pixels.dtype), mode=f"{pixels.shape[2]}ch"
     )
@@ -163,25 +168,32 @@ _PIL_MODES = {
 }
 
 
-def _decode_pillow(file: BinaryIO, fmt: str, max_pixels: int, what: str) -> DecodedImage:
+def _decode_pillow(
+    file: BinaryIO, fmt: str, max_pixels: int, what: str, labels: bool
+) -> DecodedImage:
     try:
         img: Image.Image = Image.open(file)
         _check_pixels(img.height, img.width, max_pixels, what)
         frames = int(getattr(img, "n_frames", 1))
         if frames > 1:
-            raise invalid_image(f"the {what} is animated ({frames} frames); send one frame")
+            raise InvalidImageError(f"the {what} is animated ({frames} frames); send one frame")
         mode = img.mode
         if mode not in _PIL_MODES:
-            raise invalid_image(f"the {what} has colour mode {mode}, expected grayscale or RGB")
+            raise InvalidImageError(f"the {what} has colour mode {mode}, expected grayscale or RGB")
         img.load()
-    except ApiError:
+    except SegmentationInputError:
         raise
     except Image.DecompressionBombError as exc:  # only if someone re-enabled Pillow's limit
-        raise too_large(f"the {what} declares more pixels than this service accepts") from exc
+        raise ImageTooLargeError(
+            f"the {what} declares more pixels than this service accepts"
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise invalid_image(f"the {what} is a damaged or truncated {fmt}") from exc
-    # Drop alpha, resolve palettes and CMYK to plain grey or RGB; keep 16-bit as uint16.
-    if mode in ("1", "LA"):
+        raise InvalidImageError(f"the {what} is a damaged or truncated {fmt}") from exc
+    # Drop alpha, resolve palettes and CMYK to plain grey or RGB; keep 16-bit as uint16. A label
+    # image keeps its palette indices: they are the labels, the colours are only for looking.
+    if labels and mode in ("P", "PA"):
+        img = img.getchannel(0)
+    elif mode in ("1", "LA"):
         img = img.convert("L")
     elif mode in ("P", "PA") or mode in ("RGBA", "CMYK", "YCbCr"):
         img = img.convert("RGB")
@@ -198,25 +210,30 @@ def _png_is_16bit_colour(head: bytes) -> bool:
     return len(head) >= 26 and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 4, 6)
 
 
-def decode_image(file: BinaryIO, *, max_pixels: int, what: str = "image") -> DecodedImage:
+def decode_image(
+    file: BinaryIO, *, max_pixels: int, what: str = "image", labels: bool = False
+) -> DecodedImage:
     """Decode an uploaded file (seekable binary) into ``(H, W, C)`` pixels.
 
-    Raises :class:`ApiError` (415, 413 or 422) with a message that says what was expected and
-    what arrived.
+    The one decoder of the project: the service's uploads and the training data go through it.
+    With ``labels`` (ground truths, training masks) palette images give their indices.
+
+    Raises an :class:`~service.exceptions.SegmentationInputError` (unsupported format, invalid
+    image, too large) with a message that says what was expected and what arrived.
     """
     file.seek(0)
     head = file.read(32)
     file.seek(0)
     fmt = sniff_format(head, what)
     if fmt == "PNG" and _png_is_16bit_colour(head):
-        raise invalid_image(
+        raise InvalidImageError(
             f"the {what} is a 16-bit colour PNG, which this service cannot read without losing "
             "precision (its decoder keeps 8 bits per colour sample); send it as a 16-bit TIFF, "
             "or as a 16-bit grayscale PNG"
         )
     if fmt == "TIFF":
         return _decode_tiff(file, max_pixels, what)
-    return _decode_pillow(file, fmt, max_pixels, what)
+    return _decode_pillow(file, fmt, max_pixels, what, labels)
 
 
 def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
@@ -230,7 +247,9 @@ def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
         return np.repeat(pixels, 3, axis=2)
     if have == 4 and channels == 3:
         return pixels[..., :3]
-    raise invalid_image(f"the model takes {channels}-channel images, the image has {have} channels")
+    raise InvalidImageError(
+        f"the model takes {channels}-channel images, the image has {have} channels"
+    )
 
 
 def encode_png(mask: np.ndarray, *, palette: bool = False) -> bytes:

@@ -1,6 +1,8 @@
 """Data: fetching the bundled data sets, reading images, pairing, splitting, mask conversion.
 
-Everything here is NumPy only; the ``tf.data`` input pipeline lives in :mod:`training.dataset`.
+No TensorFlow here (the ``tf.data`` input pipeline lives in :mod:`training.dataset`). Files are
+read with the service's own decoder and masks mapped to classes by its own label rule, so a
+model trains on exactly what it will be sent and scored against.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from PIL import Image
 from scipy import ndimage
+
+from service.images import decode_image, to_channels
+from service.inference.labels import labels_to_classes
 
 log = logging.getLogger(__name__)
 
@@ -141,36 +145,25 @@ def fetch_data(data_dir: Path, cache_dir: Path) -> dict[str, int]:
 # ------------------------------------------------------------------------------ read and pair
 
 
+def _decode(path: Path, what: str, labels: bool = False) -> np.ndarray:
+    """A file decoded exactly as the service decodes an upload (no pixel limit here)."""
+    with path.open("rb") as f:
+        return decode_image(f, max_pixels=sys.maxsize, what=f"{what} {path}", labels=labels).pixels
+
+
 def read_image(path: Path) -> np.ndarray:
-    """An image file as ``(H, W, C)`` in its own dtype (8/16-bit TIFF, PNG, JPEG; gray or RGB)."""
-    if path.suffix.lower() in (".tif", ".tiff"):
-        arr = tifffile.imread(path)
-    else:
-        with Image.open(path) as im:
-            # Palette, alpha and other modes to RGB; "L", "I;16" and "RGB" are kept as they are.
-            converted = im.convert("RGB") if im.mode in ("P", "LA", "RGBA", "CMYK", "YCbCr") else im
-            arr = np.asarray(converted)
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3:
-        raise ValueError(f"{path}: expected a 2-D grayscale or RGB image, got shape {arr.shape}")
-    if arr.shape[2] == 4:  # RGBA TIFF: alpha carries no signal
-        arr = arr[..., :3]
-    return arr
+    """An image file as ``(H, W, C)`` in its own dtype (8/16-bit TIFF, PNG, JPEG; grey or RGB),
+    by the service's own decoder, so a model trains on what it will be sent."""
+    pixels = _decode(path, "image")
+    return to_channels(pixels, 3) if pixels.shape[2] == 4 else pixels  # alpha is no signal
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """A mask file as ``(H, W)`` integer labels."""
-    if path.suffix.lower() in (".tif", ".tiff"):
-        arr = tifffile.imread(path)
-    else:
-        with Image.open(path) as im:
-            arr = np.asarray(im)
-    if arr.ndim == 3:  # an RGB-saved label image: all channels carry the same value
-        arr = arr[..., 0]
-    if arr.ndim != 2:
-        raise ValueError(f"{path}: expected a 2-D mask, got shape {arr.shape}")
-    return arr
+    """A mask file as ``(H, W)`` integer labels (palette images give their indices)."""
+    labels = _decode(path, "mask", labels=True)
+    if labels.shape[2] != 1:  # an RGB-saved label image: all channels carry the same value
+        labels = labels[..., :1]
+    return labels[..., 0]
 
 
 def _by_stem(folder: Path) -> dict[str, Path]:
@@ -232,11 +225,6 @@ def split_sequence(
 # ---------------------------------------------------------------------------- mask conversion
 
 
-def instances_to_binary(labels: np.ndarray) -> np.ndarray:
-    """Instance (or binary) labels to 0 background / 1 foreground, uint8."""
-    return (labels > 0).astype(np.uint8)
-
-
 def instances_to_three_class(labels: np.ndarray, boundary_width: int = 2) -> np.ndarray:
     """Instance labels to 0 background, 1 interior, 2 boundary (uint8).
 
@@ -260,17 +248,6 @@ def instances_to_three_class(labels: np.ndarray, boundary_width: int = 2) -> np.
     return out
 
 
-def values_to_classes(mask: np.ndarray, label_values: list[int]) -> np.ndarray:
-    """Dense label values to class indices 0..K-1 in the order of ``label_values``."""
-    out = np.full(mask.shape, 255, np.uint8)
-    for idx, value in enumerate(label_values):
-        out[mask == value] = idx
-    if (out == 255).any():
-        unknown = sorted(set(np.unique(mask[out == 255]).tolist()))
-        raise ValueError(f"mask values {unknown} are not in label_values {label_values}")
-    return out
-
-
 def mask_to_classes(
     mask: np.ndarray,
     mode: MaskMode | str,
@@ -278,12 +255,21 @@ def mask_to_classes(
     label_values: list[int] | None = None,
     boundary_width: int = 2,
 ) -> np.ndarray:
-    """A raw mask to a uint8 class-index map as ``mode`` prescribes."""
+    """A raw mask to a uint8 class-index map as ``mode`` prescribes.
+
+    Binary and dense labels follow the service's rule for ground truths
+    (:func:`~service.inference.labels.labels_to_classes`); ``labels`` without ``label_values``
+    takes the mask's own values, sorted.
+    """
     mode = MaskMode(mode)
-    if mode is MaskMode.BINARY:
-        return instances_to_binary(mask)
     if mode is MaskMode.THREE_CLASS:
         return instances_to_three_class(mask, boundary_width)
-    if label_values is None:
+    if mode is MaskMode.LABELS and label_values is None:
         label_values = sorted(np.unique(mask).tolist())
-    return values_to_classes(mask, label_values)
+    values = label_values or [0, 1]
+    return labels_to_classes(
+        mask,
+        [str(v) for v in values],
+        binary=mode is MaskMode.BINARY,
+        label_values=label_values,
+    )
