@@ -12,8 +12,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from service.core.errors import ApiError
+from service.exceptions import InvalidGroundTruthError, InvalidParameterError
 from service.images import DecodedImage, decode_image, encode_png, to_channels
+from service.inference.labels import LabelError, labels_to_classes
 from service.inference.metrics import SegmentationScores, score_segmentation
 from service.inference.modelmeta import ModelMetadata, Task
 from service.inference.pipeline import predict_mask
@@ -29,6 +30,24 @@ class SegmentParams:
     overlap: float = 0.25
     blend: BlendMode = BlendMode.GAUSSIAN
     batch_size: int = 8
+    class_name: str | None = None  # answer this class's 0/255 mask instead of all classes
+
+    def check(self, name: str, meta: ModelMetadata) -> None:
+        """An :class:`InvalidParameterError` when a choice does not apply to the model served as
+        ``name``."""
+        if self.threshold is not None and meta.task is not Task.BINARY:
+            raise InvalidParameterError(
+                f"threshold applies to binary models; {name!r} has {meta.num_classes} "
+                "classes and takes the most probable class per pixel"
+            )
+        if self.class_name is not None and self.class_name not in meta.classes:
+            raise InvalidParameterError(
+                f"class_name {self.class_name!r} is not a class of model {name!r}: {meta.classes}"
+            )
+
+    def class_index(self, meta: ModelMetadata) -> int | None:
+        """The index of ``class_name`` among the model's classes (None: every class)."""
+        return None if self.class_name is None else meta.classes.index(self.class_name)
 
 
 @dataclass
@@ -50,18 +69,13 @@ class SegmentResult:
 def ground_truth_classes(
     truth: np.ndarray, meta: ModelMetadata, shape: tuple[int, int]
 ) -> np.ndarray:
-    """A ground-truth image as a class-index map, or a 422 that says what was expected.
-
-    Binary models: anything above 0 is foreground, so 0/1, 0/255 and instance labels all work.
-    Multiclass models: class indices ``0..K-1``, or the pixel values the model was trained on
-    (``label_values`` in its metadata).
-    """
+    """A decoded ground truth as a class-index map (the rule of
+    :func:`~service.inference.labels.labels_to_classes`), or an
+    :class:`InvalidGroundTruthError` that says what was expected."""
     if truth.shape[:2] != shape:
-        raise ApiError(
-            422,
-            "invalid_ground_truth",
+        raise InvalidGroundTruthError(
             f"ground truth is {truth.shape[1]}x{truth.shape[0]} pixels but the image is "
-            f"{shape[1]}x{shape[0]}; they must be the same size",
+            f"{shape[1]}x{shape[0]}; they must be the same size"
         )
     if truth.shape[2] != 1:
         if (
@@ -71,41 +85,25 @@ def ground_truth_classes(
         ):
             truth = truth[..., :1]  # a grey mask saved as RGB
         else:
-            raise ApiError(
-                422,
-                "invalid_ground_truth",
-                f"ground truth must be a single-channel label image, got {truth.shape[2]} channels",
+            raise InvalidGroundTruthError(
+                f"ground truth must be a single-channel label image, got {truth.shape[2]} channels"
             )
     labels = truth[..., 0]
     if labels.dtype.kind == "f":
         if not np.all(np.isfinite(labels)) or not np.array_equal(labels, np.round(labels)):
-            raise ApiError(
-                422, "invalid_ground_truth", "ground truth must hold whole-number labels"
-            )
+            raise InvalidGroundTruthError("ground truth must hold whole-number labels")
         labels = labels.astype(np.int64)
     if labels.size and labels.min() < 0:
-        raise ApiError(422, "invalid_ground_truth", "ground truth has negative labels")
-    if meta.task is Task.BINARY:
-        return (labels > 0).astype(np.uint8)
-    k = meta.num_classes
-    present = np.unique(labels)
-    if present.size and present.max() < k:
-        return labels.astype(np.uint8)
-    if meta.label_values is not None and set(present.tolist()) <= set(meta.label_values):
-        lut = np.zeros(int(present.max()) + 1, np.uint8)
-        for index, value in enumerate(meta.label_values):
-            if value < lut.size:
-                lut[value] = index
-        return lut[labels]
-    outside = [int(v) for v in present if v >= k][:10]
-    expected = f"class indices 0..{k - 1} ({', '.join(meta.classes)})"
-    if meta.label_values is not None:
-        expected += f" or the label values {meta.label_values}"
-    raise ApiError(
-        422,
-        "invalid_ground_truth",
-        f"ground truth has labels {outside} outside the model's classes: expected {expected}",
-    )
+        raise InvalidGroundTruthError("ground truth has negative labels")
+    try:
+        return labels_to_classes(
+            labels,
+            meta.classes,
+            binary=meta.task is Task.BINARY,
+            label_values=meta.label_values,
+        )
+    except LabelError as exc:
+        raise InvalidGroundTruthError(f"ground truth has {exc}") from None
 
 
 def segment(
@@ -124,7 +122,9 @@ def segment(
     pixels = to_channels(decoded.pixels, meta.channels)
     truth = None
     if truth_file is not None:
-        truth_img = decode_image(truth_file, max_pixels=max_pixels, what="ground truth")
+        truth_img = decode_image(
+            truth_file, max_pixels=max_pixels, what="ground truth", labels=True
+        )
         truth = ground_truth_classes(truth_img.pixels, meta, pixels.shape[:2])
     t1 = time.perf_counter()
     timings["decode"] = t1 - t0

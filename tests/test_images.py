@@ -13,7 +13,9 @@ import pytest
 import tifffile
 from PIL import Image
 
+from service.api.errors import api_error
 from service.core.errors import ApiError
+from service.exceptions import SegmentationInputError
 from service.images import PALETTE, decode_image, encode_png, to_channels
 from tests.conftest import jpeg_bytes, png_bytes, tiff_bytes
 
@@ -30,9 +32,10 @@ def decode(data: bytes, max_pixels: int = LIMIT):
 
 
 def refused(data: bytes, max_pixels: int = LIMIT) -> ApiError:
-    with pytest.raises(ApiError) as info:
+    """What the API answers for ``data`` that the decoder refuses."""
+    with pytest.raises(SegmentationInputError) as info:
         decode(data, max_pixels)
-    return info.value
+    return api_error(info.value)
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -214,9 +217,9 @@ def test_other_formats_are_415_naming_what_arrived(data: bytes, arrived: str) ->
     ("data", "status"), [(_pillow("GIF"), 415), (b"", 422), (png_bytes(GREY8)[:50], 422)]
 )
 def test_errors_say_which_upload_was_wrong(data: bytes, status: int) -> None:
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(SegmentationInputError) as info:
         decode_image(io.BytesIO(data), max_pixels=LIMIT, what="ground truth")
-    assert info.value.status == status
+    assert api_error(info.value).status == status
     assert "ground truth" in info.value.message
 
 
@@ -343,9 +346,9 @@ def test_to_channels_matches_the_model() -> None:
     rgb = np.array([[[10, 20, 30], [0, 0, 255]]], np.uint8)
     assert to_channels(rgb, 1).dtype == np.uint8
     np.testing.assert_array_equal(to_channels(rgb, 1)[..., 0], [[20, 85]])
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(SegmentationInputError) as info:
         to_channels(np.zeros((2, 2, 2), np.uint8), 3)
-    assert info.value.status == 422
+    assert api_error(info.value).status == 422
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 500), (64, 65)])

@@ -20,6 +20,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SEG_", env_file=".env", extra="ignore")
 
+    host: str = Field("0.0.0.0", description="Address segment-service listens on")
+    port: int = Field(8000, ge=1, le=65535, description="Port segment-service listens on")
     model_dir: Path = Field(
         REPO_MODELS, description="Folder laid out as <name>/<version>/model.onnx"
     )
@@ -61,6 +63,6 @@ class Settings(BaseSettings):
 
 
 @lru_cache
-def get_settings() -> Settings:
-    """Settings read once from the environment."""
+def settings_from_env() -> Settings:
+    """Settings read once from the environment (and a ``.env`` file in the working directory)."""
     return Settings()

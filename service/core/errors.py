@@ -1,21 +1,41 @@
 """Errors a lab user can act on: a status, a stable code and a plain-language message.
 
 Every error body is ``{"detail": ..., "code": ..., "request_id": ...}``; no stack traces and no
-file paths ever reach a client.
+file paths ever reach a client. :class:`ErrorCode` is the one list of codes: the responses carry
+them and ``segment_errors_total`` counts by them.
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, Field
+
+
+class ErrorCode(StrEnum):
+    """The stable, machine-readable reason of an error answer."""
+
+    BAD_REQUEST = "bad_request"
+    UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    INVALID_IMAGE = "invalid_image"
+    INVALID_GROUND_TRUTH = "invalid_ground_truth"
+    INVALID_PARAMETER = "invalid_parameter"
+    UNKNOWN_MODEL = "unknown_model"
+    NOT_READY = "not_ready"
+    OVERLOADED = "overloaded"
+    INTERNAL = "internal"
 
 
 class ErrorBody(BaseModel):
     """Every error answer (4xx and 5xx)."""
 
     detail: str = Field(description="What went wrong, in plain language, and what to do")
-    code: str = Field(description="Stable machine-readable reason, e.g. invalid_image")
+    code: ErrorCode = Field(description="Stable machine-readable reason, e.g. invalid_image")
     request_id: str = Field(description="Also in the X-Request-ID header and the service log")
 
 
@@ -28,7 +48,7 @@ class ApiError(Exception):
     """An error answered with ``status`` and a message meant for the person who sent the request."""
 
     def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+        self, status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -38,19 +58,4 @@ class ApiError(Exception):
 
     def body(self, request_id: str) -> dict[str, Any]:
         """JSON body of the error response."""
-        return {"detail": self.message, "code": self.code, "request_id": request_id}
-
-
-def unsupported_media(message: str) -> ApiError:
-    """415: the bytes are not an image format the service reads."""
-    return ApiError(415, "unsupported_media_type", message)
-
-
-def invalid_image(message: str) -> ApiError:
-    """422 (400-class): the file is an image format we read, but this file cannot be used."""
-    return ApiError(422, "invalid_image", message)
-
-
-def too_large(message: str) -> ApiError:
-    """413: over the upload or pixel limit."""
-    return ApiError(413, "too_large", message)
+        return {"detail": self.message, "code": self.code.value, "request_id": request_id}

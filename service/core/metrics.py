@@ -7,7 +7,15 @@ are bounded: model names come from the model directory, reasons and stages from 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service.core.errors import ErrorCode
+
+if TYPE_CHECKING:
+    from service.registry import ModelRegistry
+    from service.segmenter import SegmentResult
 
 # A 256x256 tile batch takes tens of milliseconds on a GPU and up to seconds on a CPU; a
 # gigapixel image minutes. Buckets span that range roughly geometrically.
@@ -29,17 +37,9 @@ INFERENCE_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
-ERROR_REASONS = (
-    "unsupported_media_type",
-    "invalid_image",
-    "too_large",
-    "invalid_ground_truth",
-    "invalid_parameter",
-    "unknown_model",
-    "not_ready",
-    "unauthorized",
-    "internal",
-)
+# segment_errors_total's reasons: every error code but ``overloaded``, which has its own counter
+# (segment_requests_rejected_total) because a refusal to queue is not a failed request.
+ERROR_REASONS = tuple(code for code in ErrorCode if code is not ErrorCode.OVERLOADED)
 STAGES = ("decode", "normalize", "infer", "stitch", "encode", "score")
 
 
@@ -95,7 +95,7 @@ class ServiceMetrics:
             registry=registry,
         )
         for reason in ERROR_REASONS:
-            self.errors.labels(reason)
+            self.errors.labels(reason.value)
         self.model_info = Gauge(
             "segment_model_info",
             "Loaded models (value 1) with their version and the execution provider really used.",
@@ -105,3 +105,25 @@ class ServiceMetrics:
         self.models_ready = Gauge(
             "segment_models_ready", "1 when every model is loaded and warmed up.", registry=registry
         )
+
+    def record_models(self, registry: ModelRegistry) -> None:
+        """Once loading is over: each loaded model's info, and whether all of them loaded."""
+        for m in registry.models.values():
+            self.model_info.labels(m.name, m.meta.version, m.provider).set(1)
+        self.models_ready.set(0 if registry.failed else 1)
+
+    def record_segmentation(self, model: str, result: SegmentResult, upload_bytes: int) -> None:
+        """One answered ``/segment`` request: time per stage, tiles, pixels, bytes, batches."""
+        self.inference_seconds.labels(model).observe(result.timings["infer"])
+        for stage, seconds in result.timings.items():
+            self.stage_seconds.labels(stage).observe(seconds)
+        self.tiles.labels(model).inc(result.tiles)
+        self.pixels.labels(model).inc(result.image.height * result.image.width)
+        self.image_bytes.inc(upload_bytes)
+        for size in result.batches:
+            self.tile_batch_size.labels(model).observe(size)
+
+    def record_error(self, code: ErrorCode) -> None:
+        """One failed ``/segment`` request (refusals to queue are counted in ``rejected``)."""
+        if code in ERROR_REASONS:
+            self.errors.labels(code.value).inc()

@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from service.api.deps import ApiKeyDep, RegistryDep, SettingsDep
-from service.core.errors import ApiError, error_responses
+from service.api.deps import ApiKeyDep, NamedModelDep, RegistryDep, SettingsDep
+from service.core.errors import error_responses
 
 router = APIRouter(
     tags=["models"],
@@ -54,14 +54,11 @@ def list_models(registry: RegistryDep, settings: SettingsDep) -> ModelList:
 @router.get(
     "/models/{name}",
     response_model=ModelInfo,
-    responses=error_responses({404: "No such model", 422: "Invalid request"}),
+    responses=error_responses(
+        {404: "No such model", 422: "Invalid request", 503: "Models still loading"}
+    ),
 )
 @router.get("/v1/models/{name}", response_model=ModelInfo, include_in_schema=False)
-def get_model(name: str, registry: RegistryDep, settings: SettingsDep) -> ModelInfo:
+def get_model(model: NamedModelDep, settings: SettingsDep) -> ModelInfo:
     """One model's description."""
-    model = registry.get(name)
-    if model is None:
-        raise ApiError(
-            404, "unknown_model", f"no model named {name!r}; loaded: {sorted(registry.models)}"
-        )
-    return ModelInfo(default=name == settings.default_model, **model.describe())
+    return ModelInfo(default=model.name == settings.default_model, **model.describe())

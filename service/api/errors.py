@@ -1,0 +1,133 @@
+"""Every failure as one JSON error body with a status, an :class:`ErrorCode` and the request ID.
+
+The domain's :class:`~service.exceptions.SegmentationInputError` subclasses are mapped to HTTP
+here and only here; so are FastAPI's validation errors, Starlette's HTTP errors and anything
+unexpected (a 500 that says nothing about the server but the request ID to quote).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.api.routes.segment import SEGMENT_PATH
+from service.core.errors import ApiError, ErrorCode
+from service.core.logs import request_id_var
+from service.core.metrics import ServiceMetrics
+from service.exceptions import (
+    ImageTooLargeError,
+    InvalidGroundTruthError,
+    InvalidImageError,
+    InvalidParameterError,
+    SegmentationInputError,
+    UnsupportedFormatError,
+)
+
+log = logging.getLogger("service")
+
+# Starlette's own errors (routing, multipart framing, the upload limit) by status.
+_STARLETTE_CODES = {
+    400: ErrorCode.BAD_REQUEST,
+    401: ErrorCode.UNAUTHORIZED,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+}
+
+# What each domain refusal is answered with; the first class that matches wins.
+DOMAIN_ERRORS: dict[type[SegmentationInputError], tuple[int, ErrorCode]] = {
+    UnsupportedFormatError: (415, ErrorCode.UNSUPPORTED_MEDIA_TYPE),
+    ImageTooLargeError: (413, ErrorCode.TOO_LARGE),
+    InvalidImageError: (422, ErrorCode.INVALID_IMAGE),
+    InvalidGroundTruthError: (422, ErrorCode.INVALID_GROUND_TRUTH),
+    InvalidParameterError: (422, ErrorCode.INVALID_PARAMETER),
+    SegmentationInputError: (422, ErrorCode.INVALID_PARAMETER),
+}
+
+
+def api_error(exc: SegmentationInputError) -> ApiError:
+    """The HTTP answer to a domain refusal."""
+    status, code = next(v for cls, v in DOMAIN_ERRORS.items() if isinstance(exc, cls))
+    return ApiError(status, code, exc.message)
+
+
+def error_response(request: Request, err: ApiError) -> JSONResponse:
+    """Log the error, count it when it answers ``/segment``, and build its JSON response."""
+    rid = getattr(request.state, "request_id", "-")
+    if err.status >= 500 and err.code is not ErrorCode.OVERLOADED:
+        log.warning("%s %s -> %d %s", request.method, request.url.path, err.status, err.message)
+    else:
+        log.info("%s %s -> %d %s", request.method, request.url.path, err.status, err.message)
+    metrics: ServiceMetrics | None = getattr(request.app.state, "metrics", None)
+    if metrics is not None and request.url.path.rstrip("/") == SEGMENT_PATH:
+        metrics.record_error(err.code)
+    return JSONResponse(err.body(rid), status_code=err.status, headers=err.headers)
+
+
+def describe_validation(exc: RequestValidationError) -> tuple[str, ErrorCode]:
+    """A one-line message naming the field, and the error code."""
+    parts = []
+    for e in exc.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "query")]
+        field = ".".join(loc) or "request"
+        if e.get("type") == "missing" and field == "image":
+            return (
+                "no image uploaded: send it as the multipart form field 'image', e.g. "
+                "curl -F image=@cells.tif http://localhost:8000/segment -o mask.png"
+            ), ErrorCode.INVALID_IMAGE
+        parts.append(f"{field}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request", ErrorCode.INVALID_PARAMETER
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(request, exc)
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, SegmentationInputError)
+    return error_response(request, api_error(exc))
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    message, code = describe_validation(exc)
+    return error_response(request, ApiError(422, code, message))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _STARLETTE_CODES.get(exc.status_code, ErrorCode.BAD_REQUEST)
+    return error_response(
+        request, ApiError(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette answers these outside the middleware stack, after RequestIdMiddleware is
+    # done: put the request ID back on the log lines and on the response here.
+    rid = getattr(request.state, "request_id", "-")
+    token = request_id_var.set(rid)
+    try:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        response = error_response(
+            request, ApiError(500, ErrorCode.INTERNAL, "internal error; quote the request ID")
+        )
+    finally:
+        request_id_var.reset(token)
+    response.headers["X-Request-ID"] = rid
+    return response
+
+
+def register_exception_handlers(app: FastAPI) -> None:
+    """Answer every kind of failure with the service's error body."""
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(SegmentationInputError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

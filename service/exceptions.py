@@ -1,0 +1,37 @@
+"""Why a request's content cannot be segmented, said without HTTP.
+
+Decoding, channel matching, ground-truth reading and parameter checks raise these; the API maps
+each to a status and an error code (``service.api.errors``), and in-process callers (benchmarks,
+scripts) get a plain exception with the same message meant for the person who sent the image.
+"""
+
+from __future__ import annotations
+
+
+class SegmentationInputError(ValueError):
+    """The upload or a parameter cannot be used; ``message`` says what was expected and what
+    arrived."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UnsupportedFormatError(SegmentationInputError):
+    """The bytes are not an image format the service reads (e.g. GIF, PDF)."""
+
+
+class InvalidImageError(SegmentationInputError):
+    """A format the service reads, but this file cannot be used (damaged, a stack, wrong type)."""
+
+
+class ImageTooLargeError(SegmentationInputError):
+    """Over the pixel limit (checked from the header, before any pixel is decoded)."""
+
+
+class InvalidGroundTruthError(SegmentationInputError):
+    """The ground truth does not fit the image or the model's classes."""
+
+
+class InvalidParameterError(SegmentationInputError):
+    """A request parameter does not apply to the chosen model."""
