@@ -1,0 +1,101 @@
+"""Imports flow one way: tests -> bench -> training -> service.
+
+Read from the source (every ``import`` and ``from ... import``, lazy ones inside functions
+included), so a wrong import fails here before it breaks an installed wheel: the wheel holds
+``service`` and ``training`` only, and ``bench``/``tests`` are not installed.
+"""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = ("service", "training", "bench", "tests")  # lowest first
+# Inside the service: the framework-free core shared with training, and the HTTP edge.
+FRAMEWORK_FREE = "service.inference"
+HTTP_ONLY = ("fastapi", "starlette", "uvicorn", "prometheus_fastapi_instrumentator")
+
+
+def imported_modules(path: Path, package: str | None = None) -> set[str]:
+    """Absolute names of every module ``path`` imports (relative imports resolved against
+    ``package``, by default the package the file is in)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    if package is None:
+        package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                names.add(f"{base}.{node.module}" if node.module else base)
+            elif node.module:
+                names.add(node.module)
+    return names
+
+
+def sources(layer: str) -> list[Path]:
+    """The Python files of one top-level package."""
+    return sorted((REPO / layer).rglob("*.py"))
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_no_module_imports_from_a_higher_layer(layer: str) -> None:
+    higher = LAYERS[LAYERS.index(layer) + 1 :]
+    wrong = {
+        f"{path.relative_to(REPO)} imports {name}"
+        for path in sources(layer)
+        for name in imported_modules(path)
+        if name.split(".")[0] in higher
+    }
+    assert not wrong, sorted(wrong)
+
+
+def test_the_inference_core_is_framework_free() -> None:
+    """service.inference is shared with training: no web framework, no other service module."""
+    wrong = {
+        f"{path.relative_to(REPO)} imports {name}"
+        for path in sources(FRAMEWORK_FREE.replace(".", "/"))
+        for name in imported_modules(path)
+        if name.split(".")[0] in HTTP_ONLY
+        or (name.startswith("service.") and not name.startswith(FRAMEWORK_FREE))
+    }
+    assert not wrong, sorted(wrong)
+
+
+def test_below_the_api_nothing_speaks_http() -> None:
+    """Decoding, segmenting and loading raise domain errors; only service.api maps them."""
+    below = [p for p in sources("service") if "api" not in p.relative_to(REPO).parts]
+    below = [p for p in below if p.name != "main.py"]  # main builds the app
+    wrong = {
+        f"{path.relative_to(REPO)} imports {name}"
+        for path in below
+        for name in imported_modules(path)
+        if name.split(".")[0] in HTTP_ONLY or name.startswith("service.api")
+    }
+    assert not wrong, sorted(wrong)
+
+
+def test_the_wheel_holds_what_its_modules_import() -> None:
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packaged = config["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert packaged == ["service*", "training*"]
+
+
+def test_the_checker_sees_the_imports_it_is_meant_to_catch(tmp_path: Path) -> None:
+    """The AST walk finds lazy, dotted and relative imports alike."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import bench.flops\n"
+        "from . import card\n"
+        "from ..inference import tiling\n"
+        "def later():\n"
+        "    from tests.conftest import png_bytes\n"
+    )
+    names = imported_modules(probe, package="service.api")
+    assert names == {"bench.flops", "service.api", "service.inference", "tests.conftest"}
