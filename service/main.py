@@ -26,13 +26,14 @@ log = logging.getLogger("service")
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service, configured by ``settings`` (default: from ``SEG_*`` environment variables)."""
     settings = settings or settings_from_env()
+    # Before the server logs anything of its own: in JSON mode uvicorn's lines are JSON too.
+    configure_logging(settings.log_level, settings.log_format)
     service_metrics = ServiceMetrics(CollectorRegistry())
     gate = InferenceGate(settings.inference_workers, settings.max_queue)
     gate.on_change = service_metrics.in_flight.set
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        configure_logging(settings.log_level)
         models_registry: ModelRegistry = app.state.registry
 
         def load() -> None:

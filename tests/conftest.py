@@ -168,11 +168,17 @@ def make_client(model_dir: Path) -> Callable[..., Any]:
 
 
 @contextmanager
-def toy_server(model_dir: Path, workdir: Path, **settings: str) -> Iterator[LiveServer]:
+def toy_server(
+    model_dir: Path, workdir: Path, *, graceful_stop: bool = False, **settings: str
+) -> Iterator[LiveServer]:
     """The toy models behind a real uvicorn (:func:`bench.live_server.live_server`) with the
     tests' defaults: ``toy`` as the default model and one ONNX Runtime thread per session."""
     defaults = {"default_model": "toy", "intra_op_threads": "1"}
     with live_server(
-        model_dir, workdir, {**defaults, **settings}, ready_timeout=READY_TIMEOUT_S
+        model_dir,
+        workdir,
+        {**defaults, **settings},
+        graceful_stop=graceful_stop,
+        ready_timeout=READY_TIMEOUT_S,
     ) as srv:
         yield srv

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.core.config import Settings
-from service.core.logs import configure_logging
+from service.core.logs import LogFormat, configure_logging
 from service.main import create_app
 from tests.conftest import png_bytes, random_image, running_app, wait_ready, write_models
 from tests.test_api import GOOD, assert_error, assert_still_serves, post
@@ -205,9 +205,10 @@ def test_model_load_failures_are_logged_clearly(
     capture = LogCapture()
     logger = logging.getLogger("service")
 
-    def configure_and_capture(level: str) -> None:
-        """The lifespan replaces the handlers, then starts the loader: capture from there."""
-        configure_logging(level)
+    def configure_and_capture(level: str, fmt: LogFormat) -> None:
+        """create_app replaces the handlers, then the lifespan starts the loader: capture from
+        there."""
+        configure_logging(level, fmt)
         logger.addHandler(capture)
 
     monkeypatch.setattr("service.main.configure_logging", configure_and_capture)

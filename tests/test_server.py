@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -104,3 +105,41 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_cleanly(server: Li
     assert "Traceback" not in log and "ERROR" not in log
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{server.url}/healthz", timeout=2)
+
+
+def test_json_logs_are_one_object_per_line_for_the_service_and_uvicorn(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """``SEG_LOG_FORMAT=json``: every line a real uvicorn run writes parses as JSON, and each
+    request's access line says what a log stack needs to find and group it."""
+    img = random_image(120, 90, seed=33)
+    with toy_server(model_dir, tmp_path, graceful_stop=True, log_format="json") as srv:
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            ok = client.post(
+                "/segment", files=segment_files(png_bytes(img)), headers={"X-Request-ID": "ok-1"}
+            )
+            bad = client.post("/segment?model=toy", files=segment_files(b"GIF89a" + b"\0" * 32))
+            client.get("/models")
+        assert ok.status_code == 200 and bad.status_code == 415
+    lines = [line for line in srv.log.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line, uvicorn's own included
+    assert len(records) == len(lines) > 5
+    for record in records:
+        assert {"time", "level", "logger", "message", "request_id"} <= set(record), record
+    loggers = {r["logger"] for r in records}
+    assert {"uvicorn.error", "uvicorn.access", "service", "service.registry"} <= loggers
+    assert any(r["message"].startswith("Finished server process") for r in records)
+
+    access = [r for r in records if r["logger"] == "uvicorn.access"]
+    (segmented,) = [r for r in access if r["request_id"] == "ok-1"]
+    assert segmented["method"] == "POST" and segmented["path"] == "/segment"
+    assert segmented["status"] == 200 and segmented["duration_ms"] > 0
+    assert segmented["model"] == "toy" and segmented["tiles"] > 0
+    assert segmented["bytes"] == len(png_bytes(img))
+
+    rid = bad.headers["x-request-id"]
+    refused = [r for r in records if r["request_id"] == rid]
+    assert {r["logger"] for r in refused} == {"service", "uvicorn.access"}
+    (line,) = [r for r in refused if r["logger"] == "uvicorn.access"]
+    assert line["status"] == 415 and line["query"] == "model=toy" and "model" not in line
+    assert any("GIF" in r["message"] for r in refused if r["logger"] == "service")

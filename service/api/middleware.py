@@ -21,7 +21,7 @@ from service.api.routes.segment import SEGMENT_PATH
 from service.core.config import Settings
 from service.core.errors import ApiError, ErrorCode
 from service.core.gate import InferenceGate
-from service.core.logs import request_id_var
+from service.core.logs import request_id_var, start_request
 
 log = logging.getLogger("service")
 
@@ -30,7 +30,7 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 class RequestIdMiddleware:
     """Gives every request an ID (the client's ``X-Request-ID`` if sane), puts it on every log
-    line and on the response."""
+    line and on the response, and starts the record of fields its access line reports."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -43,6 +43,7 @@ class RequestIdMiddleware:
         rid = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         token = request_id_var.set(rid)
+        start_request()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

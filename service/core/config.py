@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.core.logs import LogFormat
+
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
@@ -46,6 +48,9 @@ class Settings(BaseSettings):
     metrics_require_key: bool = False
     cors_origins: list[str] = Field(default_factory=list)
     log_level: str = "INFO"
+    log_format: LogFormat = Field(
+        "text", description="text (plain lines) or json (one object per line, uvicorn's too)"
+    )
 
     @field_validator("model_dir")
     @classmethod

@@ -17,6 +17,7 @@ from fastapi.responses import Response
 from service.api.deps import ApiKeyDep, GateDep, MetricsDep, ModelDep, SettingsDep
 from service.core.errors import ApiError, ErrorCode, error_responses
 from service.core.gate import OverloadedError
+from service.core.logs import log_fields
 from service.inference.tiling import BlendMode
 from service.responses import Answer, SegmentResponse, render_answer
 from service.segmenter import SegmentParams, segment
@@ -124,7 +125,9 @@ async def segment_image(
             f"{settings.retry_after_seconds} s",
             headers={"Retry-After": str(settings.retry_after_seconds)},
         ) from None
-    metrics.record_segmentation(model.name, answer.result, _upload_bytes(image, ground_truth))
+    upload_bytes = _upload_bytes(image, ground_truth)
+    metrics.record_segmentation(model.name, answer.result, upload_bytes)
+    log_fields(model=model.name, tiles=answer.result.tiles, bytes=upload_bytes)
     if not as_json:
         return Response(content=answer.png, media_type="image/png", headers=answer.headers())
     document = answer.document(request.state.request_id)
