@@ -32,23 +32,24 @@ test: install-dev lint deploy-tools
 
 # tests/test_deploy.py checks docker-compose.yml and deploy/prometheus/ with Debian's
 # docker-compose (validates without a Docker engine) and prometheus (promtool, and a real
-# Prometheus scraping the service). Installed when missing and we may (root with apt-get, as
+# Prometheus scraping the service); tests/test_docs.py renders /docs in Debian's chromium.
+# Installed when missing and we may (root with apt-get, as
 # in CI); otherwise those tests skip and say why. --no-install-recommends keeps out
 # prometheus-node-exporter; on a host with systemd the package would start and enable a
 # Prometheus on :9090, which the tests do not need, so it is stopped again.
-DEPLOY_TOOLS := prometheus promtool docker-compose
+DEPLOY_TOOLS := prometheus promtool docker-compose chromium
 deploy-tools:
 	@missing=""; for t in $(DEPLOY_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing prometheus docker-compose (missing:$$missing)"; \
+		echo "installing prometheus docker-compose chromium (missing:$$missing)"; \
 		export DEBIAN_FRONTEND=noninteractive; \
-		apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null || exit 1; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus docker-compose chromium >/dev/null || exit 1; \
 		if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then \
 			systemctl disable --now prometheus; fi; \
 	else \
 		echo "note: missing$$missing; the deployment tests will skip. Install them with:"; \
-		echo "  sudo apt-get install --no-install-recommends prometheus docker-compose"; \
+		echo "  sudo apt-get install --no-install-recommends prometheus docker-compose chromium"; \
 	fi
 
 lint: install-dev

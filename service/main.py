@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
 
@@ -21,6 +22,8 @@ from service.core.metrics import INFERENCE_BUCKETS, ServiceMetrics
 from service.registry import ModelRegistry, load_registry
 
 log = logging.getLogger("service")
+
+DOCS_ASSETS_PATH = "/docs-assets"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -61,11 +64,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gate.shutdown()
             loader.join(timeout=5)
 
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI's and ReDoc's files served by the service itself (from
+    # the fastapi-offline package), not a CDN: lab networks are often cut off from the internet.
+    app = FastAPIOffline(
         title="U-Net segmentation service",
         version="0.1.0",
         description="POST an image, get a PNG mask (and per-class IoU/Dice with a ground truth).",
         lifespan=lifespan,
+        static_url=DOCS_ASSETS_PATH,
+        # No badge from validator.swagger.io: the page must not reach out anywhere.
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.settings = settings
     app.state.registry = ModelRegistry()
