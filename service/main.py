@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(settings.log_level, settings.log_format)
     service_metrics = ServiceMetrics(CollectorRegistry())
     gate = InferenceGate(settings.inference_workers, settings.max_queue)
-    gate.on_change = service_metrics.in_flight.set
+    gate.on_change = lambda admitted: service_metrics.record_admitted(admitted, gate.workers)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -36,6 +36,8 @@ from tests.conftest import png_bytes, random_image, segment_files, toy_server
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy" / "prometheus"
+GRAFANA = REPO / "deploy" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "segment-service.json"
 JOB = "segment-service"
 TOOL_TIMEOUT_S = 60
 SCRAPE_TIMEOUT_S = 30.0
@@ -177,6 +179,42 @@ def test_compose_gpu_service_and_cpu_way() -> None:
         assert svc["restart"] == "unless-stopped" and svc["stop_grace_period"] == "70s"
     prom = services["prometheus"]
     assert f"{DEPLOY}:/etc/prometheus:ro" in prom["volumes"]
+    grafana = services["grafana"]
+    assert [p.split(":")[0] for p in grafana["ports"]] == ["127.0.0.1"]  # loopback only
+    assert f"{GRAFANA}/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
+    assert f"{GRAFANA}/dashboards:/etc/grafana/dashboards:ro" in grafana["volumes"]
+
+
+# --- Grafana --------------------------------------------------------------------------------
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """``(panel title, PromQL)`` of every query of the provisioned dashboard."""
+    board = json.loads(DASHBOARD.read_text())
+    return [(panel["title"], t["expr"]) for panel in board["panels"] for t in panel["targets"]]
+
+
+def test_the_dashboard_is_what_its_builder_makes() -> None:
+    """deploy/grafana/dashboards/segment-service.json comes from grafana-foundation-sdk's
+    typed builders (deploy/grafana/dashboard.py), never edited by hand."""
+    _run(sys.executable, str(GRAFANA / "dashboard.py"), "--check")
+
+
+def test_grafana_provisioning_points_the_dashboard_at_the_provisioned_prometheus() -> None:
+    sources = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yml").read_text())
+    (source,) = sources["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    providers = yaml.safe_load(
+        (GRAFANA / "provisioning/dashboards/segment-service.yml").read_text()
+    )
+    (provider,) = providers["providers"]
+    assert provider["type"] == "file" and provider["options"]["path"] == "/etc/grafana/dashboards"
+    board = json.loads(DASHBOARD.read_text())
+    refs = [p["datasource"] for p in board["panels"]]
+    refs += [t["datasource"] for p in board["panels"] for t in p["targets"]]
+    assert refs and all(r == {"type": "prometheus", "uid": source["uid"]} for r in refs)
+    titles = [p["title"] for p in board["panels"]]
+    assert len(titles) == len(set(titles)) >= 11
 
 
 # --- Prometheus configuration and rules ---------------------------------------------------------
@@ -292,6 +330,25 @@ def test_real_prometheus_scrapes_the_real_service(model_dir: Path, tmp_path: Pat
                 f'sum(http_requests_total{{job="{JOB}", handler="/segment", status="2xx"}})'
             )
             assert requests == 1.0
+
+            # Every panel of the Grafana dashboard has data: each query parses and returns at
+            # least one series. $__rate_interval is Grafana's; a minute spans the traffic. (A
+            # series born with the first request needs a second scrape before rate() has it.)
+            def series(expr: str) -> list[dict[str, Any]] | None:
+                data = api.get("query", query=expr.replace("$__rate_interval", "1m"))
+                assert data is not None, f"Prometheus refused {expr}"
+                return data["result"] or None
+
+            panels = dashboard_queries()
+            for title, expr in panels:
+                _wait_for(lambda e=expr: series(e), SCRAPE_TIMEOUT_S, f"data in {title!r}")
+            tiles_per_s = {
+                r["metric"]["model"]: float(r["value"][1])
+                for r in series(dict(panels)["Tiles/s by model"]) or []
+            }
+            # Every loaded model has a series from start-up; the one that worked shows it.
+            assert set(tiles_per_s) == {"toy", "toy3", "toy3lv"}
+            assert tiles_per_s["toy"] > 0 and tiles_per_s["toy3"] == 0
 
             # The project's alert rules load and evaluate cleanly against the real series ...
             def rules_evaluated() -> list[dict[str, Any]] | None:

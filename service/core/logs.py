@@ -6,8 +6,8 @@ Two formats (``SEG_LOG_FORMAT``):
 - ``json``: one JSON object per line for the service's records and uvicorn's alike (server,
   error and access log), for Loki, ELK and friends: ``time``, ``level``, ``logger``,
   ``message``, ``request_id``. A request's access line adds ``method``, ``path``, ``query``,
-  ``status``, ``duration_ms`` (until the response started) and ``client``, and what the route reported about its work (``/segment``:
-  ``model``, ``tiles``, ``bytes``).
+  ``status``, ``duration_ms`` (until the response started) and ``client``, and what the route
+  reported about its work (``/segment``: ``model``, ``tiles``, ``bytes``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from service.core.errors import ErrorCode
 
@@ -48,6 +55,10 @@ class ServiceMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # process_resident_memory_bytes, CPU seconds, open fds; python_info. On the app's own
+        # registry, since prometheus_client puts them on its global one only.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
         self.inference_seconds = Histogram(
             "segment_inference_seconds",
             "Time in the model (all tile batches of one request).",
@@ -83,6 +94,11 @@ class ServiceMetrics:
             "Segmentation requests admitted (running or waiting for a worker).",
             registry=registry,
         )
+        self.queued = Gauge(
+            "segment_requests_queued",
+            "Segmentation requests admitted and waiting for a worker (the queue's depth).",
+            registry=registry,
+        )
         self.rejected = Counter(
             "segment_requests_rejected_total",
             "Segmentation requests refused with 503 because the service was saturated.",
@@ -106,10 +122,26 @@ class ServiceMetrics:
             "segment_models_ready", "1 when every model is loaded and warmed up.", registry=registry
         )
 
+    def record_admitted(self, admitted: int, workers: int) -> None:
+        """The admission gate's count changed: in flight, and those beyond the workers wait."""
+        self.in_flight.set(admitted)
+        self.queued.set(max(0, admitted - workers))
+
     def record_models(self, registry: ModelRegistry) -> None:
-        """Once loading is over: each loaded model's info, and whether all of them loaded."""
+        """Once loading is over: each loaded model's info, and whether all of them loaded.
+
+        Each model's series start at 0 here rather than at its first request, so that rate()
+        and increase() see that request (a series born with its first sample has no increase).
+        """
         for m in registry.models.values():
             self.model_info.labels(m.name, m.meta.version, m.provider).set(1)
+            for per_model in (
+                self.inference_seconds,
+                self.tiles,
+                self.pixels,
+                self.tile_batch_size,
+            ):
+                per_model.labels(m.name)
         self.models_ready.set(0 if registry.failed else 1)
 
     def record_segmentation(self, model: str, result: SegmentResult, upload_bytes: int) -> None:
