@@ -53,8 +53,8 @@ deploy-tools:
 	fi
 
 lint: install-dev
-	$(BIN)/ruff check service training tests bench
-	$(BIN)/ruff format --check service training tests bench
+	$(BIN)/ruff check service training tests bench deploy
+	$(BIN)/ruff format --check service training tests bench deploy
 	$(BIN)/mypy
 
 ## Benchmark side by side (tutorial way, raw ONNX Runtime, pipeline, HTTP, memory, efficiency):

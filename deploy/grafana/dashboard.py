@@ -60,7 +60,10 @@ def build() -> dashboard.Dashboard:
         "Answered HTTP requests per second, by status class (2xx, 4xx, 5xx) and route.",
         "reqps",
         (0, 0, 12, 8),
-        (f"sum by (status, handler) (rate(http_requests_total{{{JOB}}}[{RATE}]))", "{{handler}} {{status}}"),
+        (
+            f"sum by (status, handler) (rate(http_requests_total{{{JOB}}}[{RATE}]))",
+            "{{handler}} {{status}}",
+        ),
     )
     latency = graph(
         "Latency p50 / p95",
