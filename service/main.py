@@ -281,9 +281,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def run() -> None:
     """``segment-service``: serve on 0.0.0.0:8000 (``SEG_HOST``/``SEG_PORT`` to change)."""
     import os
+    import signal
+    import sys
 
     import uvicorn
 
+    # uvicorn re-raises the SIGTERM it handled once its graceful shutdown is over; by default
+    # that kills the process (exit 143 under an init such as compose's `init: true`). A SIGTERM
+    # is an orderly stop: exit 0 instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         "service.main:create_app",
         factory=True,
