@@ -16,7 +16,9 @@ start one that writes to its read-only root:
    Debian's package, swapped in by docker-compose.podman.yml), Prometheus scrapes the service by
    its compose name, and `down` leaves nothing behind;
 5. the `gpu` target builds (its ldd check proves the CUDA provider's libraries resolve) and, with
-   no GPU, serves on the CPU and says so: 2.5 min and 3 GB, so only with SEG_TEST_GPU_IMAGE=1.
+   no GPU, serves on the CPU and says so. It adds ~1.5 min and needs ~13 GB of free disk while
+   it builds (a 2.9 GB image, removed afterwards), which CI affords; SEG_TEST_GPU_IMAGE=0 leaves
+   it out of a local run (never under CI=true).
 
 Machine specifics stay out of the Dockerfile: the machine's pip configuration (indexes, wheel
 folders, certificate bundle) is mounted into the build's RUN steps with `podman build -v`, and
@@ -719,8 +721,8 @@ def test_gpu_image_builds_and_serves_on_the_cpu_loudly(
 ) -> None:
     """The `gpu` target builds, so its ldd check found every library of the CUDA provider
     (bar the driver's libcuda); run without a GPU, it serves on the CPU and warns."""
-    if os.environ.get(GPU_FLAG) != "1":
-        pytest.skip(f"the gpu image takes ~2.5 min and 3 GB to build; set {GPU_FLAG}=1")
+    if os.environ.get(GPU_FLAG) == "0":
+        _unavailable(f"{GPU_FLAG}=0: the gpu image (~1.5 min, ~13 GB of disk) is left out")
     tag = f"localhost/unet-segmentation-test:gpu-{SUFFIX}"
     try:
         seconds = build_image("gpu", tag, base_image, build_mounts)
