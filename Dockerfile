@@ -61,9 +61,13 @@ LABEL org.opencontainers.image.title="unet-segmentation-service" \
 # it without /etc/passwd); -l: no lastlog/faillog growth.
 RUN groupadd --system --gid 10001 seg \
  && useradd --system --uid 10001 --gid 10001 --no-create-home -l --shell /usr/sbin/nologin seg
+# ORT_DISABLE_TELEMETRY: onnxruntime (1.31) otherwise keeps a telemetry device ID and event
+# queue under $XDG_CACHE_HOME or ~/.cache; on the read-only root that write fails, with a warning
+# at every start. tests/test_containers.py checks that nothing is written outside /tmp.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    ORT_DISABLE_TELEMETRY=1 \
     SEG_MODEL_DIR=/models \
     SEG_HOST=0.0.0.0 \
     SEG_PORT=8000

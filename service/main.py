@@ -92,8 +92,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def run() -> None:
     """``segment-service``: serve on ``SEG_HOST``:``SEG_PORT`` (default 0.0.0.0:8000)."""
+    import signal
+    import sys
+
     import uvicorn
 
+    # uvicorn re-raises the SIGTERM it handled once its graceful shutdown is over; by default
+    # that kills the process (exit 143 under an init such as compose's `init: true`). A SIGTERM
+    # is an orderly stop: exit 0 instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     settings = settings_from_env()
     uvicorn.run(
         "service.main:create_app",
