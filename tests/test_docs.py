@@ -61,6 +61,13 @@ def test_docs_pages_reference_only_the_service(client: TestClient, page: str) ->
         assert '"validatorUrl": null' in r.text  # no badge fetched from validator.swagger.io
 
 
+def test_the_openapi_document_names_no_external_host(client: TestClient) -> None:
+    """What both pages render: no link in it may send a browser elsewhere either."""
+    r = client.get("/openapi.json")
+    assert r.status_code == 200 and "/segment" in r.json()["paths"]
+    assert not EXTERNAL.findall(r.text), EXTERNAL.findall(r.text)
+
+
 def test_the_docs_assets_are_what_the_pages_need(client: TestClient) -> None:
     js = client.get("/docs-assets/swagger-ui-bundle.js")
     assert "javascript" in js.headers["content-type"] and b"SwaggerUIBundle" in js.content
