@@ -36,7 +36,11 @@ def query(expr: str, legend: str = "", ref: str = "A") -> prometheus.Dataquery:
 
 
 def graph(
-    title: str, description: str, unit: str, pos: tuple[int, int, int, int], *queries: tuple
+    title: str,
+    description: str,
+    unit: str,
+    pos: tuple[int, int, int, int],
+    *queries: tuple[str, str],
 ) -> timeseries.Panel:
     """A time series panel at grid position ``(x, y, w, h)`` with ``(expr, legend)`` queries."""
     panel = (
