@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.providers,
                 settings.intra_op_threads,
                 settings.tile_batch_size,
+                settings.cpu_memory_arena,
             )
             service_metrics.record_models(models_registry)
             log.info(

@@ -17,9 +17,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.core.config import CpuArena
 from service.inference.modelmeta import ModelMetadata
 
 log = logging.getLogger(__name__)
+
+_SHRINK_CPU_ARENA = ort.RunOptions()
+_SHRINK_CPU_ARENA.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
 
 @dataclass
@@ -34,6 +38,7 @@ class LoadedModel:
     output_name: str
     providers: list[str]
     load_seconds: float
+    shrink_after_request: bool = False
 
     @property
     def provider(self) -> str:
@@ -44,6 +49,19 @@ class LoadedModel:
         """Probabilities ``(N, t, t, K)`` for normalised tiles ``(N, t, t, C)``."""
         out = self.session.run([self.output_name], {self.input_name: tiles})[0]
         return np.asarray(out)
+
+    def release_memory(self) -> None:
+        """With ``shrink_after_request``: give ONNX Runtime's CPU arena back to the system.
+
+        The arena keeps a request's buffers between its tile batches (no page faults per
+        batch); this returns them once the request is over. ONNX Runtime shrinks an arena only
+        at the end of a run, so this is a run on the smallest input the model takes.
+        """
+        if not self.shrink_after_request:
+            return
+        side = self.meta.tile_multiple
+        probe = np.zeros((1, side, side, self.meta.channels), np.float32)
+        self.session.run([self.output_name], {self.input_name: probe}, _SHRINK_CPU_ARENA)
 
     def describe(self) -> dict[str, object]:
         """What ``GET /models`` reports."""
@@ -104,7 +122,12 @@ def resolve_providers(requested: list[str]) -> list[str]:
 
 
 def load_model(
-    name: str, path: Path, providers: list[str], intra_op_threads: int, warmup_batch: int
+    name: str,
+    path: Path,
+    providers: list[str],
+    intra_op_threads: int,
+    warmup_batch: int,
+    cpu_arena: CpuArena = "shrink",
 ) -> LoadedModel:
     """Create the session, parse the metadata, check the graph's shapes and warm it up."""
     start = time.perf_counter()
@@ -113,6 +136,7 @@ def load_model(
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = cpu_arena != "off"
     session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     meta = ModelMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map))
     if meta.name != name:
@@ -142,6 +166,7 @@ def load_model(
         output_name=outputs[0].name,
         providers=used,
         load_seconds=0.0,
+        shrink_after_request=cpu_arena == "shrink",
     )
     # Warm-up at the serving shape: the first run allocates buffers (and on CUDA searches the
     # cuDNN algorithms), and it proves that the output has the shape the metadata promises.
@@ -151,6 +176,7 @@ def load_model(
     expected = (warmup_batch, t, t, meta.output_channels)
     if out.shape != expected:
         raise ValueError(f"model output has shape {out.shape}, metadata implies {expected}")
+    model.release_memory()  # the warm-up's buffers too
     model.load_seconds = time.perf_counter() - start
     log.info(
         "model %s v%s loaded from %s on %s in %.2f s (tile %d, %d class(es), %s)",
@@ -172,12 +198,15 @@ def load_registry(
     providers: list[str],
     intra_op_threads: int,
     warmup_batch: int,
+    cpu_arena: CpuArena = "shrink",
 ) -> ModelRegistry:
     """Load every model; a broken one is logged and recorded, and the others still serve."""
     usable = resolve_providers(providers)
     for name, path in find_model_files(model_dir).items():
         try:
-            registry.models[name] = load_model(name, path, usable, intra_op_threads, warmup_batch)
+            registry.models[name] = load_model(
+                name, path, usable, intra_op_threads, warmup_batch, cpu_arena
+            )
         except Exception as exc:  # one bad file must not take the other models down
             reason = f"{type(exc).__name__}: {exc}"
             log.error("model %s could not be loaded from %s: %s", name, path, reason)

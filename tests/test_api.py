@@ -709,3 +709,20 @@ def test_saturated_service_answers_503_with_retry_after(make_client: Any) -> Non
         assert sample(m, "segment_requests_rejected_total") == len(busy)
         assert sample(m, "segment_requests_in_flight") == 0
         assert_still_serves(client)  # the place is given back
+
+
+@pytest.mark.parametrize("arena", ["off", "shrink", "on"])
+def test_every_cpu_arena_setting_gives_the_same_masks(model_dir: Path, arena: str) -> None:
+    """SEG_CPU_MEMORY_ARENA changes how ONNX Runtime keeps memory, never an answer."""
+    img = random_image(300, 410, seed=71)
+    with running_app(model_dir, cpu_memory_arena=arena) as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        session_options = registry.get("toy").session.get_session_options()
+        assert session_options.enable_cpu_mem_arena is (arena != "off")
+        r = post(client, png_bytes(img))
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(mask_of(r), expected_toy_mask(img))
+        r3 = post(client, png_bytes(img), model="toy3")
+        assert r3.status_code == 200, r3.text
+    with running_app(model_dir) as client:  # the default
+        assert np.array_equal(mask_of(post(client, png_bytes(img), model="toy3")), mask_of(r3))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,6 +16,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.core.logs import LogFormat
 
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
+
+# ONNX Runtime's CPU memory arena. "on" keeps every buffer a model call ever needed (hundreds of
+# MB per U-Net after one tile batch, for as long as the process lives); "shrink" keeps them for
+# the tile batches of one request and gives them back when it is over; "off" allocates and frees
+# per model call (page faults every batch). docs/memory.md measures the three.
+CpuArena = Literal["off", "shrink", "on"]
 
 
 class Settings(BaseSettings):
@@ -36,6 +43,10 @@ class Settings(BaseSettings):
         0, ge=0, description="ONNX Runtime threads per session; 0 = all cores"
     )
     tile_batch_size: int = Field(8, ge=1, le=256, description="Tiles per model call")
+    cpu_memory_arena: CpuArena = Field(
+        "shrink",
+        description="ONNX Runtime's CPU arena: shrink (returned after each request), off, on",
+    )
     default_overlap: float = Field(0.25, ge=0.0, le=0.75)
     inference_workers: int = Field(
         1, ge=1, le=64, description="Requests processed at the same time"
