@@ -8,9 +8,11 @@ the CPU silently when CUDA is missing, and the service says so loudly instead.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,18 @@ log = logging.getLogger(__name__)
 
 _SHRINK_CPU_ARENA = ort.RunOptions()
 _SHRINK_CPU_ARENA.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+        return trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
 
 
 @dataclass
@@ -62,6 +76,10 @@ class LoadedModel:
         side = self.meta.tile_multiple
         probe = np.zeros((1, side, side, self.meta.channels), np.float32)
         self.session.run([self.output_name], {self.input_name: probe}, _SHRINK_CPU_ARENA)
+        # What the arena and the request freed: glibc keeps freed heap (below its mmap
+        # threshold) in its per-thread arenas unless asked to give it back.
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
 
     def describe(self) -> dict[str, object]:
         """What ``GET /models`` reports."""
