@@ -31,7 +31,7 @@ from bench.images import synthetic, tiff_bytes
 from bench.live_server import REPO, LiveServer, live_server
 from bench.markdown import replace_generated
 
-ARENAS = ("shrink", "off", "on")  # the default first
+ARENAS = ("shrink", "off", "on")
 FRAME = (700, 1100)  # a HeLa frame's size
 
 

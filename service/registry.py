@@ -145,7 +145,7 @@ def load_model(
     providers: list[str],
     intra_op_threads: int,
     warmup_batch: int,
-    cpu_arena: CpuArena = "shrink",
+    cpu_arena: CpuArena = "on",
 ) -> LoadedModel:
     """Create the session, parse the metadata, check the graph's shapes and warm it up."""
     start = time.perf_counter()
@@ -216,7 +216,7 @@ def load_registry(
     providers: list[str],
     intra_op_threads: int,
     warmup_batch: int,
-    cpu_arena: CpuArena = "shrink",
+    cpu_arena: CpuArena = "on",
 ) -> ModelRegistry:
     """Load every model; a broken one is logged and recorded, and the others still serve."""
     usable = resolve_providers(providers)

@@ -44,8 +44,8 @@ class Settings(BaseSettings):
     )
     tile_batch_size: int = Field(8, ge=1, le=256, description="Tiles per model call")
     cpu_memory_arena: CpuArena = Field(
-        "shrink",
-        description="ONNX Runtime's CPU arena: shrink (returned after each request), off, on",
+        "on",
+        description="ONNX Runtime's CPU arena: on (kept), shrink (given back per request), off",
     )
     default_overlap: float = Field(0.25, ge=0.0, le=0.75)
     inference_workers: int = Field(
