@@ -197,12 +197,33 @@ def _decode_pillow(
         img = img.convert("L")
     elif mode in ("P", "PA") or mode in ("RGBA", "CMYK", "YCbCr"):
         img = img.convert("RGB")
-    pixels = np.asarray(img)
+    pixels = _pillow_pixels(img)
+    del img  # Pillow's own copy of the pixels: freed before anything else is allocated
     if mode == "I" and pixels.size and pixels.min() >= 0 and pixels.max() < 65536:
         pixels = pixels.astype(np.uint16)  # 16-bit greyscale that Pillow widened to int32
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     return DecodedImage(pixels=pixels, format=fmt, dtype=str(pixels.dtype), mode=mode)
+
+
+# Rows copied out of a Pillow image at a time: ~16 MiB for a 16384-wide 8-bit RGB image.
+_COPY_ROWS = 256
+
+
+def _pillow_pixels(img: Image.Image) -> np.ndarray:
+    """A decoded Pillow image as an array, copied a band of rows at a time.
+
+    ``np.asarray(img)`` goes through ``img.tobytes()``: for a moment the pixels exist three
+    times (Pillow's buffer, the bytes, the array), 3x the decoded size at the peak of a request.
+    Band by band it is twice, and the band.
+    """
+    first = np.asarray(img.crop((0, 0, img.width, min(img.height, _COPY_ROWS))))
+    pixels = np.empty((img.height, *first.shape[1:]), first.dtype)
+    pixels[: first.shape[0]] = first
+    for top in range(first.shape[0], img.height, _COPY_ROWS):
+        bottom = min(img.height, top + _COPY_ROWS)
+        pixels[top:bottom] = np.asarray(img.crop((0, top, img.width, bottom)))
+    return pixels
 
 
 def _png_is_16bit_colour(head: bytes) -> bool:
@@ -234,6 +255,71 @@ def decode_image(
     if fmt == "TIFF":
         return _decode_tiff(file, max_pixels, what)
     return _decode_pillow(file, fmt, max_pixels, what, labels)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an upload declares, read without decoding a pixel: enough to estimate its cost."""
+
+    format: str
+    width: int
+    height: int
+    channels: int
+    nbytes: int  # the decoded pixels, all planes and samples
+    file_bytes: int = 0  # the file as uploaded
+
+    @property
+    def pixels(self) -> int:
+        """Pixels of one plane."""
+        return self.width * self.height
+
+    @property
+    def decode_peak(self) -> int:
+        """Memory the decoder holds at its peak: Pillow's buffer beside the array it is copied
+        to (:func:`_pillow_pixels`); tifffile decodes into the array, reading the compressed
+        data beside it."""
+        return self.nbytes + (self.file_bytes if self.format == "TIFF" else self.nbytes)
+
+
+# Bytes per pixel of Pillow's modes once decoded (after the conversions _decode_pillow makes).
+_PIL_PIXEL_BYTES = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4, "L": 1, "1": 1, "P": 3}
+
+
+def read_header(file: BinaryIO, *, what: str = "image") -> ImageHeader:
+    """The size an uploaded file declares, from its header alone; the file is left at 0.
+
+    Raises what :func:`decode_image` would for a file that is not an image it reads, so a bad
+    upload is refused before anything is estimated or reserved for it.
+    """
+    file.seek(0)
+    fmt = sniff_format(file.read(32), what)
+    file_bytes = file.seek(0, 2)
+    file.seek(0)
+    try:
+        if fmt == "TIFF":
+            with tifffile.TiffFile(file, name="upload.tif") as tif:
+                if not tif.series:
+                    raise InvalidImageError(f"the {what} is a TIFF without image data")
+                series = tif.series[0]
+                shape = tuple(int(n) for n in series.shape)
+                nbytes = int(np.prod(shape)) * np.dtype(series.dtype).itemsize
+            samples_last = len(shape) == 3 and shape[-1] in (1, 3, 4)
+            height, width = shape[-3:-1] if samples_last else shape[-2:]
+            channels = shape[-1] if samples_last else 1
+            if len(shape) == 3 and not samples_last and shape[0] in (1, 3, 4):
+                height, width, channels = shape[1], shape[2], shape[0]
+            return ImageHeader(fmt, int(width), int(height), int(channels), nbytes, file_bytes)
+        with Image.open(file) as img:
+            per_pixel = _PIL_PIXEL_BYTES.get(img.mode, 3)
+            channels = 1 if per_pixel in (1, 2) or img.mode in ("I", "F") else 3
+            nbytes = img.width * img.height * per_pixel
+            return ImageHeader(fmt, img.width, img.height, channels, nbytes, file_bytes)
+    except SegmentationInputError:
+        raise
+    except Exception as exc:  # damaged headers: the same answer decoding would give
+        raise InvalidImageError(f"the {what} is a damaged or truncated {fmt}") from exc
+    finally:
+        file.seek(0)
 
 
 def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:

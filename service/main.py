@@ -19,7 +19,9 @@ from service.core.config import Settings, settings_from_env
 from service.core.gate import InferenceGate
 from service.core.logs import configure_logging
 from service.core.metrics import INFERENCE_BUCKETS, ServiceMetrics
+from service.core.resources import MemoryBudget, cgroup_memory_limit, mib, rss_bytes
 from service.registry import ModelRegistry, load_registry
+from service.segmenter import smallest_request_memory
 
 log = logging.getLogger("service")
 
@@ -35,6 +37,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     gate = InferenceGate(settings.inference_workers, settings.max_queue)
     gate.on_change = lambda admitted: service_metrics.record_admitted(admitted, gate.workers)
 
+    budget_total, budget_source = memory_budget_from(settings)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         models_registry: ModelRegistry = app.state.registry
@@ -47,7 +51,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.intra_op_threads,
                 settings.tile_batch_size,
                 settings.cpu_memory_arena,
+                budget_total,
             )
+            if budget_total is not None and settings.memory_admission:
+                budget = start_memory_budget(models_registry, budget_total, budget_source, settings)
+                service_metrics.record_memory_budget(budget)
+                app.state.memory_budget = budget
             service_metrics.record_models(models_registry)
             log.info(
                 "ready: %s; failed: %s",
@@ -80,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = ModelRegistry()
     app.state.metrics = service_metrics
     app.state.gate = gate
+    app.state.memory_budget = None  # set once the models are loaded, when a budget is known
 
     for router in (health.router, models.router, segment.router, metrics.router):
         app.include_router(router)
@@ -89,6 +99,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     add_middlewares(app, settings, gate)
     return app
+
+
+def memory_budget_from(settings: Settings) -> tuple[int | None, str]:
+    """The process's memory budget and where it comes from: ``SEG_MEMORY_BUDGET``, else the
+    cgroup limit (a container's ``--memory``), else none."""
+    if settings.memory_budget is not None:
+        return int(settings.memory_budget), "SEG_MEMORY_BUDGET"
+    limit = cgroup_memory_limit()
+    return limit, "the memory limit of its cgroup (container)"
+
+
+def start_memory_budget(
+    registry: ModelRegistry, total: int, source: str, settings: Settings
+) -> MemoryBudget:
+    """The budget requests are admitted against, from what the process holds with its models
+    loaded; an ERROR when it leaves too little for even the smallest request of a model."""
+    budget = MemoryBudget(total, rss_bytes() or 0, settings.inference_workers, source)
+    log.info(
+        "memory budget %s (%s): the loaded models hold %s, %s left for requests",
+        mib(total),
+        source,
+        mib(budget.baseline),
+        mib(budget.capacity),
+    )
+    for model in registry.models.values():
+        smallest = smallest_request_memory(model, settings.tile_batch_size)
+        if smallest > budget.capacity:
+            log.error(
+                "model %s cannot serve any request: even a one-tile image needs about %s and "
+                "the memory budget leaves %s; raise the memory limit or remove models",
+                model.name,
+                mib(smallest),
+                mib(budget.capacity),
+            )
+    return budget
 
 
 def run() -> None:

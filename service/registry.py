@@ -20,9 +20,26 @@ import numpy as np
 import onnxruntime as ort
 
 from service.core.config import CpuArena
+from service.core.resources import mib, peak_rss_bytes, reset_peak_rss, rss_bytes
 from service.inference.modelmeta import ModelMetadata
 
 log = logging.getLogger(__name__)
+
+
+class ModelDoesNotFitError(Exception):
+    """Warming the model up would take the process past its memory budget."""
+
+
+def _peak_growth(fn: Callable[[], object]) -> int:
+    """How far above its resident memory before the call the process peaked during ``fn()``
+    (0 where /proc cannot tell)."""
+    before = rss_bytes()
+    if before is None or not reset_peak_rss():
+        fn()
+        return 0
+    fn()
+    return max((peak_rss_bytes() or before) - before, 0)
+
 
 _SHRINK_CPU_ARENA = ort.RunOptions()
 _SHRINK_CPU_ARENA.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
@@ -53,6 +70,10 @@ class LoadedModel:
     providers: list[str]
     load_seconds: float
     shrink_after_request: bool = False
+    # Memory a request's tile batches take beyond the idle process: ONNX Runtime's buffers for
+    # one batch, measured at warm-up. 0 when the arena keeps them for good (SEG_CPU_MEMORY_ARENA
+    # =on): they are then part of the idle process already.
+    request_bytes: int = 0
 
     @property
     def provider(self) -> str:
@@ -146,8 +167,14 @@ def load_model(
     intra_op_threads: int,
     warmup_batch: int,
     cpu_arena: CpuArena = "on",
+    memory_budget: int | None = None,
 ) -> LoadedModel:
-    """Create the session, parse the metadata, check the graph's shapes and warm it up."""
+    """Create the session, parse the metadata, check the graph's shapes and warm it up.
+
+    With a ``memory_budget``, a run on one tile first tells what the warm-up at
+    ``warmup_batch`` tiles will take (the buffers grow with the batch); a model that would not
+    fit raises :class:`ModelDoesNotFitError` instead of getting the process killed.
+    """
     start = time.perf_counter()
     if not path.is_file():
         raise FileNotFoundError(f"{path.name} is missing in {path.parent.name}/")
@@ -155,6 +182,11 @@ def load_model(
     options.intra_op_num_threads = intra_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.enable_cpu_mem_arena = cpu_arena != "off"
+    # ONNX Runtime's memory pattern plans one block per input shape from the first run and
+    # allocates it on the second, beside the first run's chunks still in the CPU arena: a
+    # bundled U-Net then holds ~390 MiB per 8-tile batch instead of ~230, at the same speed
+    # (docs/memory.md). On the CPU it does not pay; on CUDA it is the GPU's memory, kept.
+    options.enable_mem_pattern = providers[0] != "CPUExecutionProvider"
     session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     meta = ModelMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map))
     if meta.name != name:
@@ -190,14 +222,30 @@ def load_model(
     # cuDNN algorithms), and it proves that the output has the shape the metadata promises.
     t = meta.tile_size
     probe = np.zeros((warmup_batch, t, t, meta.channels), np.float32)
-    out = model.predict(probe)
+    if memory_budget is not None:
+        need = _peak_growth(lambda: model.predict(probe[:1])) * warmup_batch
+        model.release_memory()
+        held = rss_bytes() or 0
+        if held + need > memory_budget:
+            raise ModelDoesNotFitError(
+                f"warming it up at tile batch {warmup_batch} needs about {mib(need)} more, and "
+                f"the process already holds {mib(held)} of its {mib(memory_budget)} memory "
+                "budget; raise the memory limit, lower SEG_TILE_BATCH_SIZE, or remove models"
+            )
+    # Twice: the second run at a shape is the one that shows what every later batch holds.
+    warm: list[np.ndarray] = []
+    batch_bytes = _peak_growth(lambda: warm.extend(model.predict(probe) for _ in range(2)))
+    # With the arena on, these buffers stay: they are part of the idle process from now on.
+    model.request_bytes = 0 if cpu_arena == "on" else batch_bytes
+    out = warm[0]
     expected = (warmup_batch, t, t, meta.output_channels)
     if out.shape != expected:
         raise ValueError(f"model output has shape {out.shape}, metadata implies {expected}")
     model.release_memory()  # the warm-up's buffers too
     model.load_seconds = time.perf_counter() - start
     log.info(
-        "model %s v%s loaded from %s on %s in %.2f s (tile %d, %d class(es), %s)",
+        "model %s v%s loaded from %s on %s in %.2f s (tile %d, %d class(es), %s); a tile "
+        "batch of %d takes %s",
         name,
         meta.version,
         path,
@@ -206,6 +254,8 @@ def load_model(
         t,
         meta.num_classes,
         meta.task,
+        warmup_batch,
+        mib(batch_bytes),
     )
     return model
 
@@ -217,13 +267,15 @@ def load_registry(
     intra_op_threads: int,
     warmup_batch: int,
     cpu_arena: CpuArena = "on",
+    memory_budget: int | None = None,
 ) -> ModelRegistry:
-    """Load every model; a broken one is logged and recorded, and the others still serve."""
+    """Load every model; a broken one (or one over the ``memory_budget``) is logged at ERROR
+    and recorded, and the others still serve."""
     usable = resolve_providers(providers)
     for name, path in find_model_files(model_dir).items():
         try:
             registry.models[name] = load_model(
-                name, path, usable, intra_op_threads, warmup_batch, cpu_arena
+                name, path, usable, intra_op_threads, warmup_batch, cpu_arena, memory_budget
             )
         except Exception as exc:  # one bad file must not take the other models down
             reason = f"{type(exc).__name__}: {exc}"

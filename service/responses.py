@@ -115,6 +115,24 @@ class Answer:
         )
 
 
+@dataclass(frozen=True)
+class Reply:
+    """The bytes and headers of a ``/segment`` response, holding nothing of the image: what
+    the worker hands back once the request's arrays can be freed."""
+
+    body: bytes
+    media_type: str
+    headers: dict[str, str]
+
+
+def render_reply(answer: Answer, *, as_json: bool, request_id: str) -> Reply:
+    """The PNG alone, or the JSON document, with the answer's headers."""
+    if as_json:
+        body = answer.document(request_id).model_dump_json().encode()
+        return Reply(body, "application/json", answer.headers())
+    return Reply(answer.png, "image/png", answer.headers())
+
+
 def render_answer(
     model: LoadedModel, params: SegmentParams, result: SegmentResult, *, per_class: bool = False
 ) -> Answer:

@@ -13,10 +13,11 @@ from typing import BinaryIO
 import numpy as np
 
 from service.exceptions import InvalidGroundTruthError, InvalidParameterError
-from service.images import DecodedImage, decode_image, encode_png, to_channels
+from service.images import DecodedImage, ImageHeader, decode_image, encode_png, to_channels
 from service.inference.labels import LabelError, labels_to_classes
 from service.inference.metrics import SegmentationScores, score_segmentation
 from service.inference.modelmeta import ModelMetadata, Task
+from service.inference.normalize import HIST_CHUNK_PIXELS
 from service.inference.pipeline import predict_mask
 from service.inference.tiling import BlendMode
 from service.registry import LoadedModel
@@ -106,6 +107,50 @@ def ground_truth_classes(
         raise InvalidGroundTruthError(f"ground truth has {exc}") from None
 
 
+def request_memory(
+    model: LoadedModel,
+    image: ImageHeader,
+    batch_size: int,
+    truth: ImageHeader | None = None,
+) -> int:
+    """An upper bound of the memory :func:`segment` plus encoding hold for this request on top
+    of the idle process, from the headers alone: the larger of its two peaks, decoding and
+    inference (the README's formula, term by term).
+
+    Checked against the real process by tests/test_budgets.py (the measured peak stays under
+    it) and docs/memory.md.
+    """
+    meta = model.meta
+    hw = image.height * image.width
+    t, c, k = meta.tile_size, meta.channels, meta.output_channels
+    # Decoding: the decoder's own buffers beside the image, then the truth's beside both.
+    decoding = image.decode_peak
+    if truth is not None:
+        decoding = max(decoding, image.nbytes + truth.decode_peak + 8 * hw)
+    held = image.nbytes  # the decoded image stays until the answer is encoded
+    if image.channels != c:
+        held += 4 * hw * c  # to_channels: one float32 plane per model channel
+    if truth is not None:
+        held += 3 * hw  # its class map, and a class's boolean mask while scoring
+    inference = (
+        held
+        + 2 * hw  # the uint8 mask and the 0/255 (or one class's) copy encoded to PNG
+        + 12 * t * image.width * (k + 1)  # the probability and weight strips
+        + 8 * batch_size * t * t * (c + k)  # one tile batch in and out, float32, and a copy
+        + 8 * HIST_CHUNK_PIXELS  # the int64 histogram counts of one chunk of rows
+        + model.request_bytes  # ONNX Runtime's buffers for one tile batch, measured
+    )
+    return max(decoding, inference)
+
+
+def smallest_request_memory(model: LoadedModel, batch_size: int) -> int:
+    """What the smallest request (one 8-bit tile) needs, by :func:`request_memory`: at
+    start-up, a budget below it means the model can serve nothing."""
+    side = model.meta.tile_size
+    header = ImageHeader("PNG", side, side, model.meta.channels, side * side)
+    return request_memory(model, header, batch_size)
+
+
 def segment(
     model: LoadedModel,
     image_file: BinaryIO,
@@ -149,9 +194,6 @@ def segment(
         mode=params.blend,
         threshold=params.threshold,
     )
-    start = time.perf_counter()
-    model.release_memory()  # SEG_CPU_MEMORY_ARENA=shrink: the request's buffers, back
-    infer_time += time.perf_counter() - start
     t2 = time.perf_counter()
     timings["infer"] = infer_time
     timings["stitch"] = (t2 - t1) - infer_time  # tiling, normalising, blending, thresholding

@@ -7,6 +7,7 @@ functions; everything with set-up and tear-down is a fixture.
 from __future__ import annotations
 
 import io
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -182,3 +183,34 @@ def toy_server(
         ready_timeout=READY_TIMEOUT_S,
     ) as srv:
         yield srv
+
+
+def http_head(port: int, length: int | None, ctype: str, path: str = "/segment") -> bytes:
+    """The request line and headers of a raw ``POST`` (``Content-Length`` or chunked)."""
+    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
+        f"{framing}\r\n\r\n"
+    ).encode()
+
+
+def read_response(sock: socket.socket, timeout: float = 30.0) -> bytes:
+    """Read until the server closes or a complete response (headers + Content-Length) is in."""
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        data += chunk
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep:
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:") and len(body) >= int(
+                    line.split(b":")[1]
+                ):
+                    return data
+    return data

@@ -15,7 +15,12 @@ start one that writes to its read-only root:
 4. the compose file itself comes up with podman-compose (segment-cpu and a Prometheus built from
    Debian's package, swapped in by docker-compose.podman.yml), Prometheus scrapes the service by
    its compose name, and `down` leaves nothing behind;
-5. the `gpu` target builds (its ldd check proves the CUDA provider's libraries resolve) and, with
+5. memory and spool space under real kernel limits: with `--memory`, the service reads its
+   budget from the cgroup and answers an image that cannot fit with 413 and stays up, where
+   the same image without admission gets the container OOM-killed; with a small tmpfs /tmp,
+   concurrent uploads that do not fit get 503 (never 400) and those that fit succeed, also
+   when SEG_SPOOL_BUDGET promises more space than the disk has;
+6. the `gpu` target builds (its ldd check proves the CUDA provider's libraries resolve) and, with
    no GPU, serves on the CPU and says so. It adds ~1.5 min and needs ~13 GB of free disk while
    it builds (a 2.9 GB image, removed afterwards), which CI affords; SEG_TEST_GPU_IMAGE=0 leaves
    it out of a local run (never under CI=true).
@@ -36,13 +41,14 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +61,16 @@ import tifffile
 import yaml
 from PIL import Image
 
-from bench.live_server import free_port
+from bench.live_server import free_port, metric_sample
 from service.core.config import REPO_MODELS
-from tests.conftest import READY_TIMEOUT_S, png_bytes, running_app, segment_files
+from tests.conftest import (
+    READY_TIMEOUT_S,
+    http_head,
+    png_bytes,
+    read_response,
+    running_app,
+    segment_files,
+)
 from tests.test_bundled_quality import HELA, ROOT
 from tests.test_deploy import JOB, PromAPI, _wait_for
 from training.data import fetch_data
@@ -341,19 +354,26 @@ class Container:
 
 
 @contextmanager
-def service_container(image: str, what: str) -> Iterator[Container]:
-    """The image run like compose's segment-cpu, on a free loopback port; yields once /readyz
-    says 200 and always removes the container."""
+def service_container(
+    image: str, what: str, extra: Sequence[str] = (), tmp: str | None = None
+) -> Iterator[Container]:
+    """The image run like compose's segment-cpu, on a free loopback port, with ``extra``
+    ``podman run`` options and, given ``tmp``, that tmpfs for /tmp instead of compose's; yields
+    once /readyz says 200 and always removes the container."""
     compose = ComposeService.from_compose()
     name = f"seg-test-{what}-{SUFFIX}"
     port = free_port()
+    args = compose.args
+    if tmp is not None:
+        args = [a for a in args if not a.startswith("--tmpfs=/tmp")] + [f"--tmpfs=/tmp:{tmp}"]
     try:
         podman(
             "run",
             "--detach",
             f"--name={name}",
             f"--publish=127.0.0.1:{port}:8000",
-            *compose.args,
+            *args,
+            *extra,
             image,
         )
         box = Container(name, f"http://127.0.0.1:{port}")
@@ -736,3 +756,140 @@ def test_gpu_image_builds_and_serves_on_the_cpu_loudly(
             assert any("runs it on CPUExecutionProvider" in ln for ln in warnings), warnings
     finally:
         _gone("image", tag)
+
+
+# --- 5: memory and spool space under real limits -----------------------------------------------
+
+MEMORY_LIMIT_MIB = 512
+
+
+def _zeros_png16(side: int) -> bytes:
+    """A 16-bit grey PNG of zeros: hundreds of MB decoded, a few hundred KB sent."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((side, side), np.uint16)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _metric(box: Container, name: str, **labels: str) -> float | None:
+    text = httpx.get(f"{box.url}/metrics", timeout=10).text
+    return metric_sample(text, name, **labels)
+
+
+def test_a_memory_limited_container_refuses_what_cannot_fit_and_stays_up(
+    cpu_image: str, held_out_frame: np.ndarray
+) -> None:
+    """`--memory 512m`: the budget comes from the cgroup; an image that needs more than that
+    gets 413 with the numbers, the container stays up and serves the next request. The same
+    image with SEG_MEMORY_ADMISSION=false (the service before budgets) kills the container."""
+    limit = [f"--memory={MEMORY_LIMIT_MIB}m", f"--memory-swap={MEMORY_LIMIT_MIB}m"]
+    with service_container(cpu_image, "memory", limit) as box:
+        assert _metric(box, "segment_memory_budget_bytes", part="total") == MEMORY_LIMIT_MIB << 20
+        capacity = _metric(box, "segment_memory_budget_bytes", part="requests")
+        assert capacity and capacity > 64 << 20, box.logs()[-3000:]
+        # About twice what is left for requests: 16-bit, 2 bytes decoded + 2 of masks per pixel.
+        side = int(np.sqrt(2 * capacity / 4))
+        image = _zeros_png16(side)
+        r = httpx.post(f"{box.url}/segment", files=segment_files(image), timeout=120)
+        assert r.status_code == 413, r.text
+        assert r.json()["code"] == "too_large"
+        assert "cgroup" in r.json()["detail"] and f"{side}x{side}" in r.json()["detail"]
+        assert box.inspect("{{.State.Status}}") == "running"
+        ok = httpx.post(
+            f"{box.url}/segment", files=segment_files(png_bytes(held_out_frame)), timeout=120
+        )
+        assert ok.status_code == 200, ok.text
+
+    without = [*limit, "--env=SEG_MEMORY_ADMISSION=false"]
+    with service_container(cpu_image, "memory-unguarded", without) as box:
+        with pytest.raises(httpx.TransportError):
+            httpx.post(f"{box.url}/segment", files=segment_files(image), timeout=300)
+
+        def stopped() -> bool | None:
+            return box.inspect("{{.State.Status}}") != "running" or None
+
+        _wait_for(stopped, 60, "the unguarded container to be killed")
+        assert box.inspect("{{.State.OOMKilled}}") == "true" or box.inspect(
+            "{{.State.ExitCode}}"
+        ) in ("137", "9"), box.inspect("{{json .State}}")
+
+
+def _uncompressed_tiff(side: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    return _tiff(rng.integers(0, 4000, (side, side), dtype=np.uint16))
+
+
+def _tiff(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr)
+    return buf.getvalue()
+
+
+def _raw_uploads(box: Container, uploads: list[bytes], port: int) -> list[int]:
+    """Declare every upload at once (headers only), then send the bodies of those not
+    answered already; the statuses, in order."""
+    bodies = []
+    for data in uploads:
+        request = httpx.Request("POST", "http://x/segment", files=segment_files(data))
+        bodies.append((request.read(), request.headers["content-type"]))
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in uploads]
+    statuses = []
+    try:
+        for sock, (body, ctype) in zip(socks, bodies, strict=True):
+            sock.sendall(http_head(port, len(body), ctype))
+            time.sleep(0.3)
+        for sock, (body, _) in zip(socks, bodies, strict=True):
+            sock.settimeout(1.0)
+            try:
+                early = sock.recv(65536, socket.MSG_PEEK)
+            except TimeoutError:
+                early = b""
+            if not early:
+                sock.sendall(body)
+            response = read_response(sock, timeout=180)
+            statuses.append(int(response.split(b" ", 2)[1]) if response else 0)
+            if statuses[-1] == 503:
+                assert b'"code":"spool_full"' in response, response[-500:]
+    finally:
+        for sock in socks:
+            sock.close()
+    return statuses
+
+
+def _tmp_listing(box: Container) -> set[str]:
+    out = podman("exec", box.name, "ls", "-A", "/tmp").stdout
+    return set(out.split())
+
+
+def test_a_small_tmpfs_spool_answers_503_not_400_and_the_uploads_that_fit_succeed(
+    cpu_image: str,
+) -> None:
+    """/tmp is an 8 MiB tmpfs (compose's is 4 GiB) and four ~2.9 MB uploads arrive at once:
+    two fit the free space and get their masks, two get 503 spool_full with Retry-After, and
+    the tmpfs is empty again afterwards."""
+    uploads = [_uncompressed_tiff(1200, seed) for seed in range(4)]
+    with service_container(cpu_image, "spool", tmp="size=8m,mode=1777") as box:
+        port = int(box.url.rsplit(":", 1)[1])
+        before = _tmp_listing(box)
+        statuses = _raw_uploads(box, uploads, port)
+        assert statuses == [200, 200, 503, 503], (statuses, box.logs()[-3000:])
+        assert "spool space exhausted" in box.logs()
+        time.sleep(0.5)
+        assert _tmp_listing(box) == before
+        for data in uploads[2:]:
+            r = httpx.post(f"{box.url}/segment", files=segment_files(data), timeout=180)
+            assert r.status_code == 200, r.text
+
+
+def test_a_spool_budget_larger_than_the_disk_still_gets_503_not_400(cpu_image: str) -> None:
+    """SEG_SPOOL_BUDGET promises 1 GiB on a 2 MiB tmpfs: the upload is admitted, the disk
+    fills while it is spooled, and the answer is 503 spool_full, logged at ERROR, not
+    FastAPI's 400 "There was an error parsing the body"."""
+    upload = _uncompressed_tiff(1200, 9)
+    extra = ["--env=SEG_SPOOL_BUDGET=1GiB"]
+    with service_container(cpu_image, "enospc", extra, tmp="size=2m,mode=1777") as box:
+        r = httpx.post(f"{box.url}/segment", files=segment_files(upload), timeout=60)
+        assert r.status_code == 503, r.text
+        assert r.json()["code"] == "spool_full" and r.headers["Retry-After"].isdigit()
+        assert "ran out of space" in box.logs() and "ERROR" in box.logs()
+        small = png_bytes(np.zeros((64, 64), np.uint8))
+        assert httpx.post(f"{box.url}/segment", files=segment_files(small)).status_code == 200

@@ -26,8 +26,10 @@ from service.core.gate import InferenceGate, OverloadedError
 from tests.conftest import (
     decode_png,
     expected_toy_mask,
+    http_head,
     png_bytes,
     random_image,
+    read_response,
     segment_files,
     toy_server,
 )
@@ -174,36 +176,6 @@ def test_soak_thousands_of_requests_at_concurrency_16(server: LiveServer) -> Non
 # --- uploads over the limit: refused while they stream ----------------------------------------
 
 
-def _http_head(port: int, length: int | None, ctype: str) -> bytes:
-    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
-    return (
-        f"POST /segment HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
-        f"{framing}\r\n\r\n"
-    ).encode()
-
-
-def _read_response(sock: socket.socket, timeout: float = 30.0) -> bytes:
-    """Read until the server closes or a complete response (headers + Content-Length) is in."""
-    sock.settimeout(timeout)
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except (ConnectionResetError, TimeoutError):
-            break
-        if not chunk:
-            break
-        data += chunk
-        head, sep, body = data.partition(b"\r\n\r\n")
-        if sep:
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:") and len(body) >= int(
-                    line.split(b":")[1]
-                ):
-                    return data
-    return data
-
-
 def test_a_chunked_upload_over_the_limit_is_refused_while_it_streams(server: LiveServer) -> None:
     """No Content-Length: the client streams up to 256 MiB; the 413 must come after about the
     8 MiB limit has arrived, long before the rest is sent, and the service keeps serving."""
@@ -220,7 +192,7 @@ def test_a_chunked_upload_over_the_limit_is_refused_while_it_streams(server: Liv
     rss_before = server.rss_mib()
     t0 = time.perf_counter()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(_http_head(server.port, None, f"multipart/form-data; boundary={boundary}"))
+        sock.sendall(http_head(server.port, None, f"multipart/form-data; boundary={boundary}"))
         sock.setblocking(False)
         view = memoryview(chunk)
         pos = 0
@@ -239,7 +211,7 @@ def test_a_chunked_upload_over_the_limit_is_refused_while_it_streams(server: Liv
                 chunk = f"{len(block):x}\r\n".encode() + bytes(len(block)) + b"\r\n"
                 view = memoryview(chunk)
         sock.setblocking(True)
-        answer = _read_response(sock)
+        answer = read_response(sock)
     elapsed = time.perf_counter() - t0
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line.startswith(b"HTTP/1.1 413"), answer[:500]
@@ -273,7 +245,7 @@ def test_a_client_that_disconnects_mid_upload_leaves_nothing_behind(server: Live
     body, ctype = request.read(), request.headers["content-type"]
     spooled = False
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(_http_head(server.port, len(body), ctype))
+        sock.sendall(http_head(server.port, len(body), ctype))
         half = len(body) * 3 // 4
         for i in range(0, half, 65536):
             sock.sendall(body[i : min(i + 65536, half)])
@@ -313,7 +285,7 @@ def test_a_client_that_disconnects_mid_inference_leaves_nothing_behind(
     request = httpx.Request("POST", server.url, files=files)
     body = request.read()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(_http_head(server.port, len(body), request.headers["content-type"]) + body)
+        sock.sendall(http_head(server.port, len(body), request.headers["content-type"]) + body)
         server.wait_for_metric("segment_requests_in_flight", 1)  # inference has started
         abort(sock)
     t_gone = time.perf_counter()

@@ -17,6 +17,7 @@ from service.core.config import Settings
 from service.core.errors import ApiError, ErrorCode
 from service.core.gate import InferenceGate
 from service.core.metrics import ServiceMetrics
+from service.core.resources import MemoryBudget
 from service.registry import LoadedModel, ModelRegistry
 
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -33,12 +34,14 @@ def _app_state(attribute: str) -> Callable[[Request], Any]:
 
 
 # The app's settings (those it was created with, not re-read from the environment), its
-# loaded models, its Prometheus metrics and its admission control.
+# loaded models, its Prometheus metrics and its admission control (count and memory).
 app_settings = _app_state("settings")
 SettingsDep = Annotated[Settings, Depends(app_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(_app_state("registry"))]
 MetricsDep = Annotated[ServiceMetrics, Depends(_app_state("metrics"))]
 GateDep = Annotated[InferenceGate, Depends(_app_state("gate"))]
+# The memory requests are admitted against (None: no budget known, nothing checked).
+MemoryBudgetDep = Annotated[MemoryBudget | None, Depends(_app_state("memory_budget"))]
 
 
 def lookup_model(registry: ModelRegistry, settings: Settings, name: str) -> LoadedModel:

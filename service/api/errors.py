@@ -7,6 +7,7 @@ unexpected (a 500 that says nothing about the server but the request ID to quote
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from fastapi import FastAPI, Request
@@ -100,9 +101,43 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, ApiError(422, code, message))
 
 
+def _out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc`` was caused, somewhere down its chain, by a full disk (ENOSPC)."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = _STARLETTE_CODES.get(exc.status_code, ErrorCode.BAD_REQUEST)
+    if exc.status_code == 400 and _out_of_space(exc):
+        # FastAPI reports any failure while parsing the form as 400 "There was an error parsing
+        # the body": when it was the spool folder filling up, it is the service's problem.
+        settings = request.app.state.settings
+        log.error(
+            "%s %s: the spool folder (TMPDIR) ran out of space while receiving the upload; "
+            "answered 503. Give it more space, or set SEG_SPOOL_BUDGET below its size",
+            request.method,
+            request.url.path,
+        )
+        return error_response(
+            request,
+            ApiError(
+                503,
+                ErrorCode.SPOOL_FULL,
+                "the service ran out of space to receive the upload; retry in "
+                f"{settings.retry_after_seconds} s",
+                {"Retry-After": str(settings.retry_after_seconds)},
+            ),
+        )
+    code = getattr(exc, "code", None) or _STARLETTE_CODES.get(
+        exc.status_code, ErrorCode.BAD_REQUEST
+    )
     return error_response(
         request, ApiError(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
     )

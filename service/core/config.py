@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import ByteSize, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.core.logs import LogFormat
@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     )
     tile_batch_size: int = Field(8, ge=1, le=256, description="Tiles per model call")
     cpu_memory_arena: CpuArena = Field(
-        "on",
+        "shrink",
         description="ONNX Runtime's CPU arena: on (kept), shrink (given back per request), off",
     )
     default_overlap: float = Field(0.25, ge=0.0, le=0.75)
@@ -54,6 +54,30 @@ class Settings(BaseSettings):
     max_queue: int = Field(8, ge=0, description="Requests allowed to wait; beyond that: 503")
     retry_after_seconds: int = Field(2, ge=1)
     max_upload_bytes: int = Field(1 << 30, ge=1024, description="Whole request body limit")
+    memory_budget: ByteSize | None = Field(
+        None,
+        description="Memory the process may use (e.g. 4GiB); default: the cgroup's limit, if any",
+    )
+    memory_admission: bool = Field(
+        True, description="Refuse requests whose estimated memory does not fit the budget"
+    )
+    spool_budget: ByteSize | None = Field(
+        None,
+        description="Space for spooled uploads (e.g. 2GiB); default: the spool folder's free space",
+    )
+    max_uploads: int = Field(
+        64, ge=1, description="Uploads received at the same time; beyond that: 503"
+    )
+    upload_timeout_s: float = Field(
+        600.0, gt=0, description="Longest time a request body may take to arrive; then 408"
+    )
+    min_upload_rate: ByteSize = Field(
+        ByteSize(16 * 1024),
+        description="Bytes per second an upload must average after the grace period; else 408",
+    )
+    upload_grace_s: float = Field(
+        10.0, ge=0, description="Seconds an upload may take before min_upload_rate applies"
+    )
     max_image_pixels: int = Field(16384 * 16384, ge=1, description="Width x height limit")
     api_key: SecretStr | None = Field(None, description="When set, /segment and /models need it")
     metrics_require_key: bool = False

@@ -28,6 +28,8 @@ class ErrorCode(StrEnum):
     UNKNOWN_MODEL = "unknown_model"
     NOT_READY = "not_ready"
     OVERLOADED = "overloaded"
+    SPOOL_FULL = "spool_full"
+    UPLOAD_TIMEOUT = "upload_timeout"
     INTERNAL = "internal"
 
 

@@ -19,6 +19,7 @@ from prometheus_client import (
 )
 
 from service.core.errors import ErrorCode
+from service.core.resources import MemoryBudget
 
 if TYPE_CHECKING:
     from service.registry import ModelRegistry
@@ -121,6 +122,18 @@ class ServiceMetrics:
         self.models_ready = Gauge(
             "segment_models_ready", "1 when every model is loaded and warmed up.", registry=registry
         )
+        self.memory_budget = Gauge(
+            "segment_memory_budget_bytes",
+            "The memory budget (SEG_MEMORY_BUDGET or the cgroup limit): part=total, what the "
+            "loaded models hold (models), and what is left for requests (requests).",
+            ["part"],
+            registry=registry,
+        )
+        self.memory_reserved = Gauge(
+            "segment_memory_reserved_bytes",
+            "Memory the admitted requests may hold at once, by their estimated costs.",
+            registry=registry,
+        )
 
     def record_admitted(self, admitted: int, workers: int) -> None:
         """The admission gate's count changed: in flight, and those beyond the workers wait."""
@@ -143,6 +156,13 @@ class ServiceMetrics:
             ):
                 per_model.labels(m.name)
         self.models_ready.set(0 if registry.failed else 1)
+
+    def record_memory_budget(self, budget: MemoryBudget) -> None:
+        """The budget requests are admitted against, and a live view of what they reserve."""
+        self.memory_budget.labels("total").set(budget.total)
+        self.memory_budget.labels("models").set(budget.baseline)
+        self.memory_budget.labels("requests").set(budget.capacity)
+        self.memory_reserved.set_function(lambda: budget.reserved)
 
     def record_segmentation(self, model: str, result: SegmentResult, upload_bytes: int) -> None:
         """One answered ``/segment`` request: time per stage, tiles, pixels, bytes, batches."""

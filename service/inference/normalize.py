@@ -16,7 +16,7 @@ from service.inference.modelmeta import Normalization
 
 _MAX_SAMPLES = 1 << 22  # 4 Mpixel sample for float images: percentiles within ~0.05 %
 _EPS = 1e-6
-_HIST_CHUNK = 1 << 22  # pixels per np.bincount call: a 32 MiB int64 transient at most
+HIST_CHUNK_PIXELS = 1 << 22  # pixels per np.bincount call: a 32 MiB int64 transient at most
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,11 @@ def _percentiles_of_channel(channel: np.ndarray, qs: tuple[float, float]) -> tup
         channel = channel.view(np.uint8)
     if channel.dtype in (np.uint8, np.uint16):
         # np.bincount converts its input to int64 first (8 bytes per pixel: 2 GiB for a
-        # 16384^2 image), so the histogram is summed over row chunks of ~_HIST_CHUNK pixels.
+        # 16384^2 image), so the histogram is summed over row chunks of ~HIST_CHUNK_PIXELS pixels.
         bins = 1 << (8 * channel.dtype.itemsize) if channel.size else 1
         counts = np.zeros(bins, np.int64)
         row_pixels = max(1, channel.size // max(1, channel.shape[0]))
-        rows = max(1, _HIST_CHUNK // row_pixels)
+        rows = max(1, HIST_CHUNK_PIXELS // row_pixels)
         for start in range(0, channel.shape[0], rows):
             counts += np.bincount(channel[start : start + rows].ravel(), minlength=bins)
         cdf = np.cumsum(counts, dtype=np.int64)

@@ -14,12 +14,20 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.responses import Response
 
-from service.api.deps import ApiKeyDep, GateDep, MetricsDep, ModelDep, SettingsDep
+from service.api.admission import reserve_memory
+from service.api.deps import (
+    ApiKeyDep,
+    GateDep,
+    MemoryBudgetDep,
+    MetricsDep,
+    ModelDep,
+    SettingsDep,
+)
 from service.core.errors import ApiError, ErrorCode, error_responses
 from service.core.gate import OverloadedError
 from service.core.logs import log_fields
 from service.inference.tiling import BlendMode
-from service.responses import Answer, SegmentResponse, render_answer
+from service.responses import Reply, SegmentResponse, render_answer, render_reply
 from service.segmenter import SegmentParams, segment
 
 SEGMENT_PATH = "/segment"
@@ -58,11 +66,13 @@ def _upload_bytes(*files: UploadFile | None) -> int:
                 400: "Malformed request body (e.g. broken multipart framing)",
                 401: "API key required",
                 404: "Unknown model",
-                413: "Upload or image over the size limit",
+                408: "The upload arrived too slowly (SEG_MIN_UPLOAD_RATE, SEG_UPLOAD_TIMEOUT_S)",
+                413: "Upload or image over the size limit, or more memory than the service has",
                 415: "Not a PNG, JPEG or TIFF",
                 422: "Unusable image, ground truth or parameter",
                 500: "Unexpected error; quote the request ID",
-                503: "Saturated or still loading; retry after `Retry-After` seconds",
+                503: "Saturated (requests, memory or spool space) or still loading; retry after "
+                "`Retry-After` seconds",
             }
         ),
     },
@@ -73,6 +83,7 @@ async def segment_image(
     settings: SettingsDep,
     metrics: MetricsDep,
     gate: GateDep,
+    memory: MemoryBudgetDep,
     image: Annotated[UploadFile, File(description="PNG, JPEG or TIFF; 8/16-bit; grey or RGB")],
     ground_truth: Annotated[
         UploadFile | None,
@@ -107,16 +118,42 @@ async def segment_image(
     params.check(model.name, model.meta)
     as_json = _wants_json(request, format)
     truth_file = ground_truth.file if ground_truth is not None else None
+    upload_bytes = _upload_bytes(image, ground_truth)
+    request_id = request.state.request_id
+    try:
+        reservation = reserve_memory(
+            memory, model, image.file, truth_file, params.batch_size, settings.retry_after_seconds
+        )
+    except ApiError as exc:
+        if exc.code is ErrorCode.OVERLOADED:
+            metrics.rejected.inc()
+        raise
 
-    def work() -> Answer:
+    def respond() -> Reply:
         result = segment(
             model, image.file, params, max_pixels=settings.max_image_pixels, truth_file=truth_file
         )
-        return render_answer(model, params, result, per_class=as_json and per_class)
+        answer = render_answer(model, params, result, per_class=as_json and per_class)
+        metrics.record_segmentation(model.name, result, upload_bytes)
+        log_fields(model=model.name, tiles=result.tiles, bytes=upload_bytes)
+        return render_reply(answer, as_json=as_json, request_id=request_id)
+
+    def work() -> Reply:
+        try:
+            return respond()
+        finally:
+            # After respond() has returned, its image, probabilities and mask are freed: only
+            # now can SEG_CPU_MEMORY_ARENA=shrink give the request's memory back, whether or
+            # not the client is still there to receive the answer.
+            model.release_memory()
+            if reservation is not None:
+                reservation.release()
 
     try:
-        answer = await gate.run(work)
+        reply = await gate.run(work)
     except OverloadedError:
+        if reservation is not None:
+            reservation.release()
         metrics.rejected.inc()
         raise ApiError(
             503,
@@ -125,14 +162,4 @@ async def segment_image(
             f"{settings.retry_after_seconds} s",
             headers={"Retry-After": str(settings.retry_after_seconds)},
         ) from None
-    upload_bytes = _upload_bytes(image, ground_truth)
-    metrics.record_segmentation(model.name, answer.result, upload_bytes)
-    log_fields(model=model.name, tiles=answer.result.tiles, bytes=upload_bytes)
-    if not as_json:
-        return Response(content=answer.png, media_type="image/png", headers=answer.headers())
-    document = answer.document(request.state.request_id)
-    return Response(
-        content=document.model_dump_json(),
-        media_type="application/json",
-        headers=answer.headers(),
-    )
+    return Response(content=reply.body, media_type=reply.media_type, headers=reply.headers)

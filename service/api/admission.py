@@ -1,0 +1,62 @@
+"""Admission by memory: a request's estimated cost, from its headers, against the budget.
+
+Shared by every route that runs the pipeline, so each answers the same 413 (can never fit, with
+the numbers) and 503 (cannot fit now, retry) before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+from service.core.errors import ApiError, ErrorCode
+from service.core.resources import (
+    BudgetBusyError,
+    MemoryBudget,
+    OverBudgetError,
+    Reservation,
+    mib,
+)
+from service.images import read_header
+from service.registry import LoadedModel
+from service.segmenter import request_memory
+
+
+def reserve_memory(
+    budget: MemoryBudget | None,
+    model: LoadedModel,
+    image: BinaryIO,
+    truth: BinaryIO | None,
+    batch_size: int,
+    retry_after: int,
+) -> Reservation | None:
+    """Reserve what segmenting ``image`` with ``model`` will hold (None without a budget).
+
+    Raises the image's own 4xx for a file that is not an image, 413 when the request needs more
+    than the whole budget leaves for requests, 503 + ``Retry-After`` when it needs more than
+    the requests admitted now leave free.
+    """
+    if budget is None:
+        return None
+    header = read_header(image, what="image")
+    truth_header = read_header(truth, what="ground truth") if truth is not None else None
+    cost = request_memory(model, header, batch_size, truth_header)
+    try:
+        return budget.admit(cost)
+    except OverBudgetError:
+        raise ApiError(
+            413,
+            ErrorCode.TOO_LARGE,
+            f"segmenting this {header.width}x{header.height} image ({mib(header.nbytes)} "
+            f"decoded) with model {model.name!r} needs about {mib(cost)} of memory; this "
+            f"service has {mib(budget.capacity)} for a request ({budget.source} "
+            f"{mib(budget.total)}, of which the loaded models hold {mib(budget.baseline)}). "
+            "Send a smaller image or a crop, or give the service more memory",
+        ) from None
+    except BudgetBusyError as exc:
+        raise ApiError(
+            503,
+            ErrorCode.OVERLOADED,
+            f"the service's memory is taken by the requests in progress (this one needs about "
+            f"{mib(cost)}, {mib(max(exc.free, 0))} is free); retry in {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+        ) from None
