@@ -291,7 +291,9 @@ def test_real_prometheus_scrapes_the_real_service(model_dir: Path, tmp_path: Pat
         "--log.level=warn",
     ]
 
-    with toy_server(model_dir, tmp_path / "service") as svc:
+    # A memory budget, as under a container's memory limit: the dashboard's memory panel
+    # draws it.
+    with toy_server(model_dir, tmp_path / "service", memory_budget="2GiB") as svc:
         service_url = svc.url
         config.write_text(json.dumps(_scrape_config(svc.port), indent=2))  # JSON is YAML
         with _process(prom_cmd, prom_log, cwd=tmp_path) as prom:

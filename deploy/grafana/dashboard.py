@@ -172,11 +172,20 @@ def build() -> dashboard.Dashboard:
         )
     )
     memory = graph(
-        "Process memory",
-        "Resident memory of each service process: model sessions, arenas and requests.",
+        "Process memory and its budget",
+        "Resident memory of each service process (model sessions, arenas and requests); its "
+        "memory budget (SEG_MEMORY_BUDGET or the cgroup limit); and what is admitted against "
+        "it: the models plus the estimated cost of the requests admitted. Requests that do "
+        "not fit get 503 (for now) or 413 (never).",
         "bytes",
         (16, 24, 8, 6),
-        (f"process_resident_memory_bytes{{{JOB}}}", "{{instance}}"),
+        (f"process_resident_memory_bytes{{{JOB}}}", "resident {{instance}}"),
+        (f'segment_memory_budget_bytes{{{JOB}, part="total"}}', "budget {{instance}}"),
+        (
+            f'segment_memory_budget_bytes{{{JOB}, part="models"}} + ignoring(part) '
+            f"segment_memory_reserved_bytes{{{JOB}}}",
+            "admitted {{instance}}",
+        ),
     )
     board = (
         dashboard.Dashboard("U-Net segmentation service")
