@@ -1,4 +1,4 @@
-"""The memory bound, the derived figures, the target verdicts and the Markdown report."""
+"""The derived figures, the target verdicts and the Markdown report."""
 
 from __future__ import annotations
 
@@ -7,25 +7,6 @@ from pathlib import Path
 from typing import Any
 
 MIB = 1024 * 1024
-HIST_CHUNK_BYTES = 8 * (1 << 22)  # service.inference.normalize: int64 histogram chunk
-
-
-def memory_bound(h: int, w: int, c: int, b: int, t: int, batch: int, k: int) -> dict[str, float]:
-    """Bytes one request holds at its peak, on top of the idle process (see docs/benchmarks.md).
-
-    decoded image ``H*W*C*b`` + uint8 mask ``H*W`` + the 0/255 copy a binary mask is encoded
-    from ``H*W`` + strips ``12*t*W*(K+1)`` + tile batch ``8*B*t^2*(C+K)`` + histogram chunk
-    (32 MiB); plus the compressed PNG (small for masks).
-    """
-    terms = {
-        "image": h * w * c * b,
-        "mask": h * w,
-        "png_input": h * w,
-        "strips": 12 * t * w * (k + 1),
-        "tile_batch": 8 * batch * t * t * (c + k),
-        "histogram": HIST_CHUNK_BYTES,
-    }
-    return {**{k_: float(v) for k_, v in terms.items()}, "total": float(sum(terms.values()))}
 
 
 def efficiency(res: dict[str, Any]) -> dict[str, Any]:
@@ -249,7 +230,9 @@ def markdown(res: dict[str, Any]) -> str:
         "A fresh server per size (pointwise test model `bench/onnx_models.build_model`, tile "
         "256, percentile normalisation: the real model would take an hour at 16384^2), one "
         "uint16 TIFF upload; peak = `VmHWM` of the server process, idle = its `VmHWM` once "
-        "ready. Bound = idle + the formula below.",
+        "ready. Formula: `service.segmenter.request_memory`, what the service admits requests "
+        'against (README "How it works"); ONNX Runtime\'s own buffers are not in it here (this '
+        "model's are tiny): docs/memory.md measures the real models with them.",
         "",
         "| side | upload MiB | idle MiB | peak MiB | peak - idle MiB | formula MiB | seconds |",
         "|---|---|---|---|---|---|---|",
@@ -261,16 +244,6 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {mem['predicted']['total'] / MIB:.0f} | {_f(mem['seconds'], 1)} |"
         )
     lines += [
-        "",
-        "Formula (bytes on top of the idle process, `H x W` image, `C` channels of `b` bytes, "
-        "tile `t`, batch `B`, `K` output channels):",
-        "",
-        "    H*W*C*b (decoded image) + H*W (uint8 mask) + H*W (0/255 copy the binary PNG is "
-        "encoded from)",
-        "    + 12*t*W*(K+1) (strips) + 8*B*t^2*(C+K) (tile batch) + 32 MiB (histogram chunk)",
-        "    + the compressed PNG",
-        "",
-        "16384^2 uint16 grey: 512 + 256 + 256 + 96 + 8 + 32 MiB = 1160 MiB + idle.",
         "",
     ]
     e = res["efficiency"]

@@ -35,7 +35,9 @@ import numpy as np
 from bench import cases, flops, report, server
 from bench.images import BenchImage, load_images, synthetic
 from bench.live_server import REPO
+from service.images import ImageHeader
 from service.registry import LoadedModel, load_model
+from service.segmenter import request_memory
 
 MODEL = Path("models/nuclei/1/model.onnx")
 INT8_MODEL = Path("models/nuclei-int8/1/model.onnx")
@@ -361,12 +363,14 @@ def memory_cases(tmp: Path, sides: list[int]) -> list[dict[str, Any]]:
 
     model_dir = tmp / "memory-models"
     (model_dir / "toy" / "1").mkdir(parents=True, exist_ok=True)
+    toy = model_dir / "toy" / "1" / "model.onnx"
     build_model(
-        model_dir / "toy" / "1" / "model.onnx",
+        toy,
         name="toy",
         tile_size=256,
         normalization=Normalization(method="percentile", low=1.0, high=99.8),
     )
+    meta = load_model("toy", toy, ["CPUExecutionProvider"], 1, BATCH).meta
     base = synthetic(512, 512)[..., 0]
     out = []
     for side in sides:
@@ -384,7 +388,13 @@ def memory_cases(tmp: Path, sides: list[int]) -> list[dict[str, Any]]:
         r.update(
             side=side,
             file_bytes=path.stat().st_size,
-            predicted=report.memory_bound(side, side, 1, 2, 256, BATCH, 1),
+            predicted={
+                "total": request_memory(
+                    meta,
+                    ImageHeader("TIFF", side, side, 1, side * side * 2, path.stat().st_size),
+                    BATCH,
+                )
+            },
         )
         path.unlink()
         out.append(r)

@@ -108,37 +108,40 @@ def ground_truth_classes(
 
 
 def request_memory(
-    model: LoadedModel,
+    meta: ModelMetadata,
     image: ImageHeader,
     batch_size: int,
     truth: ImageHeader | None = None,
+    *,
+    batch_bytes: int = 0,
 ) -> int:
     """An upper bound of the memory :func:`segment` plus encoding hold for this request on top
     of the idle process, from the headers alone: the larger of its two peaks, decoding and
     inference (the README's formula, term by term).
 
-    Checked against the real process by tests/test_budgets.py (the measured peak stays under
-    it) and docs/memory.md.
+    ``batch_bytes`` is ONNX Runtime's memory for one tile batch, measured at warm-up
+    (:attr:`LoadedModel.request_bytes`). Checked against the real process by
+    tests/test_budgets.py (the measured peak stays under it) and docs/memory.md.
     """
-    meta = model.meta
     hw = image.height * image.width
     t, c, k = meta.tile_size, meta.channels, meta.output_channels
     # Decoding: the decoder's own buffers beside the image, then the truth's beside both.
     decoding = image.decode_peak
-    if truth is not None:
-        decoding = max(decoding, image.nbytes + truth.decode_peak + 8 * hw)
+    if truth is not None:  # then its labels are checked (np.unique sorts a copy)
+        truth_peak = max(truth.decode_peak, 3 * truth.nbytes + hw)
+        decoding = max(decoding, image.nbytes + truth_peak)
     held = image.nbytes  # the decoded image stays until the answer is encoded
     if image.channels != c:
         held += 4 * hw * c  # to_channels: one float32 plane per model channel
     if truth is not None:
-        held += 3 * hw  # its class map, and a class's boolean mask while scoring
+        held += 3 * hw  # its class map, and boolean masks while scoring
     inference = (
         held
         + 2 * hw  # the uint8 mask and the 0/255 (or one class's) copy encoded to PNG
         + 12 * t * image.width * (k + 1)  # the probability and weight strips
         + 8 * batch_size * t * t * (c + k)  # one tile batch in and out, float32, and a copy
         + 8 * HIST_CHUNK_PIXELS  # the int64 histogram counts of one chunk of rows
-        + model.request_bytes  # ONNX Runtime's buffers for one tile batch, measured
+        + batch_bytes  # ONNX Runtime's buffers for one tile batch, measured
     )
     return max(decoding, inference)
 
@@ -148,7 +151,7 @@ def smallest_request_memory(model: LoadedModel, batch_size: int) -> int:
     start-up, a budget below it means the model can serve nothing."""
     side = model.meta.tile_size
     header = ImageHeader("PNG", side, side, model.meta.channels, side * side)
-    return request_memory(model, header, batch_size)
+    return request_memory(model.meta, header, batch_size, batch_bytes=model.request_bytes)
 
 
 def segment(
@@ -167,10 +170,14 @@ def segment(
     pixels = to_channels(decoded.pixels, meta.channels)
     truth = None
     if truth_file is not None:
-        truth_img = decode_image(
-            truth_file, max_pixels=max_pixels, what="ground truth", labels=True
+        # The decoded truth is freed as soon as its class map is made.
+        truth = ground_truth_classes(
+            decode_image(
+                truth_file, max_pixels=max_pixels, what="ground truth", labels=True
+            ).pixels,
+            meta,
+            pixels.shape[:2],
         )
-        truth = ground_truth_classes(truth_img.pixels, meta, pixels.shape[:2])
     t1 = time.perf_counter()
     timings["decode"] = t1 - t0
 

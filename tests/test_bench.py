@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from bench import report
 from bench.flops import conv_flops
 from bench.run import MODEL, main
 
@@ -55,10 +53,3 @@ def test_conv_flops_of_the_bundled_unet() -> None:
     gflop = conv_flops(MODEL, 256, 1)["gflop"]
     assert 5.0 < gflop < 6.5
     assert conv_flops(MODEL, 256, 1, batch=2)["gflop"] == pytest.approx(2 * gflop)
-
-
-def test_memory_bound_formula() -> None:
-    bound = report.memory_bound(16384, 16384, 1, 2, 256, 8, 1)
-    assert bound["image"] == 512 * 2**20 and bound["mask"] == 256 * 2**20
-    assert bound["total"] < 1.5 * 2**30
-    assert np.isclose(bound["total"], sum(v for k, v in bound.items() if k != "total"))

@@ -19,11 +19,16 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnxruntime as ort
 import pytest
 from PIL import Image
 
 from bench.live_server import LiveServer, live_server
+from service.core.config import REPO_MODELS
 from service.core.resources import MIB
+from service.images import ImageHeader
+from service.inference.modelmeta import ModelMetadata
+from service.segmenter import request_memory
 from tests.conftest import (
     decode_png,
     expected_toy_mask,
@@ -65,6 +70,24 @@ def status_of(response: bytes) -> int:
 
 
 # --- memory -----------------------------------------------------------------------------------
+
+
+def test_the_estimate_is_the_documented_formula() -> None:
+    """README: a 16384² 16-bit grey TIFF with a bundled U-Net (tile 256, batch 8) holds 512 +
+    256 + 256 + 96 + 8 + 32 MiB + ONNX Runtime's batch buffers at its inference peak."""
+    session = ort.InferenceSession(str(REPO_MODELS / "nuclei" / "1" / "model.onnx"))
+    meta = ModelMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map))
+    side = 16384
+    header = ImageHeader("TIFF", side, side, 1, side * side * 2, side * side * 2)
+    batch_bytes = 190 * MIB
+    cost = request_memory(meta, header, 8, batch_bytes=batch_bytes)
+    assert cost == (512 + 256 + 256 + 96 + 8 + 32) * MIB + batch_bytes
+    # A Pillow image's decoding peak (twice the pixels) can be the larger one.
+    png = ImageHeader("PNG", side, side, 1, side * side * 2, 1000)
+    assert request_memory(meta, png, 8) == max(2 * side * side * 2, cost - batch_bytes)
+    # A ground truth adds 3 bytes per pixel (class map, masks while scoring) to that peak.
+    truth = ImageHeader("PNG", side, side, 1, side * side, 1000)
+    assert request_memory(meta, header, 8, truth, batch_bytes=batch_bytes) == cost + 3 * side**2
 
 
 def test_an_image_that_can_never_fit_the_memory_budget_gets_413_with_the_numbers(

@@ -71,6 +71,7 @@ from tests.conftest import (
     running_app,
     segment_files,
 )
+from tests.figures import record
 from tests.test_bundled_quality import HELA, ROOT
 from tests.test_deploy import JOB, PromAPI, _wait_for
 from training.data import fetch_data
@@ -789,7 +790,9 @@ def test_a_memory_limited_container_refuses_what_cannot_fit_and_stays_up(
         # About twice what is left for requests: 16-bit, 2 bytes decoded + 2 of masks per pixel.
         side = int(np.sqrt(2 * capacity / 4))
         image = _zeros_png16(side)
+        t0 = time.monotonic()
         r = httpx.post(f"{box.url}/segment", files=segment_files(image), timeout=120)
+        answered_s = time.monotonic() - t0
         assert r.status_code == 413, r.text
         assert r.json()["code"] == "too_large"
         assert "cgroup" in r.json()["detail"] and f"{side}x{side}" in r.json()["detail"]
@@ -808,9 +811,19 @@ def test_a_memory_limited_container_refuses_what_cannot_fit_and_stays_up(
             return box.inspect("{{.State.Status}}") != "running" or None
 
         _wait_for(stopped, 60, "the unguarded container to be killed")
-        assert box.inspect("{{.State.OOMKilled}}") == "true" or box.inspect(
-            "{{.State.ExitCode}}"
-        ) in ("137", "9"), box.inspect("{{json .State}}")
+        state = json.loads(box.inspect("{{json .State}}"))
+        assert state["OOMKilled"] or state["ExitCode"] in (137, 9), state
+    record(
+        "container_memory_limit",
+        {
+            "memory_limit_mib": MEMORY_LIMIT_MIB,
+            "for_requests_mib": round(capacity / 2**20),
+            "image": f"{side}x{side} uint16 PNG, {len(image) / 1e6:.1f} MB",
+            "with_budget": f"413 in {answered_s:.2f} s, container running, next request 200",
+            "without_admission": f"container killed: OOMKilled={state['OOMKilled']}, "
+            f"exit code {state['ExitCode']}",
+        },
+    )
 
 
 def _uncompressed_tiff(side: int, seed: int) -> bytes:
@@ -875,6 +888,15 @@ def test_a_small_tmpfs_spool_answers_503_not_400_and_the_uploads_that_fit_succee
         assert "spool space exhausted" in box.logs()
         time.sleep(0.5)
         assert _tmp_listing(box) == before
+        record(
+            "container_small_tmpfs",
+            {
+                "tmpfs": "8 MiB",
+                "uploads": f"4 x {len(uploads[0]) / 1e6:.1f} MB declared at once",
+                "statuses": statuses,
+                "tmp_after": "as before",
+            },
+        )
         for data in uploads[2:]:
             r = httpx.post(f"{box.url}/segment", files=segment_files(data), timeout=180)
             assert r.status_code == 200, r.text
@@ -893,3 +915,7 @@ def test_a_spool_budget_larger_than_the_disk_still_gets_503_not_400(cpu_image: s
         assert "ran out of space" in box.logs() and "ERROR" in box.logs()
         small = png_bytes(np.zeros((64, 64), np.uint8))
         assert httpx.post(f"{box.url}/segment", files=segment_files(small)).status_code == 200
+        record(
+            "container_enospc",
+            {"tmpfs": "2 MiB", "spool_budget": "1GiB", "status": 503, "code": "spool_full"},
+        )

@@ -39,7 +39,9 @@ def reserve_memory(
         return None
     header = read_header(image, what="image")
     truth_header = read_header(truth, what="ground truth") if truth is not None else None
-    cost = request_memory(model, header, batch_size, truth_header)
+    cost = request_memory(
+        model.meta, header, batch_size, truth_header, batch_bytes=model.request_bytes
+    )
     try:
         return budget.admit(cost)
     except OverBudgetError:
