@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import tifffile
@@ -214,3 +215,10 @@ def read_response(sock: socket.socket, timeout: float = 30.0) -> bytes:
                 ):
                     return data
     return data
+
+
+def segment_ok(srv: LiveServer, img: np.ndarray) -> None:
+    """One request that must give ``img``'s exact mask."""
+    r = httpx.post(f"{srv.url}/segment", files=segment_files(png_bytes(img)), timeout=120)
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(np.asarray(decode_png(r.content)), expected_toy_mask(img))

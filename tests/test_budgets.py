@@ -23,7 +23,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from bench.live_server import LiveServer, live_server
+from bench.live_server import live_server
 from service.core.config import REPO_MODELS
 from service.core.resources import MIB
 from service.images import ImageHeader
@@ -37,6 +37,7 @@ from tests.conftest import (
     random_image,
     read_response,
     segment_files,
+    segment_ok,
     toy_server,
 )
 from tests.figures import record
@@ -49,13 +50,6 @@ def zeros_png16(side: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.zeros((side, side), np.uint16)).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
-
-
-def segment_ok(srv: LiveServer, img: np.ndarray) -> None:
-    """One request that must give ``img``'s exact mask."""
-    r = httpx.post(f"{srv.url}/segment", files=segment_files(png_bytes(img)), timeout=120)
-    assert r.status_code == 200, r.text
-    np.testing.assert_array_equal(np.asarray(decode_png(r.content)), expected_toy_mask(img))
 
 
 def multipart(data: bytes) -> tuple[bytes, str]:

@@ -31,6 +31,7 @@ from tests.conftest import (
     random_image,
     read_response,
     segment_files,
+    segment_ok,
     toy_server,
 )
 from tests.figures import record
@@ -91,13 +92,6 @@ def settle(srv: LiveServer, threads: int, fds: int | None = None) -> None:
         state = {"in_flight": in_flight, "temp": temp_open, "threads": now, "fds": open_fds}
         assert time.monotonic() < deadline, f"left behind: {state}; before: {threads}, {fds}"
         time.sleep(0.1)
-
-
-def segment_ok(srv: LiveServer, img: np.ndarray) -> None:
-    """One request that must give ``img``'s exact mask."""
-    r = httpx.post(f"{srv.url}/segment", files=segment_files(png_bytes(img)), timeout=120)
-    assert r.status_code == 200, r.text
-    np.testing.assert_array_equal(np.asarray(decode_png(r.content)), expected_toy_mask(img))
 
 
 # --- soak -----------------------------------------------------------------------------------
