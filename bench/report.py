@@ -245,6 +245,10 @@ def markdown(res: dict[str, Any]) -> str:
         )
     lines += [
         "",
+        "The host's own work with an instant predictor (decode, normalise, cut, blend, "
+        "threshold, encode), serial and overlapped side by side: `python -m bench.host_floor` "
+        "-> [host_floor.md](host_floor.md).",
+        "",
     ]
     e = res["efficiency"]
     lines += [

@@ -19,7 +19,7 @@ from service.inference.metrics import SegmentationScores, score_segmentation
 from service.inference.modelmeta import ModelMetadata, Task
 from service.inference.normalize import HIST_CHUNK_PIXELS
 from service.inference.pipeline import predict_mask
-from service.inference.tiling import BlendMode
+from service.inference.tiling import BATCHES_IN_FLIGHT, BlendMode
 from service.registry import LoadedModel
 
 
@@ -139,7 +139,8 @@ def request_memory(
         held
         + 2 * hw  # the uint8 mask and the 0/255 (or one class's) copy encoded to PNG
         + 12 * t * image.width * (k + 1)  # the probability and weight strips
-        + 8 * batch_size * t * t * (c + k)  # one tile batch in and out, float32, and a copy
+        # tile batches in and out (float32, and a copy), as many as the overlapped tiler holds
+        + BATCHES_IN_FLIGHT * 8 * batch_size * t * t * (c + k)
         + 8 * HIST_CHUNK_PIXELS  # the int64 histogram counts of one chunk of rows
         + batch_bytes  # ONNX Runtime's buffers for one tile batch, measured
     )

@@ -53,3 +53,17 @@ def test_conv_flops_of_the_bundled_unet() -> None:
     gflop = conv_flops(MODEL, 256, 1)["gflop"]
     assert 5.0 < gflop < 6.5
     assert conv_flops(MODEL, 256, 1, batch=2)["gflop"] == pytest.approx(2 * gflop)
+
+
+def test_host_floor_quick_run_compares_both_paths(tmp_path: Path) -> None:
+    """``python -m bench.host_floor --quick`` (CI): both paths run, give the same PNG (checked
+    inside), and the report has the throughput and each stage's cost."""
+    from bench.host_floor import main as host_floor
+
+    doc = tmp_path / "host_floor.md"
+    assert host_floor(["--quick", "--doc", str(doc)]) == 0
+    data = json.loads(doc.with_suffix(".json").read_text())
+    (row,) = data["results"]
+    assert row["side"] == 512 and row["serial_mpx_s"] > 0 and row["overlapped_mpx_s"] > 0
+    assert set(row["stages_ns_per_px"]) >= {"decode", "statistics", "cut", "encode"}
+    assert "overlapped MPx/s" in doc.read_text()

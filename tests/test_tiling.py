@@ -155,3 +155,70 @@ def test_onnx_model_tiled_equals_whole_image(tmp_path: Path) -> None:
     for overlap, mode in [(0.0, "constant"), (0.25, "gaussian"), (0.5, "cosine")]:
         tiled = sliding_window_inference(image, meta.tile_size, 4, predict, overlap, mode)
         np.testing.assert_allclose(tiled, whole, atol=2e-6)
+
+
+def _position_dependent(tiles: np.ndarray) -> np.ndarray:
+    """A nonlinear predictor whose output depends on the whole tile (like a CNN's): overlapping
+    tiles disagree, so the blend's arithmetic and order show in every bit of the result."""
+    mean = tiles.mean(axis=(1, 2, 3), keepdims=True)
+    grad = np.cumsum(tiles, axis=1) / (1.0 + np.arange(tiles.shape[1]))[None, :, None, None]
+    logits = (tiles - mean) * 0.03 + np.sin(grad[..., :1] * 0.01)
+    return np.concatenate([1.0 / (1.0 + np.exp(-logits[..., :1])), np.cos(logits[..., :1])], -1)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (37, 500), (301, 173), (517, 263)])
+@pytest.mark.parametrize("mode", list(BlendMode))
+@pytest.mark.parametrize("reduce", ["none", "threshold", "argmax"])
+def test_overlapped_path_is_bit_identical_to_the_serial_path(
+    size: tuple[int, int], mode: BlendMode, reduce: str
+) -> None:
+    """Cutting, normalising and blending on helper threads changes nothing, bit for bit: odd
+    sizes, every blend mode, with and without a reducer, a last batch that is not full."""
+    rng = np.random.default_rng(size[0] * 1000 + size[1])
+    image = rng.integers(0, 4096, (*size, 2), dtype=np.uint16)
+    reducers = {
+        "none": None,
+        "threshold": lambda s: (s[..., 0] >= 0.5).astype(np.uint8),
+        "argmax": lambda s: np.argmax(s, axis=-1).astype(np.uint8),
+    }
+    results = [
+        sliding_window_inference(
+            image,
+            64,
+            5,
+            _position_dependent,
+            overlap=0.3,
+            mode=mode,
+            reduce=reducers[reduce],
+            prepare=lambda t: t.astype(np.float32) / 4095.0,
+            overlapped=overlapped,
+        )
+        for overlapped in (False, True)
+    ]
+    assert results[0].dtype == results[1].dtype
+    assert np.array_equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("fails", ["predictor", "prepare"])
+def test_an_error_in_any_stage_reaches_the_caller_and_no_thread_is_left(fails: str) -> None:
+    import threading
+
+    calls = {"n": 0}
+
+    def flaky(t: np.ndarray) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError(f"{fails} broke")
+        return t.astype(np.float32)
+
+    before = threading.active_count()
+    image = np.zeros((300, 300, 1), np.uint8)
+    with pytest.raises(RuntimeError, match=f"{fails} broke"):
+        sliding_window_inference(
+            image,
+            32,
+            4,
+            flaky if fails == "predictor" else plus_one,
+            prepare=flaky if fails == "prepare" else None,
+        )
+    assert threading.active_count() == before

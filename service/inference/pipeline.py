@@ -35,11 +35,14 @@ def predict_mask(
     overlap: float = 0.25,
     mode: BlendMode | str = BlendMode.GAUSSIAN,
     threshold: float | None = None,
+    overlapped: bool = True,
 ) -> np.ndarray:
     """Segment a whole ``(H, W[, C])`` image into a ``(H, W)`` uint8 class-index mask.
 
     ``predictor`` maps normalised float32 tiles ``(N, t, t, C)`` to probabilities
     ``(N, t, t, K)``: an ONNX Runtime session in the service, a Keras model in training.
+    With ``overlapped`` (default) tiles are cut and normalised, and outputs blended, on helper
+    threads while the predictor runs (:func:`sliding_window_inference`); the mask is the same.
     """
     image = as_hwc(image)
     if image.shape[2] != meta.channels:
@@ -47,16 +50,14 @@ def predict_mask(
             f"model {meta.name!r} expects {meta.channels} channel(s), image has {image.shape[2]}"
         )
     stats = compute_intensity_stats(image, meta.normalization)
-
-    def normalised_predictor(tiles: np.ndarray) -> np.ndarray:
-        return predictor(stats.apply(tiles))
-
     return sliding_window_inference(
         image,
         roi_size=meta.tile_size,
         sw_batch_size=batch_size,
-        predictor=normalised_predictor,
+        predictor=predictor,
         overlap=overlap,
         mode=mode,
         reduce=make_reducer(meta, threshold),
+        prepare=stats.apply,
+        overlapped=overlapped,
     )

@@ -9,7 +9,10 @@ uint8); see ``docs`` in the README for the bound.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from enum import StrEnum
 from functools import lru_cache
 
@@ -95,10 +98,11 @@ def iter_tile_batches(
     roi_size: int | tuple[int, int],
     sw_batch_size: int,
     overlap: float = 0.25,
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Iterator[tuple[np.ndarray, list[tuple[int, int]]]]:
     """The tiles :func:`sliding_window_inference` runs, in its order: row-major,
     ``sw_batch_size`` at a time (the last batch may be smaller), each batch with the ``(y, x)``
-    positions of its tiles."""
+    positions of its tiles, and passed through ``prepare`` (e.g. normalisation) if given."""
     roi = _as_pair(roi_size, "roi_size")
     step = compute_scan_interval(roi, overlap)
     ys = compute_window_starts(image.shape[0], roi[0], step[0])
@@ -106,7 +110,130 @@ def iter_tile_batches(
     positions = [(y, x) for y in ys for x in xs]
     for i in range(0, len(positions), sw_batch_size):
         chunk = positions[i : i + sw_batch_size]
-        yield np.stack([_cut_tile(image, y, x, roi) for y, x in chunk]), chunk
+        tiles = np.stack([_cut_tile(image, y, x, roi) for y, x in chunk])
+        yield (tiles if prepare is None else prepare(tiles)), chunk
+
+
+# Tile batches alive at once when the stages overlap: one being cut and prepared, one ready,
+# one in the predictor, one being blended (docs: the README's memory formula counts them).
+BATCHES_IN_FLIGHT = 4
+
+
+class _Prefetcher:
+    """Runs a batch iterator one step ahead on its own thread: while the caller's predictor
+    works on batch *k*, batch *k+1* is cut and prepared (NumPy and ONNX Runtime release the
+    GIL). Stops early, and re-raises the iterator's error in the caller, in order."""
+
+    _DONE = object()
+
+    def __init__(self, batches: Iterator[tuple[np.ndarray, list[tuple[int, int]]]]) -> None:
+        self._batches = batches
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tiles-cut", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for batch in self._batches:
+                if not self._put(batch):
+                    return
+            self._put(self._DONE)
+        except BaseException as exc:  # handed to the caller, raised there
+            self._put(exc)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, list[tuple[int, int]]]]:
+        while True:
+            item = self._queue.get()
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+
+    def close(self) -> None:
+        """Stop the thread (after an error downstream, or at the end) and wait for it."""
+        self._stop.set()
+        self._thread.join()
+
+
+class _Stitcher:
+    """Accumulates weighted tile outputs in a strip one tile high and the full image wide, and
+    hands each finished strip to ``reduce``; the one place the blending arithmetic lives, so the
+    serial and the overlapped paths give bit-identical results."""
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        roi: tuple[int, int],
+        weights: np.ndarray,
+        reduce: Reducer,
+    ) -> None:
+        self.height, self.width, self.roi = height, width, roi
+        self.weights = weights
+        self.reduce = reduce
+        self.strip_rows = min(roi[0], height)
+        self.acc: np.ndarray | None = None
+        self.wsum = np.zeros((self.strip_rows, width), np.float32)
+        self.strip_top = 0
+        # The result is written in place strip by strip (no list of pieces concatenated at the
+        # end: that would hold the reduced image twice at its peak).
+        self.result: np.ndarray | None = None
+
+    def _flush(self, until: int) -> None:
+        """Hand rows [strip_top, until) to ``reduce`` and slide the strip down to ``until``."""
+        acc, wsum = self.acc, self.wsum
+        assert acc is not None
+        n = until - self.strip_top
+        if n <= 0:
+            return
+        piece = self.reduce(acc[:n] / wsum[:n, :, None])
+        if self.result is None:
+            self.result = np.empty((self.height, *piece.shape[1:]), piece.dtype)
+        self.result[self.strip_top : until] = piece
+        acc[:-n], wsum[:-n] = acc[n:].copy(), wsum[n:].copy()
+        acc[-n:], wsum[-n:] = 0.0, 0.0
+        self.strip_top = until
+
+    def add(self, out: np.ndarray, positions: list[tuple[int, int]]) -> None:
+        """Blend one batch of tile outputs ``(N, h, w, K)`` at their ``(y, x)`` positions."""
+        roi, weights = self.roi, self.weights
+        if self.acc is None:
+            self.acc = np.zeros((self.strip_rows, self.width, out.shape[3]), np.float32)
+        acc, wsum = self.acc, self.wsum
+        weighted = out * weights[None, :, :, None]  # the whole batch in one NumPy call
+        for tile_out, (y, x) in zip(weighted, positions, strict=True):
+            if y > self.strip_top:  # a new row of tiles: everything above it is final
+                self._flush(y)
+            h, w = min(roi[0], self.height - y), min(roi[1], self.width - x)
+            r0 = y - self.strip_top
+            acc[r0 : r0 + h, x : x + w] += tile_out[:h, :w]
+            wsum[r0 : r0 + h, x : x + w] += weights[:h, :w]
+
+    def finish(self) -> np.ndarray:
+        """Reduce what is left and return the whole result."""
+        self._flush(self.height)
+        assert self.result is not None
+        return self.result
+
+
+def _checked(tiles: np.ndarray, out: np.ndarray) -> np.ndarray:
+    out = np.asarray(out)
+    if out.ndim != 4 or out.shape[:3] != tiles.shape[:3]:
+        raise ValueError(
+            f"predictor must map (N, h, w, C) to (N, h, w, K): got {tiles.shape} -> {out.shape}"
+        )
+    return out
 
 
 def sliding_window_inference(
@@ -118,6 +245,9 @@ def sliding_window_inference(
     mode: BlendMode | str = BlendMode.GAUSSIAN,
     sigma_scale: float = 0.125,
     reduce: Reducer | None = None,
+    *,
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+    overlapped: bool = True,
 ) -> np.ndarray:
     """Run ``predictor`` over ``image`` in overlapping tiles and stitch the outputs.
 
@@ -125,13 +255,19 @@ def sliding_window_inference(
         image: ``(H, W, C)`` array of any dtype; tiles are cut from it as they are needed.
         roi_size: tile side(s); every tile handed to ``predictor`` has exactly this shape.
         sw_batch_size: tiles per ``predictor`` call.
-        predictor: ``(N, h, w, C) -> (N, h, w, K)`` (a fully convolutional network).
+        predictor: ``(N, h, w, C) -> (N, h, w, K)`` (a fully convolutional network), always
+            called from the calling thread, one batch at a time, in order.
         overlap: fraction of the tile side shared by neighbouring tiles, in ``[0, 1)``.
         mode: blending window, see :class:`BlendMode`.
         sigma_scale: Gaussian sigma as a fraction of the tile side.
         reduce: applied to each finished ``(rows, W, K)`` float32 strip (e.g. threshold or
             argmax); its outputs are concatenated. Without it the blended ``(H, W, K)`` float32
             map is returned.
+        prepare: applied to each tile batch before ``predictor`` (e.g. normalisation).
+        overlapped: cut and prepare batch *k+1* and blend batch *k-1* on two helper threads
+            while ``predictor`` runs batch *k*, so the host keeps up with a fast accelerator.
+            The result is bit-identical to the serial path (``False``): the same operations in
+            the same order.
 
     Returns:
         The stitched output, ``(H, W, K)`` float32 or whatever ``reduce`` makes of it.
@@ -145,47 +281,26 @@ def sliding_window_inference(
         raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
     roi = _as_pair(roi_size, "roi_size")
     weights = compute_importance_map(roi, BlendMode(mode), sigma_scale)
-    reduce_fn: Reducer = reduce if reduce is not None else (lambda strip: strip)
+    stitcher = _Stitcher(
+        height, width, roi, weights, reduce if reduce is not None else (lambda strip: strip)
+    )
+    batches = iter_tile_batches(image, roi, sw_batch_size, overlap, prepare)
+    if not overlapped:
+        for tiles, positions in batches:
+            stitcher.add(_checked(tiles, predictor(tiles)), positions)
+        return stitcher.finish()
 
-    # Strip accumulator: rows [strip_top, strip_top + strip_rows) of the output, full width.
-    strip_rows = min(roi[0], height)
-    acc: np.ndarray | None = None
-    wsum = np.zeros((strip_rows, width), np.float32)
-    strip_top = 0
-    # The result is written in place strip by strip (no list of pieces concatenated at the end:
-    # that would hold the reduced image twice at its peak).
-    result: np.ndarray | None = None
-
-    def flush(until: int) -> None:
-        """Hand rows [strip_top, until) to ``reduce`` and slide the strip down to ``until``."""
-        nonlocal strip_top, result
-        assert acc is not None
-        n = until - strip_top
-        if n <= 0:
-            return
-        piece = reduce_fn(acc[:n] / wsum[:n, :, None])
-        if result is None:
-            result = np.empty((height, *piece.shape[1:]), piece.dtype)
-        result[strip_top:until] = piece
-        acc[:-n], wsum[:-n] = acc[n:].copy(), wsum[n:].copy()
-        acc[-n:], wsum[-n:] = 0.0, 0.0
-        strip_top = until
-
-    for tiles, positions in iter_tile_batches(image, roi, sw_batch_size, overlap):
-        out = np.asarray(predictor(tiles))
-        if out.ndim != 4 or out.shape[:3] != tiles.shape[:3]:
-            raise ValueError(
-                f"predictor must map (N, h, w, C) to (N, h, w, K): got {tiles.shape} -> {out.shape}"
-            )
-        if acc is None:
-            acc = np.zeros((strip_rows, width, out.shape[3]), np.float32)
-        for tile_out, (y, x) in zip(out, positions, strict=True):
-            if y > strip_top:  # a new row of tiles: everything above it is final
-                flush(y)
-            h, w = min(roi[0], height - y), min(roi[1], width - x)
-            r0 = y - strip_top
-            acc[r0 : r0 + h, x : x + w] += tile_out[:h, :w] * weights[:h, :w, None]
-            wsum[r0 : r0 + h, x : x + w] += weights[:h, :w]
-    flush(height)
-    assert result is not None
-    return result
+    prefetcher = _Prefetcher(batches)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiles-blend") as blender:
+            blending: Future[None] | None = None
+            for tiles, positions in prefetcher:
+                out = _checked(tiles, predictor(tiles))
+                if blending is not None:
+                    blending.result()  # in order, and at most one batch waiting to be blended
+                blending = blender.submit(stitcher.add, out, positions)
+            if blending is not None:
+                blending.result()
+            return blender.submit(stitcher.finish).result()
+    finally:
+        prefetcher.close()
