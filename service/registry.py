@@ -132,7 +132,8 @@ class ModelRegistry:
 def find_model_files(model_dir: Path) -> dict[str, Path]:
     """Newest ``<name>/<version>/model.onnx`` per model name (versions compared as numbers)."""
     found: dict[str, Path] = {}
-    for name_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+    # Dot-folders are not models (segtrain release stages a new model in one until it is whole).
+    for name_dir in sorted(p for p in model_dir.iterdir() if p.is_dir() and p.name[0] != "."):
         versions = [v for v in name_dir.iterdir() if v.is_dir() and v.name.isdigit()]
         if not versions:
             continue

@@ -6,21 +6,73 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
 
-from training.config import ARCHITECTURE_NAMES, TrainConfig
+from training.config import ARCHITECTURE_NAMES, ArchOptions, TrainConfig
 
 
-def _config(args: argparse.Namespace) -> TrainConfig:
-    """The preset's config, with ``--data-dir`` / ``--epochs`` / ``--depth`` ... applied."""
-    from training.presets import PRESETS
+def _model_name(text: str) -> str:
+    """A served model name (lower case letters, digits, ``.``, ``_``, ``-``) from ``text``."""
+    name = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")[:64]
+    if not name:
+        raise SystemExit(f"segtrain: cannot make a model name from {text!r}; give --name")
+    return name
 
-    preset = PRESETS[args.preset]
-    run_keys = ("data_dir", "epochs", "steps_per_epoch", "max_minutes", "seed", "batch_size")
-    run = {k: v for k in (*run_keys, "arch", "name") if (v := getattr(args, k, None)) is not None}
-    options = {
+
+def _folder_config(args: argparse.Namespace) -> TrainConfig:
+    """A config for a lab's own folder: checked, the task and channels inferred from it."""
+    from training.folder import DataFolderError, inspect_folder
+
+    folder = Path(args.data_dir)
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    if classes is not None and (len(classes) < 2 or len(set(classes)) != len(classes)):
+        raise SystemExit(f"segtrain: --classes needs two or more distinct names, got {classes}")
+    try:
+        found = inspect_folder(folder, classes)
+    except DataFolderError as exc:
+        raise SystemExit(f"segtrain: {exc}") from None
+    name = _model_name(args.name or args.model or folder.resolve().name)
+    for note in found.notes:
+        print(f"segtrain: {note}", file=sys.stderr)
+    print(
+        f"segtrain: {found.images} image pairs in {folder}, {found.channels} channel(s), "
+        f"{found.mask_mode.value} masks -> classes {found.classes}; model {name!r}",
+        file=sys.stderr,
+    )
+    run = {
+        k: v
+        for k in (
+            "epochs",
+            "steps_per_epoch",
+            "max_minutes",
+            "seed",
+            "batch_size",
+            "arch",
+            "tile_size",
+        )
+        if (v := getattr(args, k, None)) is not None
+    }
+    return TrainConfig(
+        name=name,
+        data_dir=str(folder),
+        mask_mode=found.mask_mode.value,
+        classes=found.classes,
+        label_values=found.label_values,
+        description=f"Segmentation of {', '.join(found.classes[1:])} trained on a lab's own "
+        f"images ({folder.resolve().name}).",
+        training_data=f"{found.images} image/mask pairs from the folder {folder.resolve().name} "
+        "(split at random by image, seeded).",
+        split="random",
+        options=_options(args, ArchOptions()),
+        **run,
+    )
+
+
+def _options(args: argparse.Namespace, base: ArchOptions) -> ArchOptions:
+    options: dict[str, object] = {
         k: v
         for k in ("depth", "base_filters", "max_filters")
         if (v := getattr(args, k)) is not None
@@ -29,9 +81,48 @@ def _config(args: argparse.Namespace) -> TrainConfig:
         options["neighbour_residuals"] = True
     if args.no_deep_supervision:
         options["deep_supervision"] = False
-    config = dataclasses.replace(
-        preset, **run, options=dataclasses.replace(preset.options, **options)
+    return dataclasses.replace(base, **options)  # type: ignore[arg-type]
+
+
+def _check_preset_data(folder: Path) -> None:
+    """A preset's folder, checked before TensorFlow starts: pairs, files, sizes, channels."""
+    from training.folder import DataFolderError, inspect_folder
+
+    if not folder.is_dir():
+        raise SystemExit(f"segtrain: no data in {folder}: run `segtrain fetch-data` first")
+    try:
+        inspect_folder(folder, infer=False)
+    except DataFolderError as exc:
+        raise SystemExit(f"segtrain: {exc}") from None
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    """The preset's config with ``--data-dir`` / ``--epochs`` / ``--depth`` ... applied, or,
+    for a name that is no preset, the config of ``--data-dir`` (a lab's own folder)."""
+    from training.presets import PRESETS
+
+    if args.model not in PRESETS:
+        if not args.data_dir:
+            known = ", ".join(sorted(PRESETS))
+            target = f"{args.model!r} is not a preset ({known})" if args.model else "no preset"
+            raise SystemExit(
+                f"segtrain: {target}; give --data-dir DIR (a folder with images/ and masks/) "
+                "to train a model on your own images"
+            )
+        return _folder_config(args)
+    preset = PRESETS[args.model]
+    _check_preset_data(Path(args.data_dir or preset.data_dir))
+    run_keys = (
+        "data_dir",
+        "epochs",
+        "steps_per_epoch",
+        "max_minutes",
+        "seed",
+        "batch_size",
+        "tile_size",
     )
+    run = {k: v for k in (*run_keys, "arch", "name") if (v := getattr(args, k, None)) is not None}
+    config = dataclasses.replace(preset, **run, options=_options(args, preset.options))
     if args.name is None and config.arch != "unet":
         # Another network must not overwrite the preset's run folder or bundled model.
         config.name = f"{config.name}-{config.arch}"
@@ -108,12 +199,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fetch)
 
     def preset_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("preset", choices=sorted(PRESETS), help="training recipe")
-        p.add_argument("--data-dir", help="images/ + masks/ folder (default: the preset's)")
+        p.add_argument(
+            "model",
+            nargs="?",
+            help=f"a preset ({', '.join(sorted(PRESETS))}), or the name of a new model to "
+            "train on --data-dir (default: the folder's name)",
+        )
+        p.add_argument(
+            "--data-dir",
+            help="images/ + masks/ folder, paired by file name (default: the preset's)",
+        )
+        p.add_argument(
+            "--classes",
+            help="own folder: class names, background first (e.g. background,nucleus); "
+            "default: inferred from the masks",
+        )
         p.add_argument("--epochs", type=int, help="maximum epochs")
         p.add_argument("--steps-per-epoch", type=int, help="batches per epoch")
         p.add_argument("--batch-size", type=int, help="patches per batch")
-        p.add_argument("--max-minutes", type=float, help="training time budget")
+        p.add_argument(
+            "--tile-size", type=int, help="training patch and serving tile side (default 256)"
+        )
+        p.add_argument(
+            "--max-minutes", type=float, help="training time budget in minutes of wall time"
+        )
         p.add_argument("--seed", type=int, help="random seed")
         p.add_argument("--runs-dir", default="runs", help="run folders (default: runs)")
         p.add_argument(
@@ -138,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--name", help="model and run name (default: the preset's, '-<arch>' appended)"
         )
 
-    p = sub.add_parser("train", help="train a preset into runs/<name>")
+    p = sub.add_parser(
+        "train", help="train a preset, or a model on your own folder, into runs/<name>"
+    )
     preset_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -153,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="1", help="model version folder (default: 1)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("release", help="train + evaluate + export a preset")
+    p = sub.add_parser(
+        "release",
+        help="train + evaluate + export a preset or your own folder into models/<name>/<version>",
+    )
     preset_args(p)
     p.add_argument("--models-dir", default="models", help="model repository (default: models)")
     p.add_argument("--version", default="1", help="model version folder (default: 1)")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from service.inference.modelmeta import ModelMetadata, Normalization, Task
-from training.data import MaskMode, Pair, pair_files, split_sequence
+from training.data import MaskMode, Pair, pair_files, split_random, split_sequence
 
 # The networks of ``--arch``, named without importing Keras; training.architectures.ARCHITECTURES
 # maps each to its builder (tests/test_architectures.py checks that the two agree).
@@ -64,6 +64,9 @@ class TrainConfig:
     norm_high: float = 99.8
     max_minutes: float = 25.0
     seed: int = 0
+    # "sequence": contiguous blocks of a movie's frames (the presets); "random": a seeded draw
+    # of independent images (a lab's own folder).
+    split: str = "sequence"
 
     @property
     def normalization(self) -> Normalization:
@@ -84,9 +87,11 @@ class TrainConfig:
         return Task.BINARY if len(self.classes) == 2 else Task.MULTICLASS
 
     def splits(self) -> dict[str, list[Pair]]:
-        """Frame-level train/val/test split of the pairs in ``data_dir``."""
+        """Image-level train/val/test split of the pairs in ``data_dir`` (see ``split``)."""
         root = Path(self.data_dir)
         pairs = pair_files(root / "images", root / "masks")
+        if self.split == "random":
+            return split_random(pairs, self.val_fraction, self.test_fraction, self.seed)
         return split_sequence(pairs, self.val_fraction, self.test_fraction)
 
     def metadata(self, channels: int, **overrides: Any) -> ModelMetadata:

@@ -222,6 +222,29 @@ def split_sequence(
     }
 
 
+def split_random(
+    items: list[Pair], val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
+) -> dict[str, list[Pair]]:
+    """Split whole images at random (seeded: the same folder and seed give the same split):
+    for a folder of independent images, where order means nothing. Each split gets at least
+    one image; fewer than three images is an error."""
+    if len(items) < 3:
+        raise ValueError(f"{len(items)} image(s): at least 3 are needed for a random split")
+    order = np.random.default_rng(seed).permutation(len(items))
+    shuffled = [items[i] for i in order]
+    n = len(items)
+    n_test = max(1, round(n * test_fraction))
+    n_val = max(1, round(n * val_fraction))
+    if n - n_val - n_test < 1:
+        raise ValueError(f"{n} images leave none for training with these fractions")
+    cuts = {
+        "train": shuffled[: n - n_val - n_test],
+        "val": shuffled[n - n_val - n_test : n - n_test],
+        "test": shuffled[n - n_test :],
+    }
+    return {name: sorted(pairs, key=lambda p: p.stem) for name, pairs in cuts.items()}
+
+
 # ---------------------------------------------------------------------------- mask conversion
 
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import keras
+import onnx
 
 from service.inference.modelmeta import ModelMetadata
 from training.card import write_card
@@ -26,6 +29,7 @@ from training.evaluate import (
     write_report,
 )
 from training.export import (
+    Parity,
     check_parity,
     git_commit,
     ort_predictor,
@@ -114,7 +118,6 @@ def export_run(run_dir: Path, models_dir: Path, version: str) -> dict[str, Any]:
 
     reports = evaluate_models(run_dir, config, meta, model, session)
     onnx_report, keras_report = reports["onnx"], reports["keras"]
-    eval_dir = run_dir / "eval"
     agg = onnx_report["aggregate"]
     metrics = {
         "test_images": onnx_report["images"],
@@ -132,6 +135,51 @@ def export_run(run_dir: Path, models_dir: Path, version: str) -> dict[str, Any]:
     }
     meta = meta.model_copy(update={"metrics": metrics})
     set_metadata(proto, meta)
+    # Everything is written to a staging folder first and moved into models/ at the end: a
+    # failure on the way leaves models/ as it was, never a half-written model the service
+    # would try to load (the registry skips folders whose names start with a dot).
+    models_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{meta.name}-", dir=models_dir))
+    try:
+        result = _write_release(
+            staging, run_dir, config, summary, meta, proto, parity, onnx_report, keras_report
+        )
+        _publish(staging / meta.name, models_dir / meta.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result["onnx"] = str(models_dir / meta.name / meta.version / "model.onnx")
+    log.info("exported %s", json.dumps(result, default=float))
+    return result
+
+
+def _publish(staged: Path, target: Path) -> None:
+    """Move a staged model folder into the repository: its version folder replaces the same
+    version (other versions stay), its card, config and pictures replace the old ones."""
+    target.mkdir(parents=True, exist_ok=True)
+    for item in staged.iterdir():
+        destination = target / item.name
+        if item.is_dir():
+            if destination.exists():
+                shutil.rmtree(destination)
+            item.rename(destination)
+        else:
+            os.replace(item, destination)
+
+
+def _write_release(
+    models_dir: Path,
+    run_dir: Path,
+    config: TrainConfig,
+    summary: dict[str, Any],
+    meta: ModelMetadata,
+    proto: onnx.ModelProto,
+    parity: Parity,
+    onnx_report: dict[str, Any],
+    keras_report: dict[str, Any],
+) -> dict[str, Any]:
+    """The model folder (ONNX file, Triton config, card, pictures) under ``models_dir``."""
+    eval_dir = run_dir / "eval"
+    agg = onnx_report["aggregate"]
     onnx_path = write_model_repository(proto, meta, models_dir)
     write_report(
         {
@@ -163,7 +211,7 @@ def export_run(run_dir: Path, models_dir: Path, version: str) -> dict[str, Any]:
         pictures=pictures,
         extra=extra,
     )
-    result = {
+    return {
         "onnx": str(onnx_path),
         "bytes": onnx_path.stat().st_size,
         "parity": parity.onnx_vs_exact,
@@ -171,5 +219,3 @@ def export_run(run_dir: Path, models_dir: Path, version: str) -> dict[str, Any]:
         "test": agg,
         "keras_test_mean_iou": keras_report["aggregate"]["mean_iou"],
     }
-    log.info("exported %s", json.dumps(result, default=float))
-    return result

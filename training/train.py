@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,8 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
         epochs=config.epochs,
         steps_per_epoch=config.steps_per_epoch,
         callbacks=callbacks,
-        verbose=2,
+        # A progress bar per epoch on a terminal; one line per epoch in a log file.
+        verbose=1 if sys.stdout.isatty() else 2,
     )
     wall = time.perf_counter() - start
     val_iou = history.history.get(monitor, [0.0])
