@@ -15,8 +15,9 @@ $(VENV)/.serve-installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(INSTALL) -e '.[cpu]'
 	touch $@
 
-$(VENV)/.dev-installed: pyproject.toml constraints.txt | $(BIN)/python
-	$(INSTALL) -e '.[cpu,train,dev]'
+# The client (client/, its own distribution: no server dependencies) is tested with the service.
+$(VENV)/.dev-installed: pyproject.toml client/pyproject.toml constraints.txt | $(BIN)/python
+	$(INSTALL) -e '.[cpu,train,dev]' -e ./client
 	touch $@ $(VENV)/.serve-installed
 
 install-serve: $(VENV)/.serve-installed
@@ -72,8 +73,8 @@ container-tools:
 	fi
 
 lint: install-dev
-	$(BIN)/ruff check service training tests bench deploy
-	$(BIN)/ruff format --check service training tests bench deploy
+	$(BIN)/ruff check service training tests bench deploy client
+	$(BIN)/ruff format --check service training tests bench deploy client
 	$(BIN)/mypy
 
 ## Benchmark side by side (tutorial way, raw ONNX Runtime, pipeline, HTTP, memory, efficiency):
