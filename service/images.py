@@ -210,6 +210,26 @@ def _png_is_16bit_colour(head: bytes) -> bool:
     return len(head) >= 26 and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 4, 6)
 
 
+def header_size(file: BinaryIO) -> tuple[int, int] | None:
+    """``(height, width)`` of one plane from the file's header, without decoding a pixel; None
+    when the header cannot be read (the decoder then says what is wrong with the file)."""
+    file.seek(0)
+    head = file.read(32)
+    file.seek(0)
+    try:
+        fmt = sniff_format(head)
+        if fmt == "TIFF":
+            with tifffile.TiffFile(file, name="upload.tif") as tif:
+                page = tif.pages.first
+                return int(page.imagelength), int(page.imagewidth)
+        with Image.open(file) as img:
+            return int(img.height), int(img.width)
+    except Exception:  # damaged, truncated, not an image: the decoder's message is the answer
+        return None
+    finally:
+        file.seek(0)
+
+
 def decode_image(
     file: BinaryIO, *, max_pixels: int, what: str = "image", labels: bool = False
 ) -> DecodedImage:

@@ -14,11 +14,12 @@ from prometheus_fastapi_instrumentator import Instrumentator
 
 from service.api.errors import register_exception_handlers
 from service.api.middleware import add_middlewares
-from service.api.routes import health, metrics, models, segment
+from service.api.routes import health, jobs, metrics, models, segment
 from service.core.config import Settings, settings_from_env
 from service.core.gate import InferenceGate
 from service.core.logs import configure_logging
 from service.core.metrics import INFERENCE_BUCKETS, ServiceMetrics
+from service.jobs import JobStore
 from service.registry import ModelRegistry, load_registry
 
 log = logging.getLogger("service")
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            app.state.jobs.cancel_all()  # background jobs stop at their next tile batch
             gate.shutdown()
             loader.join(timeout=5)
 
@@ -80,8 +82,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = ModelRegistry()
     app.state.metrics = service_metrics
     app.state.gate = gate
+    app.state.jobs = JobStore(
+        settings.max_jobs, settings.max_job_result_bytes, settings.job_ttl_seconds
+    )
 
-    for router in (health.router, models.router, segment.router, metrics.router):
+    for router in (health.router, models.router, segment.router, jobs.router, metrics.router):
         app.include_router(router)
     register_exception_handlers(app)
     Instrumentator(registry=service_metrics.registry, excluded_handlers=["/metrics"]).instrument(

@@ -7,6 +7,7 @@ Kept apart from the HTTP layer so that benchmarks and tests drive the exact pipe
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -18,8 +19,12 @@ from service.inference.labels import LabelError, labels_to_classes
 from service.inference.metrics import SegmentationScores, score_segmentation
 from service.inference.modelmeta import ModelMetadata, Task
 from service.inference.pipeline import predict_mask
-from service.inference.tiling import BlendMode
+from service.inference.tiling import BlendMode, count_tiles
 from service.registry import LoadedModel
+
+# Told (tiles done, tiles in all) before the first tile batch and after each; whatever it raises
+# stops the request there (how a job is cancelled between two tile batches).
+ProgressHook = Callable[[int, int], None]
 
 
 @dataclass
@@ -113,8 +118,10 @@ def segment(
     *,
     max_pixels: int,
     truth_file: BinaryIO | None = None,
+    progress: ProgressHook | None = None,
 ) -> SegmentResult:
-    """Segment one uploaded image with ``model``; score it when a ground truth is given."""
+    """Segment one uploaded image with ``model``; score it when a ground truth is given;
+    ``progress`` hears how many tiles are done (see :data:`ProgressHook`)."""
     meta = model.meta
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -131,6 +138,9 @@ def segment(
 
     batches: list[int] = []
     infer_time = 0.0
+    total_tiles = count_tiles(pixels.shape[0], pixels.shape[1], meta.tile_size, params.overlap)
+    if progress is not None:
+        progress(0, total_tiles)
 
     def timed_predict(tiles: np.ndarray) -> np.ndarray:
         nonlocal infer_time
@@ -138,6 +148,8 @@ def segment(
         out = model.predict(tiles)
         infer_time += time.perf_counter() - start
         batches.append(int(tiles.shape[0]))
+        if progress is not None:
+            progress(sum(batches), total_tiles)
         return out
 
     mask = predict_mask(

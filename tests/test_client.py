@@ -269,6 +269,29 @@ def test_a_folder_of_good_and_broken_files(server: LiveServer, tmp_path: Path) -
     assert again["mean"]["mean_iou"] == pytest.approx(doc["mean"]["mean_iou"])
 
 
+def test_big_images_go_through_jobs_with_the_same_outcome(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    """With ``--progress-above`` under the images' size every image is a job (whose tiles the
+    progress bar shows): the same masks, scores and failures as the synchronous path."""
+    make_folder(tmp_path)
+    out = tmp_path / "masks"
+    args = [str(tmp_path / "images"), "--out", str(out), "--url", server.url]
+    args += ["--truth-dir", str(tmp_path / "truths"), "--progress-above", "100"]
+    status, printed = run_cli(args)
+    assert status == 1 and "8 images: 4 segmented, 0 skipped" in printed and "4 failed" in printed
+    assert "truncated.png (invalid_image)" in printed and "damaged or truncated PNG" in printed
+    assert "wrong_truth.png (invalid_ground_truth)" in printed and "20x20" in printed
+    for name in ("cell_0", "cell_1", "cell_2"):
+        mask = np.asarray(Image.open(out / f"{name}.png"))
+        img = np.asarray(Image.open(tmp_path / "images" / f"{name}.png"))
+        np.testing.assert_array_equal(mask, expected_toy_mask(img))
+    doc = json.loads((out / "metrics.json").read_text())
+    assert [i["image"] for i in doc["images"]] == ["cell_0", "cell_1", "cell_2"]
+    log = server.output(200_000)
+    assert log.count("POST /jobs") >= 6  # every image whose header says > 100 pixels
+
+
 def test_globs_single_files_and_a_clean_exit(server: LiveServer, tmp_path: Path) -> None:
     make_folder(tmp_path)
     out = tmp_path / "masks"

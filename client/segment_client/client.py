@@ -391,7 +391,7 @@ class SegmentClient:
             "POST",
             "/jobs",
             uploads=self._uploads(image, ground_truth),
-            params=self._params(model, params),
+            params=self._params(model, params, as_json=False),
             expect=(202,),
         )
         return JobStatus.from_json(self._json(response))
@@ -433,5 +433,5 @@ class SegmentClient:
             int(error.get("status", 500)),
             str(error.get("detail", f"job {job_id} {status.state}")),
             error.get("code", status.state),
-            error.get("request_id"),
+            status.raw.get("request_id"),
         )

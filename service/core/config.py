@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     log_format: LogFormat = Field(
         "text", description="text (plain lines) or json (one object per line, uvicorn's too)"
     )
+    # Background jobs (POST /jobs): how many are kept at once (running, waiting or finished),
+    # how many bytes their results may hold together, and for how long a result is kept.
+    max_jobs: int = Field(64, ge=1, description="Jobs kept at once; beyond that: 503")
+    max_job_result_bytes: int = Field(
+        2 << 30, ge=1024, description="Bytes all kept job results may hold together"
+    )
+    job_ttl_seconds: int = Field(3600, ge=1, description="How long a finished job's result is kept")
 
     @field_validator("model_dir")
     @classmethod

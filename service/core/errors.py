@@ -28,6 +28,8 @@ class ErrorCode(StrEnum):
     UNKNOWN_MODEL = "unknown_model"
     NOT_READY = "not_ready"
     OVERLOADED = "overloaded"
+    JOB_NOT_FINISHED = "job_not_finished"
+    JOB_CANCELLED = "job_cancelled"
     INTERNAL = "internal"
 
 
