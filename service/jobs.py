@@ -64,18 +64,20 @@ class JobStoreFullError(Exception):
 
 @dataclass
 class JobResult:
-    """What a succeeded job answers: the mask PNG, per-class PNGs, the headers and the JSON
-    document (without the encoded masks, which are added when it is sent)."""
+    """What a succeeded job answers: the mask (PNG, or a multi-page TIFF for a stack),
+    per-class PNGs, the headers and the JSON document (without the encoded masks, which are
+    added when it is sent)."""
 
-    png: bytes
+    mask: bytes
+    stack: bool
     class_masks: dict[str, bytes] | None
     headers: dict[str, str]
     document: dict[str, Any]
 
     @property
     def nbytes(self) -> int:
-        """Bytes held (the PNGs; the rest is small)."""
-        return len(self.png) + sum(len(p) for p in (self.class_masks or {}).values())
+        """Bytes held (the masks; the rest is small)."""
+        return len(self.mask) + sum(len(p) for p in (self.class_masks or {}).values())
 
 
 @dataclass

@@ -119,13 +119,21 @@ def segment(
     max_pixels: int,
     truth_file: BinaryIO | None = None,
     progress: ProgressHook | None = None,
+    channel: str | None = None,
 ) -> SegmentResult:
     """Segment one uploaded image with ``model``; score it when a ground truth is given;
-    ``progress`` hears how many tiles are done (see :data:`ProgressHook`)."""
+    ``progress`` hears how many tiles are done (see :data:`ProgressHook`); ``channel`` picks
+    one channel of a multi-channel TIFF (an index or an OME channel name)."""
     meta = model.meta
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    decoded = decode_image(image_file, max_pixels=max_pixels, what="image")
+    decoded = decode_image(
+        image_file,
+        max_pixels=max_pixels,
+        what="image",
+        channel=channel,
+        model_channels=meta.channels,
+    )
     pixels = to_channels(decoded.pixels, meta.channels)
     truth = None
     if truth_file is not None:

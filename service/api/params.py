@@ -22,6 +22,7 @@ class SegmentOptions:
 
     params: SegmentParams
     per_class: bool
+    channel: str | None = None
 
 
 def segment_options(
@@ -41,6 +42,14 @@ def segment_options(
         str | None, Query(max_length=64, description="Return this class's 0/255 mask only")
     ] = None,
     per_class: Annotated[bool, Query(description="JSON only: add one 0/255 PNG per class")] = False,
+    channel: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            description="Multi-channel TIFF (CYX, CZYX, TCZYX): the channel to segment, as an "
+            "index or an OME channel name",
+        ),
+    ] = None,
 ) -> SegmentOptions:
     """The options, checked against the model (422 naming what does not apply)."""
     params = SegmentParams(
@@ -51,7 +60,7 @@ def segment_options(
         class_name=class_name,
     )
     params.check(model.name, model.meta)
-    return SegmentOptions(params, per_class)
+    return SegmentOptions(params, per_class, channel)
 
 
 SegmentOptionsDep = Annotated[SegmentOptions, Depends(segment_options)]

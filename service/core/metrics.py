@@ -23,6 +23,7 @@ from service.core.errors import ErrorCode
 if TYPE_CHECKING:
     from service.registry import ModelRegistry
     from service.segmenter import SegmentResult
+    from service.stacks import StackResult
 
 # A 256x256 tile batch takes tens of milliseconds on a GPU and up to seconds on a CPU; a
 # gigapixel image minutes. Buckets span that range roughly geometrically.
@@ -144,8 +145,11 @@ class ServiceMetrics:
                 per_model.labels(m.name)
         self.models_ready.set(0 if registry.failed else 1)
 
-    def record_segmentation(self, model: str, result: SegmentResult, upload_bytes: int) -> None:
-        """One answered ``/segment`` request: time per stage, tiles, pixels, bytes, batches."""
+    def record_segmentation(
+        self, model: str, result: SegmentResult | StackResult, upload_bytes: int
+    ) -> None:
+        """One answered ``/segment`` request: time per stage, tiles, pixels (every plane of a
+        stack), bytes, batches."""
         self.inference_seconds.labels(model).observe(result.timings["infer"])
         for stage, seconds in result.timings.items():
             self.stage_seconds.labels(stage).observe(seconds)

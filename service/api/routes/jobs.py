@@ -18,14 +18,17 @@ import logging
 from datetime import UTC, datetime
 from typing import Annotated, Any, BinaryIO
 
+import numpy as np
+import tifffile
 from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 from pydantic import BaseModel, Field
 
 from service.api.deps import ApiKeyDep, GateDep, MetricsDep, ModelDep, SettingsDep
 from service.api.errors import api_error
 from service.api.params import SegmentOptionsDep
-from service.api.routes.segment import OutputFormat, _wants_json
+from service.api.routes.segment import OutputFormat, response_format
 from service.core.errors import ApiError, ErrorCode, error_responses
 from service.core.gate import OverloadedError
 from service.core.logs import log_fields
@@ -40,8 +43,8 @@ from service.jobs import (
     JobStoreFullError,
     png_bound,
 )
-from service.responses import SegmentResponse, render_answer
-from service.segmenter import segment
+from service.responses import SegmentResponse
+from service.stacks import StackAnswer, StackResponse, segment_upload, stack_layout
 
 JOBS_PATH = "/jobs"
 
@@ -78,6 +81,16 @@ class JobStatus(BaseModel):
     error: JobError | None
     status_url: str
     result_url: str
+
+
+def _png_as_tiff(png: bytes) -> bytes:
+    """A 2-D job's mask PNG as the TIFF ``/segment?format=tiff`` would have sent (same
+    values: 0/255, or class indices)."""
+    with Image.open(io.BytesIO(png)) as img:
+        pixels = np.asarray(img)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, pixels, photometric="minisblack", compression="zlib")
+    return buf.getvalue()
 
 
 def _b64(png: bytes) -> str:
@@ -179,9 +192,13 @@ async def create_job(
     """Start segmenting an image in the background; follow it at ``status_url``."""
     store = _store(request)
     rid: str = request.state.request_id
-    size = header_size(image.file)
-    classes = len(model.meta.classes) if options.per_class else 0
-    reserve = 0 if size is None else png_bound(*size) * (1 + classes)
+    layout = stack_layout(image.file)
+    if layout is not None:  # a multi-page TIFF mask, at most its raw planes plus framing
+        reserve = png_bound(layout.planes * layout.height, layout.width)
+    else:
+        size = header_size(image.file)
+        classes = len(model.meta.classes) if options.per_class else 0
+        reserve = 0 if size is None else png_bound(*size) * (1 + classes)
     try:
         job = store.admit(model.name, rid, reserve)
     except JobStoreFullError as exc:
@@ -205,20 +222,25 @@ async def create_job(
             store.cancelled(job)
             return
         try:
-            result = segment(
+            answer = segment_upload(
                 model,
                 image_file,
                 options.params,
                 max_pixels=settings.max_image_pixels,
+                layout=layout,
+                channel=options.channel,
+                per_class=options.per_class,
                 truth_file=truth_file,
                 progress=job.report,
             )
-            answer = render_answer(model, options.params, result, per_class=options.per_class)
             document = answer.document(rid).model_dump(
-                mode="json", exclude={"mask_png", "class_masks"}
+                mode="json", exclude={"mask_png", "mask_tiff", "class_masks"}
             )
-            metrics.record_segmentation(model.name, result, upload_bytes)
-            kept = JobResult(answer.png, answer.class_masks, answer.headers(), document)
+            metrics.record_segmentation(model.name, answer.result, upload_bytes)
+            if isinstance(answer, StackAnswer):
+                kept = JobResult(answer.tiff, True, None, answer.headers(), document)
+            else:
+                kept = JobResult(answer.png, False, answer.class_masks, answer.headers(), document)
             store.succeed(job, kept)
         except JobCancelledError:
             store.cancelled(job)
@@ -297,19 +319,31 @@ def get_job_result(
             headers={"Retry-After": "1"},
         )
     result = job.result
-    if not _wants_json(request, format):
-        return Response(content=result.png, media_type="image/png", headers=result.headers)
+    fmt = response_format(request, format, stack=result.stack)
     doc: dict[str, Any] = dict(result.document)
-    encoded = SegmentResponse(
-        **doc,
-        mask_png=_b64(result.png),
-        class_masks=None
-        if result.class_masks is None
-        else {name: _b64(png) for name, png in result.class_masks.items()},
-    )
-    return Response(
-        content=encoded.model_dump_json(), media_type="application/json", headers=result.headers
-    )
+    if fmt is OutputFormat.JSON:
+        encoded: BaseModel
+        if result.stack:
+            encoded = StackResponse(**doc, mask_tiff=_b64(result.mask))
+        else:
+            encoded = SegmentResponse(
+                **doc,
+                mask_png=_b64(result.mask),
+                class_masks=None
+                if result.class_masks is None
+                else {name: _b64(png) for name, png in result.class_masks.items()},
+            )
+        return Response(
+            content=encoded.model_dump_json(),
+            media_type="application/json",
+            headers=result.headers,
+        )
+    if fmt is OutputFormat.TIFF and not result.stack:
+        return Response(
+            content=_png_as_tiff(result.mask), media_type="image/tiff", headers=result.headers
+        )
+    media_type = "image/tiff" if result.stack else "image/png"
+    return Response(content=result.mask, media_type=media_type, headers=result.headers)
 
 
 @router.delete(f"{JOBS_PATH}/{{job_id}}", response_model=JobStatus, responses=_JOB_ERRORS)

@@ -19,8 +19,9 @@ from service.core.errors import ApiError, ErrorCode, error_responses
 from service.core.gate import OverloadedError
 from service.core.logs import log_fields
 from service.inference.tiling import BlendMode
-from service.responses import Answer, SegmentResponse, render_answer
-from service.segmenter import SegmentParams, segment
+from service.responses import Answer, SegmentResponse
+from service.segmenter import SegmentParams
+from service.stacks import StackAnswer, encode_mask_tiff, segment_upload, stack_layout
 
 SEGMENT_PATH = "/segment"
 
@@ -28,9 +29,11 @@ router = APIRouter(tags=["segment"], dependencies=[ApiKeyDep])
 
 
 class OutputFormat(StrEnum):
-    """Response body: the mask PNG alone, or JSON with the mask, scores and timings."""
+    """Response body: the mask PNG alone, the mask as TIFF (multi-page for a stack), or JSON
+    with the mask, scores and timings."""
 
     PNG = "png"
+    TIFF = "tiff"
     JSON = "json"
 
 
@@ -39,6 +42,41 @@ def _wants_json(request: Request, fmt: OutputFormat | None) -> bool:
         return fmt is OutputFormat.JSON
     accept = request.headers.get("accept", "")
     return "application/json" in accept and "image/png" not in accept
+
+
+def response_format(request: Request, fmt: OutputFormat | None, stack: bool) -> OutputFormat:
+    """The format asked for (``?format=``, else ``Accept``); a stack's mask cannot be one PNG,
+    so a stack answered as PNG is a 422 that says what to ask for instead."""
+    accept = request.headers.get("accept", "")
+    if fmt is None and "image/tiff" in accept:
+        fmt = OutputFormat.TIFF
+    chosen = OutputFormat.JSON if _wants_json(request, fmt) else (fmt or OutputFormat.PNG)
+    if stack and chosen is OutputFormat.PNG:
+        raise ApiError(
+            422,
+            ErrorCode.INVALID_PARAMETER,
+            "the image is a stack of planes: its mask is a multi-page TIFF with the same axes; "
+            "ask for it with ?format=tiff (or ?format=json for the mask and per-plane scores)",
+        )
+    return chosen
+
+
+def answer_response(answer: Answer | StackAnswer, fmt: OutputFormat, request_id: str) -> Response:
+    """The body and headers of an answer, in the format chosen."""
+    if fmt is OutputFormat.JSON:
+        document = answer.document(request_id)
+        return Response(
+            content=document.model_dump_json(),
+            media_type="application/json",
+            headers=answer.headers(),
+        )
+    if isinstance(answer, StackAnswer):
+        return Response(content=answer.tiff, media_type="image/tiff", headers=answer.headers())
+    if fmt is OutputFormat.TIFF:
+        meta = answer.model.meta
+        tiff = encode_mask_tiff(answer.result.mask, None, meta, answer.params.class_index(meta))
+        return Response(content=tiff, media_type="image/tiff", headers=answer.headers())
+    return Response(content=answer.png, media_type="image/png", headers=answer.headers())
 
 
 def _upload_bytes(*files: UploadFile | None) -> int:
@@ -50,8 +88,9 @@ def _upload_bytes(*files: UploadFile | None) -> int:
     response_model=SegmentResponse,
     responses={
         200: {
-            "content": {"image/png": {}},
-            "description": "The mask as PNG (default), or JSON with `Accept: application/json`.",
+            "content": {"image/png": {}, "image/tiff": {}},
+            "description": "The mask as PNG (default), TIFF (`format=tiff`; multi-page for a "
+            "stack), or JSON with `Accept: application/json`.",
         },
         **error_responses(
             {
@@ -95,6 +134,14 @@ async def segment_image(
         str | None, Query(max_length=64, description="Return this class's 0/255 mask only")
     ] = None,
     per_class: Annotated[bool, Query(description="JSON only: add one 0/255 PNG per class")] = False,
+    channel: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            description="Multi-channel TIFF (CYX, CZYX, TCZYX): the channel to segment, as an "
+            "index or an OME channel name",
+        ),
+    ] = None,
 ) -> Response:
     """Segment an image with a U-Net; score it when a ground truth is sent."""
     params = SegmentParams(
@@ -105,14 +152,21 @@ async def segment_image(
         class_name=class_name,
     )
     params.check(model.name, model.meta)
-    as_json = _wants_json(request, format)
+    layout = stack_layout(image.file)
+    fmt = response_format(request, format, stack=layout is not None)
     truth_file = ground_truth.file if ground_truth is not None else None
 
-    def work() -> Answer:
-        result = segment(
-            model, image.file, params, max_pixels=settings.max_image_pixels, truth_file=truth_file
+    def work() -> Answer | StackAnswer:
+        return segment_upload(
+            model,
+            image.file,
+            params,
+            max_pixels=settings.max_image_pixels,
+            layout=layout,
+            channel=channel,
+            per_class=fmt is OutputFormat.JSON and per_class,
+            truth_file=truth_file,
         )
-        return render_answer(model, params, result, per_class=as_json and per_class)
 
     try:
         answer = await gate.run(work)
@@ -128,11 +182,4 @@ async def segment_image(
     upload_bytes = _upload_bytes(image, ground_truth)
     metrics.record_segmentation(model.name, answer.result, upload_bytes)
     log_fields(model=model.name, tiles=answer.result.tiles, bytes=upload_bytes)
-    if not as_json:
-        return Response(content=answer.png, media_type="image/png", headers=answer.headers())
-    document = answer.document(request.state.request_id)
-    return Response(
-        content=document.model_dump_json(),
-        media_type="application/json",
-        headers=answer.headers(),
-    )
+    return answer_response(answer, fmt, request.state.request_id)
