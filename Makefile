@@ -17,7 +17,7 @@ $(VENV)/.serve-installed: pyproject.toml constraints.txt | $(BIN)/python
 
 # The client (client/, its own distribution: no server dependencies) is tested with the service.
 $(VENV)/.dev-installed: pyproject.toml client/pyproject.toml constraints.txt | $(BIN)/python
-	$(INSTALL) -e '.[cpu,train,dev]' -e ./client
+	$(INSTALL) -e '.[cpu,train,dev,serverkit]' -e ./client
 	touch $@ $(VENV)/.serve-installed
 
 install-serve: $(VENV)/.serve-installed

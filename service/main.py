@@ -15,6 +15,7 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from service.api.errors import register_exception_handlers
 from service.api.middleware import add_middlewares
 from service.api.routes import health, jobs, metrics, models, segment
+from service.api.serverkit import mount_serverkit
 from service.core.config import Settings, settings_from_env
 from service.core.gate import InferenceGate
 from service.core.logs import configure_logging
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for router in (health.router, models.router, segment.router, jobs.router, metrics.router):
         app.include_router(router)
+    mount_serverkit(app, settings)  # napari and QuPath, when the serverkit extra is installed
     register_exception_handlers(app)
     Instrumentator(registry=service_metrics.registry, excluded_handlers=["/metrics"]).instrument(
         app, latency_highr_buckets=INFERENCE_BUCKETS, latency_lowr_buckets=(0.1, 1.0, 10.0, 60.0)
@@ -113,5 +115,9 @@ def run() -> None:
         factory=True,
         host=settings.host,
         port=settings.port,
+        # The same loop and HTTP parser whatever is installed: uvicorn[standard] (which the
+        # serverkit extra pulls in) would otherwise switch to uvloop and httptools.
+        loop="asyncio",
+        http="h11",
         timeout_graceful_shutdown=60,
     )

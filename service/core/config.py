@@ -69,6 +69,9 @@ class Settings(BaseSettings):
         2 << 30, ge=1024, description="Bytes all kept job results may hold together"
     )
     job_ttl_seconds: int = Field(3600, ge=1, description="How long a finished job's result is kept")
+    # Imaging Server Kit (napari, QuPath): where the models are served as its algorithms when
+    # the `serverkit` extra is installed; empty turns it off.
+    serverkit_prefix: str = Field("/serverkit", pattern=r"^(/[A-Za-z0-9._-]+)*$")
 
     @field_validator("model_dir")
     @classmethod
