@@ -33,7 +33,8 @@ test: install-dev lint deploy-tools container-tools
 
 # tests/test_deploy.py checks docker-compose.yml and deploy/prometheus/ with Debian's
 # docker-compose (validates without a Docker engine) and prometheus (promtool, and a real
-# Prometheus scraping the service); tests/test_docs.py renders /docs in Debian's chromium.
+# Prometheus scraping the service); tests/test_docs.py renders /docs and tests/test_page.py
+# drives the page at / in Debian's chromium.
 # Installed when missing and we may (root with apt-get, as
 # in CI); otherwise those tests skip and say why. --no-install-recommends keeps out
 # prometheus-node-exporter; on a host with systemd the package would start and enable a

@@ -14,7 +14,7 @@ from prometheus_fastapi_instrumentator import Instrumentator
 
 from service.api.errors import register_exception_handlers
 from service.api.middleware import add_middlewares
-from service.api.routes import health, jobs, metrics, models, segment
+from service.api.routes import health, jobs, metrics, models, page, preview, segment
 from service.api.serverkit import mount_serverkit
 from service.core.config import Settings, settings_from_env
 from service.core.gate import InferenceGate
@@ -87,7 +87,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.max_jobs, settings.max_job_result_bytes, settings.job_ttl_seconds
     )
 
-    for router in (health.router, models.router, segment.router, jobs.router, metrics.router):
+    for router in (
+        page.router,
+        health.router,
+        models.router,
+        segment.router,
+        jobs.router,
+        preview.router,
+        metrics.router,
+    ):
         app.include_router(router)
     mount_serverkit(app, settings)  # napari and QuPath, when the serverkit extra is installed
     register_exception_handlers(app)
