@@ -281,7 +281,10 @@ def get_job(request: Request, job_id: JobIdPath) -> JobStatus:
     f"{JOBS_PATH}/{{job_id}}/result",
     response_model=SegmentResponse,
     responses={
-        200: {"content": {"image/png": {}}, "description": "What POST /segment would answer"},
+        200: {
+            "content": {"image/png": {}, "image/tiff": {}},
+            "description": "What POST /segment would answer",
+        },
         **error_responses(
             {
                 401: "API key required",
