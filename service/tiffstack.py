@@ -212,11 +212,40 @@ def resolve_channel(
     )
 
 
+def _channel_pages(tif: tifffile.TiffFile, layout: TiffLayout, channel: int | None) -> list[int]:
+    """The pages that hold the chosen channel's planes, in plane order, when every page of
+    the series is one plane (OME-TIFF, ImageJ and shaped multi-page files); empty when the
+    whole series has to be read. Reading only them keeps the other channels out of memory."""
+    axes = layout.axes
+    if channel is None or layout.channel_axis != "C" or layout.series_count > 1:
+        return []
+    if not (axes.endswith("YX") or axes.endswith("YXS")):
+        return []
+    lead_axes = axes[: axes.index("Y")]
+    lead_shape = layout.shape[: len(lead_axes)]
+    if "C" not in lead_axes or len(tif.series[0].pages) != math.prod(lead_shape):
+        return []
+    at = lead_axes.index("C")
+    keys = []
+    for position in np.ndindex(*layout.plane_shape):  # the lead axes but C, in file order
+        index = [*position[:at], channel, *position[at:]]
+        keys.append(int(np.ravel_multi_index(index, lead_shape)))
+    return keys
+
+
 def read_planes(
     tif: tifffile.TiffFile, layout: TiffLayout, channel: int | None, what: str = "image"
 ) -> np.ndarray:
     """The pixels as ``(planes, H, W, C)``: plane axes flattened in file order, the chosen
     channel (or every channel/sample) last."""
+    pages = _channel_pages(tif, layout, channel)
+    if pages:
+        data = tif.asarray(key=pages, series=0).reshape(
+            layout.planes, layout.height, layout.width, -1
+        )
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            raise InvalidImageError(f"the {what} contains NaN or infinite values")
+        return np.ascontiguousarray(data)
     if layout.series_count > 1:
         data = np.stack([s.asarray() for s in tif.series])
     else:

@@ -203,3 +203,19 @@ def test_stacks_through_a_job_and_the_client(model_dir: Path, tmp_path: Path) ->
     assert via_job.mask_format == "tiff" and via_job.document["image"]["planes"] == 4
     assert status.tiles_total == 4 and status.tiles_done == 4
     np.testing.assert_array_equal(read_tiff(as_tiff.content)[0], toy(zyx))
+
+
+def test_an_imagej_hyperstack_channel_reads_only_its_pages(client: TestClient) -> None:
+    """ZCYX as ImageJ writes it (pages Z-major): the chosen channel's planes, in Z order."""
+    data = np.stack([planes(2, seed=60 + 2 * z) for z in range(3)])  # Z, C, Y, X
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, data, imagej=True, metadata={"axes": "ZCYX"})
+    layout_axes = tifffile.TiffFile(io.BytesIO(buf.getvalue())).series[0].axes
+    assert layout_axes == "ZCYX"
+    r = post(client, buf.getvalue(), channel="1", format="tiff")
+    assert r.status_code == 200, r.text
+    mask, axes, _ = read_tiff(r.content)
+    assert axes == "ZYX"
+    np.testing.assert_array_equal(mask, toy(data[:, 1]))
+    ambiguous = post(client, buf.getvalue(), format="tiff")
+    assert ambiguous.status_code == 422 and "2 channels" in ambiguous.json()["detail"]

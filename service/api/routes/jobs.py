@@ -24,6 +24,7 @@ from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import ApiKeyDep, GateDep, MetricsDep, ModelDep, SettingsDep
 from service.api.errors import api_error
@@ -192,11 +193,12 @@ async def create_job(
     """Start segmenting an image in the background; follow it at ``status_url``."""
     store = _store(request)
     rid: str = request.state.request_id
-    layout = stack_layout(image.file)
+    # Off the event loop: a stack's header lists every page.
+    layout = await run_in_threadpool(stack_layout, image.file)
     if layout is not None:  # a multi-page TIFF mask, at most its raw planes plus framing
         reserve = png_bound(layout.planes * layout.height, layout.width)
     else:
-        size = header_size(image.file)
+        size = await run_in_threadpool(header_size, image.file)
         classes = len(model.meta.classes) if options.per_class else 0
         reserve = 0 if size is None else png_bound(*size) * (1 + classes)
     try:

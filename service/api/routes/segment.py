@@ -13,6 +13,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import ApiKeyDep, GateDep, MetricsDep, ModelDep, SettingsDep
 from service.core.errors import ApiError, ErrorCode, error_responses
@@ -152,7 +153,8 @@ async def segment_image(
         class_name=class_name,
     )
     params.check(model.name, model.meta)
-    layout = stack_layout(image.file)
+    # Off the event loop: a stack's header lists every page.
+    layout = await run_in_threadpool(stack_layout, image.file)
     fmt = response_format(request, format, stack=layout is not None)
     truth_file = ground_truth.file if ground_truth is not None else None
 
