@@ -157,6 +157,11 @@ class JobStore:
         """When a finished job is forgotten (wall-clock seconds)."""
         return None if job.finished is None else job.finished + self.ttl_seconds
 
+    def purge(self) -> None:
+        """Forget the results whose TTL is over (also done on every access)."""
+        with self._lock:
+            self._purge()
+
     def _purge(self) -> None:
         now = time.time()
         gone = [

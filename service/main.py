@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -26,6 +27,14 @@ from service.registry import ModelRegistry, load_registry
 log = logging.getLogger("service")
 
 DOCS_ASSETS_PATH = "/docs-assets"
+
+
+async def purge_jobs(store: JobStore) -> None:
+    """Free expired job results every few seconds (at most a tenth of their TTL late)."""
+    period = min(60.0, max(0.5, store.ttl_seconds / 10))
+    while True:
+        await asyncio.sleep(period)
+        store.purge()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -61,9 +70,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # /readyz says 503 until every model is warm.
         loader = threading.Thread(target=load, name="model-loader", daemon=True)
         loader.start()
+        # Expired job results are freed on time, not only at the next /jobs request.
+        purger = asyncio.create_task(purge_jobs(app.state.jobs))
         try:
             yield
         finally:
+            purger.cancel()
             app.state.jobs.cancel_all()  # background jobs stop at their next tile batch
             gate.shutdown()
             loader.join(timeout=5)
@@ -83,9 +95,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = ModelRegistry()
     app.state.metrics = service_metrics
     app.state.gate = gate
-    app.state.jobs = JobStore(
+    app.state.jobs = jobs_store = JobStore(
         settings.max_jobs, settings.max_job_result_bytes, settings.job_ttl_seconds
     )
+    service_metrics.watch_jobs(lambda: len(jobs_store), lambda: jobs_store.held_bytes)
 
     for router in (
         page.router,

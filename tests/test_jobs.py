@@ -166,6 +166,9 @@ def test_results_are_bounded_in_count_and_lost_only_by_their_ttl(
         jobs = [post_job(srv, small) for _ in range(2)]
         for job in jobs:
             wait_until(srv, job["id"], finished)
+        assert srv.metric("segment_jobs_kept") == 2
+        held = srv.metric("segment_job_result_bytes")
+        assert held is not None and 0 < held < 10_000  # two small masks, not their reservation
         full = httpx.post(f"{srv.url}/jobs", files={"image": small}, timeout=10)
         # Refusing the third job dropped neither result.
         kept = [httpx.get(f"{srv.url}/jobs/{j['id']}/result", timeout=10) for j in jobs]
@@ -175,6 +178,8 @@ def test_results_are_bounded_in_count_and_lost_only_by_their_ttl(
         third = post_job(srv, small)
         wait_until(srv, third["id"], finished)
         time.sleep(3.5)  # the TTL: every result is gone, and room is back
+        assert srv.metric("segment_jobs_kept") == 0
+        assert srv.metric("segment_job_result_bytes") == 0
         expired = httpx.get(f"{srv.url}/jobs/{third['id']}/result", timeout=10)
         fresh = post_job(srv, small)
     assert full.status_code == 503 and "SEG_MAX_JOBS" in full.json()["detail"]

@@ -7,6 +7,7 @@ are bounded: model names come from the model directory, reasons and stages from 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -122,6 +123,18 @@ class ServiceMetrics:
         self.models_ready = Gauge(
             "segment_models_ready", "1 when every model is loaded and warmed up.", registry=registry
         )
+
+    def watch_jobs(self, kept: Callable[[], float], held_bytes: Callable[[], float]) -> None:
+        """Gauges read from the job store at each scrape: jobs kept (waiting, running or
+        finished) and the bytes their results hold or reserve."""
+        Gauge(
+            "segment_jobs_kept", "Jobs kept: waiting, running or finished.", registry=self.registry
+        ).set_function(kept)
+        Gauge(
+            "segment_job_result_bytes",
+            "Bytes held (or reserved) by the results of the jobs kept.",
+            registry=self.registry,
+        ).set_function(held_bytes)
 
     def record_admitted(self, admitted: int, workers: int) -> None:
         """The admission gate's count changed: in flight, and those beyond the workers wait."""
