@@ -137,6 +137,18 @@ def test_segmenting_in_a_real_browser(model_dir: Path, tmp_path: Path) -> None:
         check_result(page, shot, mask, srv.url)
         assert page.evaluate("document.getElementById('key-panel').hidden")
 
+        # A broken file: the service's reason, code and request ID, in plain sight.
+        broken = tmp_path / "broken.png"
+        broken.write_bytes(png_bytes(random_image(H, W))[:100])
+        page.set_files("#image-input", broken)
+        page.evaluate("document.getElementById('run').click()")
+        page.wait_for("document.body.dataset.state === 'error'")
+        status = page.evaluate("document.getElementById('status').textContent")
+        assert "damaged or truncated PNG" in status and "(invalid_image)" in status
+        assert "[request " in status
+        # The only errors the browser logged are the two 422 answers themselves.
+        assert all("422" in e for e in page.errors()) and len(page.errors()) == 2
+
 
 @pytest.mark.slow
 def test_the_page_with_an_api_key(model_dir: Path, tmp_path: Path) -> None:
