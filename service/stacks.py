@@ -197,19 +197,21 @@ def segment_stack(
         return out
 
     mask = np.empty((layout.planes, layout.height, layout.width), np.uint8)
-    for i, plane in enumerate(stack.planes):
-        mask[i] = predict_mask(
-            to_channels(plane, meta.channels),
-            meta,
-            timed_predict,
-            batch_size=params.batch_size,
-            overlap=params.overlap,
-            mode=params.blend,
-            threshold=params.threshold,
-        )
-    start = time.perf_counter()
-    model.release_memory()
-    infer_time += time.perf_counter() - start
+    try:
+        for i, plane in enumerate(stack.planes):
+            mask[i] = predict_mask(
+                to_channels(plane, meta.channels),
+                meta,
+                timed_predict,
+                batch_size=params.batch_size,
+                overlap=params.overlap,
+                mode=params.blend,
+                threshold=params.threshold,
+            )
+    finally:  # also when a job is cancelled between two tile batches
+        start = time.perf_counter()
+        model.release_memory()
+        infer_time += time.perf_counter() - start
     t2 = time.perf_counter()
     timings["infer"] = infer_time
     timings["stitch"] = (t2 - t1) - infer_time
