@@ -281,7 +281,7 @@ def get_job(request: Request, job_id: JobIdPath) -> JobStatus:
 
 @router.get(
     f"{JOBS_PATH}/{{job_id}}/result",
-    response_model=SegmentResponse,
+    response_model=SegmentResponse | StackResponse,
     responses={
         200: {
             "content": {"image/png": {}, "image/tiff": {}},

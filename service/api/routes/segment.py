@@ -22,7 +22,13 @@ from service.core.logs import log_fields
 from service.inference.tiling import BlendMode
 from service.responses import Answer, SegmentResponse
 from service.segmenter import SegmentParams
-from service.stacks import StackAnswer, encode_mask_tiff, segment_upload, stack_layout
+from service.stacks import (
+    StackAnswer,
+    StackResponse,
+    encode_mask_tiff,
+    segment_upload,
+    stack_layout,
+)
 
 SEGMENT_PATH = "/segment"
 
@@ -86,7 +92,7 @@ def _upload_bytes(*files: UploadFile | None) -> int:
 
 @router.post(
     SEGMENT_PATH,
-    response_model=SegmentResponse,
+    response_model=SegmentResponse | StackResponse,
     responses={
         200: {
             "content": {"image/png": {}, "image/tiff": {}},
