@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 from rich.console import Console
 from segment_client import ClientError, SegmentClient, ServiceError
@@ -364,3 +365,34 @@ def test_importing_the_client_loads_nothing_of_the_service() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_stacks_are_written_as_multipage_tiffs(server: LiveServer, tmp_path: Path) -> None:
+    """A Z stack's mask is a multi-page TIFF with its axes; a two-channel image needs
+    ``--channel``, and gets a PNG (one plane)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    zyx = np.stack([random_image(40, 60, seed=s) for s in range(3)])
+    tifffile.imwrite(folder / "zstack.ome.tif", zyx, ome=True, metadata={"axes": "ZYX"})
+    cyx = np.stack([random_image(40, 60, seed=s) for s in (7, 8)])
+    tifffile.imwrite(
+        folder / "two_channels.ome.tif",
+        cyx,
+        ome=True,
+        metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "GFP"]}},
+    )
+    out = tmp_path / "masks"
+    status, printed = run_cli([str(folder), "--out", str(out), "--url", server.url])
+    assert status == 1 and "two_channels.ome.tif (invalid_parameter)" in printed
+    assert "0 (DAPI), 1 (GFP)" in printed
+    stack = tifffile.TiffFile(out / "zstack.ome.tif")
+    assert stack.series[0].axes == "ZYX"
+    expected = np.stack([expected_toy_mask(p) for p in zyx])
+    np.testing.assert_array_equal(stack.series[0].asarray(), expected)
+
+    status, printed = run_cli(
+        [str(folder), "--out", str(out), "--url", server.url, "--channel", "GFP"]
+    )
+    assert status == 0, printed
+    gfp = np.asarray(Image.open(out / "two_channels.ome.png"))
+    np.testing.assert_array_equal(gfp, expected_toy_mask(cyx[1]))
