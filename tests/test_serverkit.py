@@ -122,3 +122,10 @@ def test_the_api_key_protects_the_algorithms(tmp_path: Path) -> None:
             f"{srv.url}/serverkit/algorithms", headers={"X-API-Key": "s3cret"}, timeout=10
         )
     assert r.status_code == 200 and sorted(r.json()["algorithms"]) == sorted(MODELS)
+
+
+def test_the_mount_can_be_turned_off(make_client: Any) -> None:
+    with make_client(serverkit_prefix="") as c:
+        assert c.get("/serverkit/algorithms").status_code == 404
+    with make_client() as c:
+        assert c.get("/serverkit/algorithms").json() == {"algorithms": ["toy", "toy3", "toy3lv"]}

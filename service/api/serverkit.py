@@ -12,6 +12,7 @@ here as through ``/segment``. Optional: needs the ``serverkit`` extra.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
 import sys
@@ -47,6 +48,8 @@ def import_serverkit() -> Any:
     network without internet, and in CI. The demos are never used here, so an empty module
     stands in for them before the import; everything else is Server Kit's own code.
     """
+    if importlib.util.find_spec("imaging_server_kit") is None:
+        raise ImportError("imaging-server-kit is not installed (the serverkit extra)")
     if "imaging_server_kit" not in sys.modules and "imaging_server_kit.demo" not in sys.modules:
         demo = types.ModuleType("imaging_server_kit.demo")
         demo.__dict__.update(multi_algo_tools=None, multi_algo_demos=None)
