@@ -71,6 +71,8 @@ def test_an_array_comes_back_as_a_mask_with_scores_and_timings(server: LiveServe
     truth[:10] = 1 - truth[:10]  # ten rows wrong: known scores
     with SegmentClient(server.url) as client:
         result = client.segment(img, ground_truth=truth)
+        models = client.models()
+    assert sorted(models) == ["toy", "toy3", "toy3lv"] and models["toy"]["default"]
     assert result.mask.shape == (100, 140) and result.mask.dtype == np.uint8
     np.testing.assert_array_equal(result.mask, toy_truth(img))
     assert result.scores is not None

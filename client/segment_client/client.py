@@ -224,7 +224,6 @@ class SegmentClient:
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
         )
-        self._models: dict[str, dict[str, Any]] | None = None
 
     def __enter__(self) -> SegmentClient:
         return self
@@ -301,8 +300,7 @@ class SegmentClient:
     def models(self) -> dict[str, dict[str, Any]]:
         """``GET /models``: every loaded model's description, by name."""
         doc = self._json(self._request("GET", "/models"))
-        self._models = {m["name"]: m for m in doc.get("models", [])}
-        return self._models
+        return {m["name"]: m for m in doc.get("models", [])}
 
     @staticmethod
     def _is_binary(class_name: Any, doc: dict[str, Any]) -> bool:
