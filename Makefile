@@ -15,8 +15,9 @@ $(VENV)/.serve-installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(INSTALL) -e '.[cpu]'
 	touch $@
 
-$(VENV)/.dev-installed: pyproject.toml constraints.txt | $(BIN)/python
-	$(INSTALL) -e '.[cpu,train,dev]'
+# The client (client/, its own distribution: no server dependencies) is tested with the service.
+$(VENV)/.dev-installed: pyproject.toml client/pyproject.toml constraints.txt | $(BIN)/python
+	$(INSTALL) -e '.[cpu,train,dev,serverkit]' -e ./client
 	touch $@ $(VENV)/.serve-installed
 
 install-serve: $(VENV)/.serve-installed
@@ -32,7 +33,8 @@ test: install-dev lint deploy-tools container-tools
 
 # tests/test_deploy.py checks docker-compose.yml and deploy/prometheus/ with Debian's
 # docker-compose (validates without a Docker engine) and prometheus (promtool, and a real
-# Prometheus scraping the service); tests/test_docs.py renders /docs in Debian's chromium.
+# Prometheus scraping the service); tests/test_docs.py renders /docs and tests/test_page.py
+# drives the page at / in Debian's chromium.
 # Installed when missing and we may (root with apt-get, as
 # in CI); otherwise those tests skip and say why. --no-install-recommends keeps out
 # prometheus-node-exporter; on a host with systemd the package would start and enable a
@@ -72,8 +74,8 @@ container-tools:
 	fi
 
 lint: install-dev
-	$(BIN)/ruff check service training tests bench deploy
-	$(BIN)/ruff format --check service training tests bench deploy
+	$(BIN)/ruff check service training tests bench deploy client
+	$(BIN)/ruff format --check service training tests bench deploy client
 	$(BIN)/mypy
 
 ## Benchmark side by side (tutorial way, raw ONNX Runtime, pipeline, HTTP, memory, efficiency):

@@ -20,7 +20,19 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
-UVICORN = [sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory"]
+# asyncio and h11, as segment-service runs (service.main.run), even where uvicorn[standard]
+# would pick uvloop and httptools.
+UVICORN = [
+    sys.executable,
+    "-m",
+    "uvicorn",
+    "service.main:create_app",
+    "--factory",
+    "--loop",
+    "asyncio",
+    "--http",
+    "h11",
+]
 READY_TIMEOUT_S = 120.0
 
 

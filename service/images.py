@@ -18,8 +18,16 @@ from PIL import Image, UnidentifiedImageError
 from service.exceptions import (
     ImageTooLargeError,
     InvalidImageError,
+    InvalidParameterError,
     SegmentationInputError,
     UnsupportedFormatError,
+)
+from service.tiffstack import (
+    PhysicalSize,
+    check_layout,
+    read_layout,
+    read_planes,
+    resolve_channel,
 )
 
 ACCEPTED = "PNG, JPEG or TIFF (8- or 16-bit, grayscale or RGB)"
@@ -70,6 +78,8 @@ class DecodedImage:
     format: str
     dtype: str
     mode: str
+    channel: str | None = None  # the channel chosen with ``channel=`` (its name or index)
+    physical_size: PhysicalSize | None = None  # from OME metadata
 
     @property
     def height(self) -> int:
@@ -105,48 +115,37 @@ def _check_pixels(height: int, width: int, max_pixels: int, what: str) -> None:
         )
 
 
-def _decode_tiff(file: BinaryIO, max_pixels: int, what: str) -> DecodedImage:
+def _decode_tiff(
+    file: BinaryIO, max_pixels: int, what: str, channel: str | None, model_channels: int | None
+) -> DecodedImage:
     try:
         # A name, because tifffile takes one from the stream and an upload's spooled temporary
         # file has none (None in memory, an int descriptor once rolled over to disk).
         with tifffile.TiffFile(file, name="upload.tif") as tif:
-            series = tif.series[0] if tif.series else None
-            if series is None or not tif.pages:
-                raise InvalidImageError(f"the {what} is a TIFF without image data")
-            pages = len(tif.pages)
-            shape, dtype = tuple(series.shape), np.dtype(series.dtype)
-            # One 2-D plane, with samples last (RGB) or first (planar RGB). Anything else is a
-            # stack (pages, Z, time) from which the service cannot guess the plane meant.
-            samples_first = len(shape) == 3 and shape[-1] not in (1, 3, 4) and shape[0] in (1, 3, 4)
-            if (
-                pages > 1
-                or len(shape) not in (2, 3)
-                or (len(shape) == 3 and shape[-1] not in (1, 3, 4) and not samples_first)
-            ):
+            layout = read_layout(tif, what)
+            check_layout(layout, max_pixels, what)
+            if layout.planes > 1:
                 raise InvalidImageError(
-                    f"the {what} is a multi-page TIFF ({pages} pages, shape {shape}); "
-                    "send a single "
-                    "2-D image (one plane, grayscale or RGB)"
+                    f"the {what} is a multi-page TIFF, a stack of {layout.planes} planes "
+                    f"({layout.describe()}); a stack is segmented plane by plane when its mask "
+                    "is asked for as a multi-page TIFF (?format=tiff) or as JSON, with a ground "
+                    "truth of the same shape"
                 )
-            h, w = (shape[1], shape[2]) if samples_first else (shape[0], shape[1])
-            _check_pixels(h, w, max_pixels, what)
-            if dtype.kind not in "uif" or dtype.itemsize > 8:
-                raise InvalidImageError(f"the {what} has pixel type {dtype}, expected 8- or 16-bit")
-            pixels = series.asarray()
+            index = resolve_channel(layout, channel, model_channels)
+            pixels = read_planes(tif, layout, index, what)[0]
     except SegmentationInputError:
         raise
     except Exception as exc:  # tifffile raises many types for damaged files
         raise InvalidImageError(
             f"the {what} is a damaged or truncated TIFF ({type(exc).__name__})"
         ) from exc
-    if samples_first:
-        pixels = np.moveaxis(pixels, 0, -1)
-    if pixels.ndim == 2:
-        pixels = pixels[..., None]
-    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
-        raise InvalidImageError(f"the {what} contains NaN or infinite values")
     return DecodedImage(
-        pixels=pixels, format="TIFF", dtype=str(pixels.dtype), mode=f"{pixels.shape[2]}ch"
+        pixels=pixels,
+        format="OME-TIFF" if layout.ome else "TIFF",
+        dtype=str(pixels.dtype),
+        mode=f"{pixels.shape[2]}ch",
+        channel=None if index is None else layout.channels[index],
+        physical_size=layout.physical_size,
     )
 
 
@@ -231,13 +230,41 @@ def _png_is_16bit_colour(head: bytes) -> bool:
     return len(head) >= 26 and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 4, 6)
 
 
+def header_size(file: BinaryIO) -> tuple[int, int] | None:
+    """``(height, width)`` of one plane from the file's header, without decoding a pixel; None
+    when the header cannot be read (the decoder then says what is wrong with the file)."""
+    file.seek(0)
+    head = file.read(32)
+    file.seek(0)
+    try:
+        fmt = sniff_format(head)
+        if fmt == "TIFF":
+            with tifffile.TiffFile(file, name="upload.tif") as tif:
+                page = tif.pages.first
+                return int(page.imagelength), int(page.imagewidth)
+        with Image.open(file) as img:
+            return int(img.height), int(img.width)
+    except Exception:  # damaged, truncated, not an image: the decoder's message is the answer
+        return None
+    finally:
+        file.seek(0)
+
+
 def decode_image(
-    file: BinaryIO, *, max_pixels: int, what: str = "image", labels: bool = False
+    file: BinaryIO,
+    *,
+    max_pixels: int,
+    what: str = "image",
+    labels: bool = False,
+    channel: str | None = None,
+    model_channels: int | None = None,
 ) -> DecodedImage:
     """Decode an uploaded file (seekable binary) into ``(H, W, C)`` pixels.
 
     The one decoder of the project: the service's uploads and the training data go through it.
-    With ``labels`` (ground truths, training masks) palette images give their indices.
+    With ``labels`` (ground truths, training masks) palette images give their indices. A TIFF
+    with several channels gives the one ``channel`` names (index or OME name); without it, all
+    of them when they are ``model_channels`` (or that is None), else a 422 listing them.
 
     Raises an :class:`~service.exceptions.SegmentationInputError` (unsupported format, invalid
     image, too large) with a message that says what was expected and what arrived.
@@ -253,7 +280,11 @@ def decode_image(
             "or as a 16-bit grayscale PNG"
         )
     if fmt == "TIFF":
-        return _decode_tiff(file, max_pixels, what)
+        return _decode_tiff(file, max_pixels, what, channel, model_channels)
+    if channel is not None and channel != "0":
+        raise InvalidParameterError(
+            f"channel={channel!r} applies to multi-channel TIFF images; the {what} is a {fmt}"
+        )
     return _decode_pillow(file, fmt, max_pixels, what, labels)
 
 
@@ -267,6 +298,7 @@ class ImageHeader:
     channels: int
     nbytes: int  # the decoded pixels, all planes and samples
     file_bytes: int = 0  # the file as uploaded
+    planes: int = 1  # Z/T planes of a stack, each segmented on its own
 
     @property
     def pixels(self) -> int:
@@ -308,7 +340,10 @@ def read_header(file: BinaryIO, *, what: str = "image") -> ImageHeader:
             channels = shape[-1] if samples_last else 1
             if len(shape) == 3 and not samples_last and shape[0] in (1, 3, 4):
                 height, width, channels = shape[1], shape[2], shape[0]
-            return ImageHeader(fmt, int(width), int(height), int(channels), nbytes, file_bytes)
+            planes = max(1, int(np.prod(shape)) // max(1, int(width * height * channels)))
+            return ImageHeader(
+                fmt, int(width), int(height), int(channels), nbytes, file_bytes, planes
+            )
         with Image.open(file) as img:
             per_pixel = _PIL_PIXEL_BYTES.get(img.mode, 3)
             channels = 1 if per_pixel in (1, 2) or img.mode in ("I", "F") else 3

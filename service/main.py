@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -14,18 +15,28 @@ from prometheus_fastapi_instrumentator import Instrumentator
 
 from service.api.errors import register_exception_handlers
 from service.api.middleware import add_middlewares
-from service.api.routes import health, metrics, models, segment
+from service.api.routes import health, jobs, metrics, models, page, preview, segment
+from service.api.serverkit import mount_serverkit
 from service.core.config import Settings, settings_from_env
 from service.core.gate import InferenceGate
 from service.core.logs import configure_logging
 from service.core.metrics import INFERENCE_BUCKETS, ServiceMetrics
 from service.core.resources import MemoryBudget, cgroup_memory_limit, mib, rss_bytes
+from service.jobs import JobStore
 from service.registry import ModelRegistry, load_registry
 from service.segmenter import smallest_request_memory
 
 log = logging.getLogger("service")
 
 DOCS_ASSETS_PATH = "/docs-assets"
+
+
+async def purge_jobs(store: JobStore) -> None:
+    """Free expired job results every few seconds (at most a tenth of their TTL late)."""
+    period = min(60.0, max(0.5, store.ttl_seconds / 10))
+    while True:
+        await asyncio.sleep(period)
+        store.purge()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -68,9 +79,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # /readyz says 503 until every model is warm.
         loader = threading.Thread(target=load, name="model-loader", daemon=True)
         loader.start()
+        # Expired job results are freed on time, not only at the next /jobs request.
+        purger = asyncio.create_task(purge_jobs(app.state.jobs))
         try:
             yield
         finally:
+            purger.cancel()
+            app.state.jobs.cancel_all()  # background jobs stop at their next tile batch
             gate.shutdown()
             loader.join(timeout=5)
 
@@ -90,9 +105,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = service_metrics
     app.state.gate = gate
     app.state.memory_budget = None  # set once the models are loaded, when a budget is known
+    app.state.jobs = jobs_store = JobStore(
+        settings.max_jobs, settings.max_job_result_bytes, settings.job_ttl_seconds
+    )
+    service_metrics.watch_jobs(lambda: len(jobs_store), lambda: jobs_store.held_bytes)
 
-    for router in (health.router, models.router, segment.router, metrics.router):
+    for router in (
+        page.router,
+        health.router,
+        models.router,
+        segment.router,
+        jobs.router,
+        preview.router,
+        metrics.router,
+    ):
         app.include_router(router)
+    mount_serverkit(app, settings)  # napari and QuPath, when the serverkit extra is installed
     register_exception_handlers(app)
     Instrumentator(registry=service_metrics.registry, excluded_handlers=["/metrics"]).instrument(
         app, latency_highr_buckets=INFERENCE_BUCKETS, latency_lowr_buckets=(0.1, 1.0, 10.0, 60.0)
@@ -153,5 +181,9 @@ def run() -> None:
         factory=True,
         host=settings.host,
         port=settings.port,
+        # The same loop and HTTP parser whatever is installed: uvicorn[standard] (which the
+        # serverkit extra pulls in) would otherwise switch to uvloop and httptools.
+        loop="asyncio",
+        http="h11",
         timeout_graceful_shutdown=60,
     )

@@ -29,6 +29,8 @@ class ImageInfo(BaseModel):
     width: int
     height: int
     channels: int
+    channel: str | None = None
+    physical_pixel_size: dict[str, float | str | None] | None = None
 
 
 class SegmentResponse(BaseModel):
@@ -97,6 +99,10 @@ class Answer:
                 width=result.image.width,
                 height=result.image.height,
                 channels=int(result.image.pixels.shape[2]),
+                channel=result.image.channel,
+                physical_pixel_size=None
+                if result.image.physical_size is None
+                else result.image.physical_size.as_dict(),
             ),
             classes=meta.classes,
             threshold=(meta.threshold if self.params.threshold is None else self.params.threshold)
@@ -123,14 +129,6 @@ class Reply:
     body: bytes
     media_type: str
     headers: dict[str, str]
-
-
-def render_reply(answer: Answer, *, as_json: bool, request_id: str) -> Reply:
-    """The PNG alone, or the JSON document, with the answer's headers."""
-    if as_json:
-        body = answer.document(request_id).model_dump_json().encode()
-        return Reply(body, "application/json", answer.headers())
-    return Reply(answer.png, "image/png", answer.headers())
 
 
 def render_answer(

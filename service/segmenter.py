@@ -7,6 +7,7 @@ Kept apart from the HTTP layer so that benchmarks and tests drive the exact pipe
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -19,8 +20,12 @@ from service.inference.metrics import SegmentationScores, score_segmentation
 from service.inference.modelmeta import ModelMetadata, Task
 from service.inference.normalize import HIST_CHUNK_PIXELS
 from service.inference.pipeline import predict_mask
-from service.inference.tiling import BATCHES_IN_FLIGHT, BlendMode
+from service.inference.tiling import BATCHES_IN_FLIGHT, BlendMode, count_tiles
 from service.registry import LoadedModel
+
+# Told (tiles done, tiles in all) before the first tile batch and after each; whatever it raises
+# stops the request there (how a job is cancelled between two tile batches).
+ProgressHook = Callable[[int, int], None]
 
 
 @dataclass
@@ -137,7 +142,7 @@ def request_memory(
         held += 3 * hw  # its class map, and boolean masks while scoring
     inference = (
         held
-        + 2 * hw  # the uint8 mask and the 0/255 (or one class's) copy encoded to PNG
+        + 2 * hw * image.planes  # the uint8 mask (every plane) and the copy that is encoded
         + 12 * t * image.width * (k + 1)  # the probability and weight strips
         # tile batches in and out (float32, and a copy), as many as the overlapped tiler holds
         + BATCHES_IN_FLIGHT * 8 * batch_size * t * t * (c + k)
@@ -162,12 +167,22 @@ def segment(
     *,
     max_pixels: int,
     truth_file: BinaryIO | None = None,
+    progress: ProgressHook | None = None,
+    channel: str | None = None,
 ) -> SegmentResult:
-    """Segment one uploaded image with ``model``; score it when a ground truth is given."""
+    """Segment one uploaded image with ``model``; score it when a ground truth is given;
+    ``progress`` hears how many tiles are done (see :data:`ProgressHook`); ``channel`` picks
+    one channel of a multi-channel TIFF (an index or an OME channel name)."""
     meta = model.meta
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    decoded = decode_image(image_file, max_pixels=max_pixels, what="image")
+    decoded = decode_image(
+        image_file,
+        max_pixels=max_pixels,
+        what="image",
+        channel=channel,
+        model_channels=meta.channels,
+    )
     pixels = to_channels(decoded.pixels, meta.channels)
     truth = None
     if truth_file is not None:
@@ -184,6 +199,9 @@ def segment(
 
     batches: list[int] = []
     infer_time = 0.0
+    total_tiles = count_tiles(pixels.shape[0], pixels.shape[1], meta.tile_size, params.overlap)
+    if progress is not None:
+        progress(0, total_tiles)
 
     def timed_predict(tiles: np.ndarray) -> np.ndarray:
         nonlocal infer_time
@@ -191,6 +209,8 @@ def segment(
         out = model.predict(tiles)
         infer_time += time.perf_counter() - start
         batches.append(int(tiles.shape[0]))
+        if progress is not None:
+            progress(sum(batches), total_tiles)
         return out
 
     mask = predict_mask(

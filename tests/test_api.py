@@ -223,6 +223,8 @@ def test_json_answer_carries_mask_timings_and_tiles(
         "width": 200,
         "height": 130,
         "channels": 1,
+        "channel": None,
+        "physical_pixel_size": None,
     }
     fg = float((expected_toy_mask(img) > 0).mean())
     assert body["class_fractions"]["foreground"] == pytest.approx(fg)

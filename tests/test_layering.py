@@ -99,3 +99,24 @@ def test_the_checker_sees_the_imports_it_is_meant_to_catch(tmp_path: Path) -> No
     )
     names = imported_modules(probe, package="service.api")
     assert names == {"bench.flops", "service.api", "service.inference", "tests.conftest"}
+
+
+def test_the_client_and_the_service_know_nothing_of_each_other() -> None:
+    """``client/`` is its own distribution for labs' machines (no server dependencies): it
+    imports no layer of the project, and the wheel's packages never import it."""
+    client_files = sorted((REPO / "client" / "segment_client").rglob("*.py"))
+    assert client_files
+    wrong = {
+        f"{path.relative_to(REPO)} imports {name}"
+        for path in client_files
+        for name in imported_modules(path, package="segment_client")
+        if name.split(".")[0] in LAYERS
+    }
+    wrong |= {
+        f"{path.relative_to(REPO)} imports {name}"
+        for layer in ("service", "training")
+        for path in sources(layer)
+        for name in imported_modules(path)
+        if name.split(".")[0] == "segment_client"
+    }
+    assert not wrong, sorted(wrong)

@@ -20,6 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import error_response
+from service.api.routes.jobs import JOBS_PATH
+from service.api.routes.preview import PREVIEW_PATH
 from service.api.routes.segment import SEGMENT_PATH
 from service.core.config import Settings
 from service.core.errors import ApiError, ErrorCode
@@ -67,8 +69,9 @@ class RequestIdMiddleware:
 
 
 class EarlyOverloadMiddleware:
-    """Refuses ``POST /segment`` with 503 before its upload is read when no place is free, so a
-    saturated service answers in milliseconds instead of receiving gigabytes it will not use."""
+    """Refuses ``POST /segment``, ``/jobs`` and ``/preview`` with 503 before the upload is read
+    when no place is free, so a saturated service answers in milliseconds instead of receiving
+    gigabytes it will not use."""
 
     def __init__(self, app: ASGIApp, gate: InferenceGate, retry_after: int) -> None:
         self.app = app
@@ -79,7 +82,7 @@ class EarlyOverloadMiddleware:
         if (
             scope["type"] == "http"
             and scope["method"] == "POST"
-            and scope["path"].rstrip("/") == SEGMENT_PATH
+            and scope["path"].rstrip("/") in (SEGMENT_PATH, JOBS_PATH, PREVIEW_PATH)
             and self.gate.saturated
         ):
             app_state = scope.get("app").state  # type: ignore[union-attr]

@@ -86,6 +86,16 @@ class Settings(BaseSettings):
     log_format: LogFormat = Field(
         "text", description="text (plain lines) or json (one object per line, uvicorn's too)"
     )
+    # Background jobs (POST /jobs): how many are kept at once (running, waiting or finished),
+    # how many bytes their results may hold together, and for how long a result is kept.
+    max_jobs: int = Field(64, ge=1, description="Jobs kept at once; beyond that: 503")
+    max_job_result_bytes: int = Field(
+        2 << 30, ge=1024, description="Bytes all kept job results may hold together"
+    )
+    job_ttl_seconds: int = Field(3600, ge=1, description="How long a finished job's result is kept")
+    # Imaging Server Kit (napari, QuPath): where the models are served as its algorithms when
+    # the `serverkit` extra is installed; empty turns it off.
+    serverkit_prefix: str = Field("/serverkit", pattern=r"^(/[A-Za-z0-9._-]+)*$")
 
     @field_validator("model_dir")
     @classmethod

@@ -30,6 +30,8 @@ class ErrorCode(StrEnum):
     OVERLOADED = "overloaded"
     SPOOL_FULL = "spool_full"
     UPLOAD_TIMEOUT = "upload_timeout"
+    JOB_NOT_FINISHED = "job_not_finished"
+    JOB_CANCELLED = "job_cancelled"
     INTERNAL = "internal"
 
 

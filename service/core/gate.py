@@ -51,6 +51,12 @@ class InferenceGate:
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on a worker thread, or raise :class:`OverloadedError` immediately."""
+        return await asyncio.wrap_future(self.submit(fn))
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        """Admit ``fn`` and queue it for a worker; its future (cancelling it while it waits
+        gives its place back). :class:`OverloadedError` at once when no place is free: the
+        same admission for work answered now (``run``) and for background jobs."""
         with self._lock:
             if self._admitted >= self.limit:
                 raise OverloadedError
@@ -65,7 +71,7 @@ class InferenceGate:
             self._release()  # never keep a place that no work will give back
             raise OverloadedError from None
         future.add_done_callback(self._release)
-        return await asyncio.wrap_future(future)
+        return future
 
     def shutdown(self) -> None:
         """Let running work finish, then stop the threads."""

@@ -7,6 +7,7 @@ are bounded: model names come from the model directory, reasons and stages from 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -24,6 +25,7 @@ from service.core.resources import MemoryBudget
 if TYPE_CHECKING:
     from service.registry import ModelRegistry
     from service.segmenter import SegmentResult
+    from service.stacks import StackResult
 
 # A 256x256 tile batch takes tens of milliseconds on a GPU and up to seconds on a CPU; a
 # gigapixel image minutes. Buckets span that range roughly geometrically.
@@ -135,6 +137,18 @@ class ServiceMetrics:
             registry=registry,
         )
 
+    def watch_jobs(self, kept: Callable[[], float], held_bytes: Callable[[], float]) -> None:
+        """Gauges read from the job store at each scrape: jobs kept (waiting, running or
+        finished) and the bytes their results hold or reserve."""
+        Gauge(
+            "segment_jobs_kept", "Jobs kept: waiting, running or finished.", registry=self.registry
+        ).set_function(kept)
+        Gauge(
+            "segment_job_result_bytes",
+            "Bytes held (or reserved) by the results of the jobs kept.",
+            registry=self.registry,
+        ).set_function(held_bytes)
+
     def record_admitted(self, admitted: int, workers: int) -> None:
         """The admission gate's count changed: in flight, and those beyond the workers wait."""
         self.in_flight.set(admitted)
@@ -164,8 +178,11 @@ class ServiceMetrics:
         self.memory_budget.labels("requests").set(budget.capacity)
         self.memory_reserved.set_function(lambda: budget.reserved)
 
-    def record_segmentation(self, model: str, result: SegmentResult, upload_bytes: int) -> None:
-        """One answered ``/segment`` request: time per stage, tiles, pixels, bytes, batches."""
+    def record_segmentation(
+        self, model: str, result: SegmentResult | StackResult, upload_bytes: int
+    ) -> None:
+        """One answered ``/segment`` request: time per stage, tiles, pixels (every plane of a
+        stack), bytes, batches."""
         self.inference_seconds.labels(model).observe(result.timings["infer"])
         for stage, seconds in result.timings.items():
             self.stage_seconds.labels(stage).observe(seconds)

@@ -93,6 +93,18 @@ def _cut_tile(image: np.ndarray, y: int, x: int, roi: tuple[int, int]) -> np.nda
     return tile
 
 
+def count_tiles(
+    height: int, width: int, roi_size: int | tuple[int, int], overlap: float = 0.25
+) -> int:
+    """How many tiles :func:`sliding_window_inference` cuts from an image of this size (what
+    progress is counted against)."""
+    roi = _as_pair(roi_size, "roi_size")
+    step = compute_scan_interval(roi, overlap)
+    ys = compute_window_starts(height, roi[0], step[0])
+    xs = compute_window_starts(width, roi[1], step[1])
+    return len(ys) * len(xs)
+
+
 def iter_tile_batches(
     image: np.ndarray,
     roi_size: int | tuple[int, int],

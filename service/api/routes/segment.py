@@ -13,6 +13,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from service.api.admission import reserve_memory
 from service.api.deps import (
@@ -27,8 +28,15 @@ from service.core.errors import ApiError, ErrorCode, error_responses
 from service.core.gate import OverloadedError
 from service.core.logs import log_fields
 from service.inference.tiling import BlendMode
-from service.responses import Reply, SegmentResponse, render_answer, render_reply
-from service.segmenter import SegmentParams, segment
+from service.responses import Answer, Reply, SegmentResponse
+from service.segmenter import SegmentParams
+from service.stacks import (
+    StackAnswer,
+    StackResponse,
+    encode_mask_tiff,
+    segment_upload,
+    stack_layout,
+)
 
 SEGMENT_PATH = "/segment"
 
@@ -36,9 +44,11 @@ router = APIRouter(tags=["segment"], dependencies=[ApiKeyDep])
 
 
 class OutputFormat(StrEnum):
-    """Response body: the mask PNG alone, or JSON with the mask, scores and timings."""
+    """Response body: the mask PNG alone, the mask as TIFF (multi-page for a stack), or JSON
+    with the mask, scores and timings."""
 
     PNG = "png"
+    TIFF = "tiff"
     JSON = "json"
 
 
@@ -49,17 +59,50 @@ def _wants_json(request: Request, fmt: OutputFormat | None) -> bool:
     return "application/json" in accept and "image/png" not in accept
 
 
+def response_format(request: Request, fmt: OutputFormat | None, stack: bool) -> OutputFormat:
+    """The format asked for (``?format=``, else ``Accept``); a stack's mask cannot be one PNG,
+    so a stack answered as PNG is a 422 that says what to ask for instead."""
+    accept = request.headers.get("accept", "")
+    if fmt is None and "image/tiff" in accept:
+        fmt = OutputFormat.TIFF
+    chosen = OutputFormat.JSON if _wants_json(request, fmt) else (fmt or OutputFormat.PNG)
+    if stack and chosen is OutputFormat.PNG:
+        raise ApiError(
+            422,
+            ErrorCode.INVALID_PARAMETER,
+            "the image is a stack of planes: its mask is a multi-page TIFF with the same axes; "
+            "ask for it with ?format=tiff (or ?format=json for the mask and per-plane scores)",
+        )
+    return chosen
+
+
+def render_reply(answer: Answer | StackAnswer, fmt: OutputFormat, request_id: str) -> Reply:
+    """The body and headers of an answer, in the format chosen: bytes that hold nothing of the
+    image, so the worker can free the request's arrays before the response is sent."""
+    if fmt is OutputFormat.JSON:
+        document = answer.document(request_id)
+        return Reply(document.model_dump_json().encode(), "application/json", answer.headers())
+    if isinstance(answer, StackAnswer):
+        return Reply(answer.tiff, "image/tiff", answer.headers())
+    if fmt is OutputFormat.TIFF:
+        meta = answer.model.meta
+        tiff = encode_mask_tiff(answer.result.mask, None, meta, answer.params.class_index(meta))
+        return Reply(tiff, "image/tiff", answer.headers())
+    return Reply(answer.png, "image/png", answer.headers())
+
+
 def _upload_bytes(*files: UploadFile | None) -> int:
     return sum(f.size or 0 for f in files if f is not None)
 
 
 @router.post(
     SEGMENT_PATH,
-    response_model=SegmentResponse,
+    response_model=SegmentResponse | StackResponse,
     responses={
         200: {
-            "content": {"image/png": {}},
-            "description": "The mask as PNG (default), or JSON with `Accept: application/json`.",
+            "content": {"image/png": {}, "image/tiff": {}},
+            "description": "The mask as PNG (default), TIFF (`format=tiff`; multi-page for a "
+            "stack), or JSON with `Accept: application/json`.",
         },
         **error_responses(
             {
@@ -106,6 +149,14 @@ async def segment_image(
         str | None, Query(max_length=64, description="Return this class's 0/255 mask only")
     ] = None,
     per_class: Annotated[bool, Query(description="JSON only: add one 0/255 PNG per class")] = False,
+    channel: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            description="Multi-channel TIFF (CYX, CZYX, TCZYX): the channel to segment, as an "
+            "index or an OME channel name",
+        ),
+    ] = None,
 ) -> Response:
     """Segment an image with a U-Net; score it when a ground truth is sent."""
     params = SegmentParams(
@@ -116,7 +167,9 @@ async def segment_image(
         class_name=class_name,
     )
     params.check(model.name, model.meta)
-    as_json = _wants_json(request, format)
+    # Off the event loop: a stack's header lists every page.
+    layout = await run_in_threadpool(stack_layout, image.file)
+    fmt = response_format(request, format, stack=layout is not None)
     truth_file = ground_truth.file if ground_truth is not None else None
     upload_bytes = _upload_bytes(image, ground_truth)
     request_id = request.state.request_id
@@ -130,13 +183,19 @@ async def segment_image(
         raise
 
     def respond() -> Reply:
-        result = segment(
-            model, image.file, params, max_pixels=settings.max_image_pixels, truth_file=truth_file
+        answer = segment_upload(
+            model,
+            image.file,
+            params,
+            max_pixels=settings.max_image_pixels,
+            layout=layout,
+            channel=channel,
+            per_class=fmt is OutputFormat.JSON and per_class,
+            truth_file=truth_file,
         )
-        answer = render_answer(model, params, result, per_class=as_json and per_class)
-        metrics.record_segmentation(model.name, result, upload_bytes)
-        log_fields(model=model.name, tiles=result.tiles, bytes=upload_bytes)
-        return render_reply(answer, as_json=as_json, request_id=request_id)
+        metrics.record_segmentation(model.name, answer.result, upload_bytes)
+        log_fields(model=model.name, tiles=answer.result.tiles, bytes=upload_bytes)
+        return render_reply(answer, fmt, request_id)
 
     def work() -> Reply:
         try:

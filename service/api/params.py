@@ -1,0 +1,66 @@
+"""The segmentation options a request chooses in its query string, as one dependency.
+
+Jobs (``POST /jobs``) take exactly what ``POST /segment`` takes; declaring the options here
+once keeps the two from drifting apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Query
+
+from service.api.deps import ModelDep, SettingsDep
+from service.inference.tiling import BlendMode
+from service.segmenter import SegmentParams
+
+
+@dataclass
+class SegmentOptions:
+    """Checked segmentation parameters and what the JSON answer should include."""
+
+    params: SegmentParams
+    per_class: bool
+    channel: str | None = None
+
+
+def segment_options(
+    model: ModelDep,
+    settings: SettingsDep,
+    threshold: Annotated[
+        float | None, Query(gt=0.0, lt=1.0, description="Binary models: probability cut-off")
+    ] = None,
+    overlap: Annotated[
+        float | None,
+        Query(ge=0.0, le=0.75, description="Fraction of the tile shared by neighbours"),
+    ] = None,
+    blend: Annotated[
+        BlendMode, Query(description="Weight window for stitching")
+    ] = BlendMode.GAUSSIAN,
+    class_name: Annotated[
+        str | None, Query(max_length=64, description="Return this class's 0/255 mask only")
+    ] = None,
+    per_class: Annotated[bool, Query(description="JSON only: add one 0/255 PNG per class")] = False,
+    channel: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            description="Multi-channel TIFF (CYX, CZYX, TCZYX): the channel to segment, as an "
+            "index or an OME channel name",
+        ),
+    ] = None,
+) -> SegmentOptions:
+    """The options, checked against the model (422 naming what does not apply)."""
+    params = SegmentParams(
+        threshold=threshold,
+        overlap=settings.default_overlap if overlap is None else overlap,
+        blend=blend,
+        batch_size=settings.tile_batch_size,
+        class_name=class_name,
+    )
+    params.check(model.name, model.meta)
+    return SegmentOptions(params, per_class, channel)
+
+
+SegmentOptionsDep = Annotated[SegmentOptions, Depends(segment_options)]

@@ -1,0 +1,263 @@
+"""Background segmentation jobs: where each stands (tiles done of the total, ETA) and its result,
+kept for a bounded time.
+
+A job is one ``/segment`` request whose answer is fetched later: it is admitted by the same
+:class:`~service.core.gate.InferenceGate` (the same workers and waiting room), reports its
+progress between tile batches, and can be cancelled there. The store is bounded three ways:
+jobs kept at once, bytes their results hold (reserved when a job is admitted, from the image's
+header, so a result never has to be dropped to make room), and a time to live after a job
+finishes. A result is removed only when its TTL is over or its owner deletes it; when the store
+is full, new jobs are refused (503) rather than older results evicted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from service.core.errors import ApiError
+
+# A PNG of an H x W uint8 mask is at most its raw rows (one filter byte each) plus deflate's
+# stored-block framing (5 bytes per 64 KiB) and the chunks around them.
+_PNG_SLACK = 64 << 10
+
+
+def png_bound(height: int, width: int) -> int:
+    """An upper bound on the bytes of a mask PNG of ``height`` x ``width`` pixels."""
+    raw = height * (width + 1)
+    return raw + raw // 8192 + _PNG_SLACK
+
+
+class JobState(StrEnum):
+    """Where a job is in its life."""
+
+    QUEUED = "queued"  # admitted, waiting for a worker
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more will happen to the job."""
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobCancelledError(Exception):
+    """Raised into a running job's worker between tile batches once it was cancelled."""
+
+
+class JobStoreFullError(Exception):
+    """No room for another job; ``retry_after`` is when the oldest result expires."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass
+class JobResult:
+    """What a succeeded job answers: the mask (PNG, or a multi-page TIFF for a stack),
+    per-class PNGs, the headers and the JSON document (without the encoded masks, which are
+    added when it is sent)."""
+
+    mask: bytes
+    stack: bool
+    class_masks: dict[str, bytes] | None
+    headers: dict[str, str]
+    document: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (the masks; the rest is small)."""
+        return len(self.mask) + sum(len(p) for p in (self.class_masks or {}).values())
+
+
+@dataclass
+class Job:
+    """One background segmentation."""
+
+    id: str
+    model: str
+    request_id: str
+    reserved_bytes: int
+    created: float = field(default_factory=time.time)
+    state: JobState = JobState.QUEUED
+    tiles_done: int = 0
+    tiles_total: int | None = None
+    started: float | None = None
+    inference_started: float | None = None
+    finished: float | None = None
+    result: JobResult | None = None
+    error: ApiError | None = None
+    future: Future[None] | None = None
+    on_finish: Callable[[], None] | None = None
+    _cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def cancel_requested(self) -> bool:
+        """DELETE was asked while the job ran; it stops at its next tile batch."""
+        return self._cancel.is_set()
+
+    def report(self, done: int, total: int) -> None:
+        """The segmenter's progress hook: count tiles, or stop here when cancelled."""
+        if self._cancel.is_set():
+            raise JobCancelledError
+        now = time.monotonic()
+        if self.inference_started is None:
+            self.inference_started = now
+        self.tiles_done, self.tiles_total = done, total
+
+    def eta_seconds(self) -> float | None:
+        """Seconds left at the rate of the tiles done so far (None before the first batch)."""
+        if self.state is not JobState.RUNNING or not self.tiles_total or not self.tiles_done:
+            return None
+        assert self.inference_started is not None
+        elapsed = time.monotonic() - self.inference_started
+        left = self.tiles_total - self.tiles_done
+        return round(elapsed / self.tiles_done * left, 3)
+
+
+class JobStore:
+    """Every job the service keeps, bounded in count, result bytes and age."""
+
+    def __init__(self, max_jobs: int, max_bytes: int, ttl_seconds: float) -> None:
+        self.max_jobs = max_jobs
+        self.max_bytes = max_bytes
+        self.ttl_seconds = ttl_seconds
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._purge()
+            return len(self._jobs)
+
+    def _held_bytes(self) -> int:
+        return sum(
+            j.result.nbytes if j.result is not None else j.reserved_bytes
+            for j in self._jobs.values()
+        )
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes kept or reserved for results."""
+        with self._lock:
+            self._purge()
+            return self._held_bytes()
+
+    def expires_at(self, job: Job) -> float | None:
+        """When a finished job is forgotten (wall-clock seconds)."""
+        return None if job.finished is None else job.finished + self.ttl_seconds
+
+    def purge(self) -> None:
+        """Forget the results whose TTL is over (also done on every access)."""
+        with self._lock:
+            self._purge()
+
+    def _purge(self) -> None:
+        now = time.time()
+        gone = [
+            jid
+            for jid, j in self._jobs.items()
+            if j.finished is not None and j.finished + self.ttl_seconds <= now
+        ]
+        for jid in gone:
+            del self._jobs[jid]
+
+    def _retry_after(self) -> int:
+        ends = [self.expires_at(j) for j in self._jobs.values()]
+        soonest = min((e for e in ends if e is not None), default=None)
+        return 5 if soonest is None else max(1, int(soonest - time.time()) + 1)
+
+    def admit(self, model: str, request_id: str, reserved_bytes: int) -> Job:
+        """A new queued job holding ``reserved_bytes`` of the result budget, or
+        :class:`JobStoreFullError` when the count or the bytes would go over their limit."""
+        with self._lock:
+            self._purge()
+            if len(self._jobs) >= self.max_jobs:
+                raise JobStoreFullError(
+                    f"{len(self._jobs)} jobs are kept (the limit, setting SEG_MAX_JOBS); fetch "
+                    "and DELETE finished ones, or retry when the oldest result expires",
+                    self._retry_after(),
+                )
+            held = self._held_bytes()
+            if held + reserved_bytes > self.max_bytes:
+                raise JobStoreFullError(
+                    f"job results hold {held:,} bytes and this image's mask may take "
+                    f"{reserved_bytes:,}; the limit is {self.max_bytes:,} (setting "
+                    "SEG_MAX_JOB_RESULT_BYTES): fetch and DELETE finished jobs, or retry later",
+                    self._retry_after(),
+                )
+            job = Job(uuid.uuid4().hex, model, request_id, reserved_bytes)
+            self._jobs[job.id] = job
+            return job
+
+    def get(self, job_id: str) -> Job | None:
+        """The job, unless unknown or expired."""
+        with self._lock:
+            self._purge()
+            return self._jobs.get(job_id)
+
+    def discard(self, job: Job) -> None:
+        """Forget a job (never admitted by the gate, or deleted by its owner)."""
+        with self._lock:
+            self._jobs.pop(job.id, None)
+
+    def start(self, job: Job) -> bool:
+        """A worker takes the job; False if it was cancelled while it waited."""
+        with self._lock:
+            if job.cancel_requested or job.state is not JobState.QUEUED:
+                return False
+            job.state = JobState.RUNNING
+            job.started = time.time()
+            return True
+
+    def _finish(self, job: Job, state: JobState) -> None:
+        job.state = state
+        job.finished = time.time()
+        callback, job.on_finish = job.on_finish, None
+        if callback is not None:
+            callback()
+
+    def succeed(self, job: Job, result: JobResult) -> None:
+        """Keep the result (its bytes replace the reservation) until the TTL."""
+        with self._lock:
+            job.result = result
+            job.tiles_done = job.tiles_total or job.tiles_done
+            self._finish(job, JobState.SUCCEEDED)
+
+    def fail(self, job: Job, error: ApiError) -> None:
+        """The job ended with ``error`` (what ``/segment`` would have answered)."""
+        with self._lock:
+            job.error = error
+            self._finish(job, JobState.FAILED)
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job: at once if it waits (its worker place is given back), at its next tile
+        batch if it runs (:meth:`Job.report` raises there)."""
+        with self._lock:
+            if job.state.finished:
+                return
+            job._cancel.set()
+            if job.state is JobState.QUEUED and (job.future is None or job.future.cancel()):
+                self._finish(job, JobState.CANCELLED)
+
+    def cancelled(self, job: Job) -> None:
+        """The worker stopped at a cancellation."""
+        with self._lock:
+            self._finish(job, JobState.CANCELLED)
+
+    def cancel_all(self) -> None:
+        """Stop every unfinished job (the service is shutting down)."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            self.cancel(job)

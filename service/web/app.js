@@ -1,0 +1,315 @@
+// The page at /: plain JavaScript, no build step, no library, nothing from the internet.
+// It uses the service's public API like any client: GET /models, POST /preview (an 8-bit
+// view of the image: browsers read neither TIFF nor 16-bit ranges) and POST /segment.
+"use strict";
+
+// Overlay colours of classes 1, 2, ... (class 0, background, is left clear).
+const COLOURS = [
+  [255, 0, 255],
+  [255, 170, 0],
+  [0, 210, 255],
+  [120, 255, 0],
+  [255, 60, 60],
+  [160, 110, 255],
+];
+const OVERLAY_ALPHA = 0.5;
+const KEY_STORE = "segment-api-key";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  key: sessionStorage.getItem(KEY_STORE) || "",
+  models: {},
+  image: null,
+  truth: null,
+  maskUrl: null,
+};
+
+function setState(name, message, isError) {
+  document.body.dataset.state = name;
+  const status = $("status");
+  status.textContent = message || "";
+  status.classList.toggle("error", Boolean(isError));
+}
+
+class ServiceError extends Error {
+  constructor(status, detail, code, requestId) {
+    super(detail);
+    this.status = status;
+    this.code = code;
+    this.requestId = requestId;
+  }
+  describe() {
+    const code = this.code ? ` (${this.code})` : "";
+    const rid = this.requestId ? ` [request ${this.requestId}]` : "";
+    return `${this.message}${code}${rid}`;
+  }
+}
+
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {});
+  if (state.key) headers["X-API-Key"] = state.key;
+  const response = await fetch(path, Object.assign({}, options, { headers }));
+  if (!response.ok) {
+    let detail = `${response.status} ${response.statusText}`;
+    let code = "";
+    let rid = response.headers.get("x-request-id") || "";
+    try {
+      const body = await response.json();
+      detail = body.detail || detail;
+      code = body.code || "";
+      rid = body.request_id || rid;
+    } catch (_) {
+      // not the service's JSON error body: keep the status line
+    }
+    throw new ServiceError(response.status, detail, code, rid);
+  }
+  return response;
+}
+
+function showKeyPanel(message) {
+  $("key-panel").hidden = false;
+  $("key-message").textContent = message || "";
+}
+
+async function loadModels() {
+  setState("loading", "Loading the models…");
+  let listing;
+  try {
+    listing = await (await api("/models")).json();
+  } catch (err) {
+    if (err.status === 401) {
+      showKeyPanel(state.key ? "This key was not accepted." : "");
+      setState("need-key", "This service needs an API key: enter it above.", true);
+      return;
+    }
+    setState("error", err.describe ? err.describe() : String(err), true);
+    return;
+  }
+  $("key-panel").hidden = state.key === "" && document.body.dataset.keyRequired !== "true";
+  const select = $("model");
+  select.textContent = "";
+  state.models = {};
+  for (const model of listing.models) {
+    state.models[model.name] = model;
+    const option = document.createElement("option");
+    option.value = model.name;
+    option.textContent = `${model.name} (${model.metadata.classes.join(", ")})`;
+    option.selected = model.default;
+    select.appendChild(option);
+  }
+  if (!listing.models.length) {
+    setState("error", "No model is loaded on this service.", true);
+    return;
+  }
+  modelChanged();
+  setState("ready", state.image ? "" : "Choose an image to segment.");
+  updateButton();
+}
+
+function modelChanged() {
+  const model = state.models[$("model").value];
+  const binary = model.metadata.task === "binary";
+  $("threshold-label").hidden = !binary;
+  if (binary) $("threshold").value = model.metadata.threshold;
+}
+
+function updateButton() {
+  $("run").disabled = !(state.image && Object.keys(state.models).length);
+}
+
+function chooseFile(kind, file) {
+  state[kind] = file || null;
+  $(`${kind}-name`).textContent = file ? `${file.name} (${file.size.toLocaleString()} bytes)` : (kind === "image" ? "no image yet" : "none");
+  updateButton();
+}
+
+function wireDrop(zoneId, inputId, kind) {
+  const zone = $(zoneId);
+  const input = $(inputId);
+  input.addEventListener("change", () => chooseFile(kind, input.files[0]));
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    if (event.dataTransfer.files.length) chooseFile(kind, event.dataTransfer.files[0]);
+  });
+}
+
+function loadImage(src) {
+  return new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = () => reject(new Error("the browser could not read an image the service sent"));
+    img.src = src;
+  });
+}
+
+function b64Bytes(b64) {
+  const raw = atob(b64);
+  const bytes = new Uint8Array(raw.length);
+  for (let i = 0; i < raw.length; i++) bytes[i] = raw.charCodeAt(i);
+  return bytes;
+}
+
+// The classes' 0/255 masks painted in their colours on a transparent canvas of the mask's size.
+async function colouredMask(doc) {
+  const canvas = document.createElement("canvas");
+  canvas.width = doc.image.width;
+  canvas.height = doc.image.height;
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  const out = ctx.createImageData(canvas.width, canvas.height);
+  const legend = [];
+  for (const [index, name] of doc.classes.entries()) {
+    if (index === 0) continue; // background stays clear
+    const colour = COLOURS[(index - 1) % COLOURS.length];
+    legend.push([name, colour]);
+    const img = await loadImage(`data:image/png;base64,${doc.class_masks[name]}`);
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+    ctx.drawImage(img, 0, 0);
+    const mask = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+    for (let i = 0; i < mask.length; i += 4) {
+      if (mask[i] > 127) {
+        out.data[i] = colour[0];
+        out.data[i + 1] = colour[1];
+        out.data[i + 2] = colour[2];
+        out.data[i + 3] = 255;
+      }
+    }
+  }
+  ctx.putImageData(out, 0, 0);
+  return { canvas, legend };
+}
+
+function drawViews(preview, mask) {
+  const views = [$("image-view"), $("overlay-view")];
+  for (const view of views) {
+    view.width = preview.width;
+    view.height = preview.height;
+    const ctx = view.getContext("2d");
+    ctx.imageSmoothingEnabled = false;
+    ctx.drawImage(preview, 0, 0);
+  }
+  const ctx = $("overlay-view").getContext("2d");
+  ctx.globalAlpha = OVERLAY_ALPHA;
+  ctx.drawImage(mask, 0, 0, preview.width, preview.height);
+  ctx.globalAlpha = 1;
+}
+
+function fmt(value) {
+  return value === null || value === undefined ? "–" : value.toFixed(4);
+}
+
+function showScores(doc) {
+  const table = $("scores");
+  const metrics = doc.metrics;
+  table.hidden = !metrics;
+  if (!metrics) return;
+  const body = table.querySelector("tbody");
+  body.textContent = "";
+  for (const name of doc.classes) {
+    const row = body.insertRow();
+    row.insertCell().textContent = name;
+    row.insertCell().textContent = fmt(metrics.iou[name]);
+    row.insertCell().textContent = fmt(metrics.dice[name]);
+  }
+  const foot = table.querySelector("tfoot");
+  foot.textContent = "";
+  const mean = foot.insertRow();
+  mean.insertCell().textContent = "mean (classes present)";
+  mean.insertCell().textContent = fmt(metrics.mean_iou);
+  mean.insertCell().textContent = fmt(metrics.mean_dice);
+}
+
+function showLegend(legend) {
+  const holder = $("legend");
+  holder.textContent = "";
+  for (const [name, colour] of legend) {
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = `rgb(${colour.join(",")})`;
+    holder.appendChild(swatch);
+    holder.appendChild(document.createTextNode(name));
+  }
+}
+
+async function segment(event) {
+  event.preventDefault();
+  if (!state.image) return;
+  $("run").disabled = true;
+  setState("running", "Segmenting…");
+  const params = new URLSearchParams({
+    model: $("model").value,
+    overlap: $("overlap").value,
+    format: "json",
+    per_class: "true",
+  });
+  if (!$("threshold-label").hidden) params.set("threshold", $("threshold").value);
+  const form = new FormData();
+  form.append("image", state.image);
+  if (state.truth) form.append("ground_truth", state.truth);
+  const previewForm = new FormData();
+  previewForm.append("image", state.image);
+  try {
+    const [segmented, previewed] = await Promise.all([
+      api(`/segment?${params}`, { method: "POST", body: form }),
+      api("/preview?max_side=1024", { method: "POST", body: previewForm }),
+    ]);
+    const doc = await segmented.json();
+    if (doc.mask_tiff) {
+      const planes = doc.image.planes;
+      offerDownload(b64Bytes(doc.mask_tiff), "image/tiff", ".tif");
+      $("result").hidden = false;
+      setState("done", `A stack of ${planes} planes (${doc.image.axes}): its mask is a multi-page TIFF; download it below.`);
+      showScores(doc);
+      return;
+    }
+    const preview = await loadImage(URL.createObjectURL(await previewed.blob()));
+    const { canvas, legend } = await colouredMask(doc);
+    drawViews(preview, canvas);
+    showLegend(legend);
+    showScores(doc);
+    offerDownload(b64Bytes(doc.mask_png), "image/png", ".png");
+    const ms = Object.values(doc.timings_ms).reduce((a, b) => a + b, 0);
+    $("summary").textContent = ` — ${doc.model} v${doc.version}, ${doc.image.width}×${doc.image.height}, ${doc.tiles} tiles, ${Math.round(ms)} ms on ${doc.provider}`;
+    $("result").hidden = false;
+    setState("done", "");
+  } catch (err) {
+    setState("error", err.describe ? err.describe() : String(err), true);
+  } finally {
+    updateButton();
+  }
+}
+
+function offerDownload(bytes, type, suffix) {
+  if (state.maskUrl) URL.revokeObjectURL(state.maskUrl);
+  state.maskUrl = URL.createObjectURL(new Blob([bytes], { type }));
+  const link = $("download");
+  link.href = state.maskUrl;
+  const stem = state.image.name.replace(/\.[^.]+$/, "");
+  link.download = `${stem}_mask${suffix}`;
+  link.textContent = `Download the mask (${suffix === ".png" ? "PNG" : "multi-page TIFF"})`;
+}
+
+function init() {
+  wireDrop("drop", "image-input", "image");
+  wireDrop("drop-truth", "truth-input", "truth");
+  $("model").addEventListener("change", modelChanged);
+  $("form").addEventListener("submit", segment);
+  $("save-key").addEventListener("click", () => {
+    state.key = $("api-key").value.trim();
+    sessionStorage.setItem(KEY_STORE, state.key);
+    loadModels();
+  });
+  if (document.body.dataset.keyRequired === "true" && !state.key) {
+    showKeyPanel("");
+    setState("need-key", "This service needs an API key: enter it above.", true);
+    return;
+  }
+  loadModels();
+}
+
+init();

@@ -1,0 +1,169 @@
+"""The page at ``/`` for people, in a real headless Chromium against a real uvicorn.
+
+A person picks an image and its ground truth, segments it, and sees the image beside the mask
+overlay (checked by pixel content: the mask colour where the mask is, the image elsewhere),
+the IoU/Dice table and a download link; with no console error and no request anywhere but the
+service. A second run does it on a service that needs an API key.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from tests.cdp import Page, browser
+from tests.conftest import expected_toy_mask, png_bytes, random_image, tiff_bytes, toy_server
+from tests.test_docs import EXTERNAL, references
+
+H, W = 120, 180
+MAGENTA = np.array([255, 0, 255])  # class 1's overlay colour in service/web/app.js
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is missing in CI: `make deploy-tools` installs it")
+        pytest.skip("no chromium: `sudo apt-get install --no-install-recommends chromium`")
+    return path
+
+
+def test_the_page_and_its_files_reference_only_the_service(client: TestClient) -> None:
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert 'data-key-required="false"' in r.text
+    for text in (r.text, client.get("/ui/app.js").text, client.get("/ui/app.css").text):
+        assert not EXTERNAL.findall(text), EXTERNAL.findall(text)
+    urls = references(r.text)
+    assert set(urls) == {"data:,", "/ui/app.css", "/ui/app.js", "#"}
+    assert client.get("/ui/app.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/ui/nope.js").status_code == 404
+
+
+def test_preview_is_an_8bit_stretched_png_of_bounded_size(client: TestClient) -> None:
+    img = np.linspace(1000, 3000, 300 * 500).reshape(300, 500).astype(np.uint16)
+    r = client.post("/preview", files={"image": tiff_bytes(img)}, params={"max_side": 250})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert (r.headers["x-image-width"], r.headers["x-image-height"]) == ("500", "300")
+    preview = Image.open(io.BytesIO(r.content))
+    assert preview.mode == "L" and preview.size == (250, 150)
+    pixels = np.asarray(preview)
+    assert pixels.min() <= 2 and pixels.max() >= 253  # the 16-bit range, stretched
+    bad = client.post("/preview", files={"image": b"GIF89a" + b"\0" * 40})
+    assert bad.status_code == 415
+
+
+def overlay_agreement(page: Page, shot: np.ndarray, selector: str, mask: np.ndarray) -> dict:
+    """Sample the canvas in the screenshot at the centre of every image pixel: how many of the
+    mask's pixels show the mask colour, and how many others show the grey image."""
+    rect = page.rect(selector)
+    ys = (rect["y"] + (np.arange(H) + 0.5) * rect["height"] / H).astype(int)
+    xs = (rect["x"] + (np.arange(W) + 0.5) * rect["width"] / W).astype(int)
+    rgb = shot[np.ix_(ys, xs)][..., :3].astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    coloured = (r - g > 60) & (b - g > 60)  # magenta blended over grey
+    grey = (np.abs(r - g) < 12) & (np.abs(b - g) < 12)
+    on = mask > 0
+    return {
+        "mask_coloured": float(coloured[on].mean()),
+        "background_grey": float(grey[~on].mean()),
+    }
+
+
+def run_page(page: Page, url: str, image: Path, truth: Path) -> np.ndarray:
+    """Segment ``image`` with ``truth`` through the page; the screenshot afterwards."""
+    page.wait_for("document.body.dataset.state === 'ready'")
+    page.set_files("#image-input", image)
+    page.set_files("#truth-input", truth)
+    page.wait_for("!document.getElementById('run').disabled")
+    assert page.evaluate("document.getElementById('image-name').textContent").startswith(image.name)
+    page.evaluate("document.getElementById('run').click()")
+    page.wait_for("['done', 'error'].includes(document.body.dataset.state)")
+    status = page.evaluate("document.getElementById('status').textContent")
+    assert page.evaluate("document.body.dataset.state") == "done", status
+    page.evaluate("document.getElementById('result').scrollIntoView()")
+    return np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))
+
+
+def check_result(page: Page, shot: np.ndarray, mask: np.ndarray, service_url: str) -> None:
+    overlay = overlay_agreement(page, shot, "#overlay-view", mask)
+    assert overlay["mask_coloured"] > 0.97 and overlay["background_grey"] > 0.97, overlay
+    plain = overlay_agreement(page, shot, "#image-view", mask)
+    assert plain["mask_coloured"] < 0.01, plain  # the image itself, beside it, is not coloured
+    table = page.evaluate("document.getElementById('scores').innerText")
+    assert "foreground" in table and "background" in table and "1.0000" in table
+    link = page.evaluate(
+        "(() => { const a = document.getElementById('download');"
+        " return {href: a.href, name: a.download}; })()"
+    )
+    assert link["href"].startswith("blob:") and link["name"] == "cells_mask.png"
+    downloaded = page.evaluate(
+        "fetch(document.getElementById('download').href).then(r => r.arrayBuffer())"
+        ".then(b => Array.from(new Uint8Array(b)))"
+    )
+    got = np.asarray(Image.open(io.BytesIO(bytes(downloaded))))
+    np.testing.assert_array_equal(got, mask)
+    assert page.errors() == []
+    outside = [u for u in page.requests() if not u.startswith((service_url, "data:", "blob:"))]
+    assert outside == []
+
+
+def lab_files(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
+    img = random_image(H, W, seed=11)
+    mask = expected_toy_mask(img)
+    image, truth = tmp_path / "cells.png", tmp_path / "truth.png"
+    image.write_bytes(png_bytes(img))
+    truth.write_bytes(png_bytes(mask))
+    return image, truth, mask
+
+
+@pytest.mark.slow
+def test_segmenting_in_a_real_browser(model_dir: Path, tmp_path: Path) -> None:
+    path = chromium()
+    image, truth, mask = lab_files(tmp_path)
+    with (
+        toy_server(model_dir, tmp_path / "server") as srv,
+        browser(path, tmp_path / "profile") as page,
+    ):
+        page.goto(f"{srv.url}/")
+        shot = run_page(page, srv.url, image, truth)
+        check_result(page, shot, mask, srv.url)
+        assert page.evaluate("document.getElementById('key-panel').hidden")
+
+        # A broken file: the service's reason, code and request ID, in plain sight.
+        broken = tmp_path / "broken.png"
+        broken.write_bytes(png_bytes(random_image(H, W))[:100])
+        page.set_files("#image-input", broken)
+        page.evaluate("document.getElementById('run').click()")
+        page.wait_for("document.body.dataset.state === 'error'")
+        status = page.evaluate("document.getElementById('status').textContent")
+        assert "damaged or truncated PNG" in status and "(invalid_image)" in status
+        assert "[request " in status
+        # The only errors the browser logged are the two 422 answers themselves.
+        assert all("422" in e for e in page.errors()) and len(page.errors()) == 2
+
+
+@pytest.mark.slow
+def test_the_page_with_an_api_key(model_dir: Path, tmp_path: Path) -> None:
+    path = chromium()
+    image, truth, mask = lab_files(tmp_path)
+    with (
+        toy_server(model_dir, tmp_path / "server", api_key="lab-key") as srv,
+        browser(path, tmp_path / "profile") as page,
+    ):
+        page.goto(f"{srv.url}/")
+        page.wait_for("document.body.dataset.state === 'need-key'")
+        assert not page.evaluate("document.getElementById('key-panel').hidden")
+        assert "API key" in page.evaluate("document.getElementById('status').textContent")
+        assert not [u for u in page.requests() if "/models" in u]  # asked first, no 401
+        page.evaluate("document.getElementById('api-key').value = 'lab-key'")
+        page.evaluate("document.getElementById('save-key').click()")
+        shot = run_page(page, srv.url, image, truth)
+        check_result(page, shot, mask, srv.url)
