@@ -24,12 +24,11 @@ from service.api.deps import (
     ModelDep,
     SettingsDep,
 )
+from service.api.params import SegmentOptionsDep
 from service.core.errors import ApiError, ErrorCode, error_responses
 from service.core.gate import OverloadedError
 from service.core.logs import log_fields
-from service.inference.tiling import BlendMode
 from service.responses import Answer, Reply, SegmentResponse
-from service.segmenter import SegmentParams
 from service.stacks import (
     StackAnswer,
     StackResponse,
@@ -123,6 +122,7 @@ def _upload_bytes(*files: UploadFile | None) -> int:
 async def segment_image(
     request: Request,
     model: ModelDep,
+    options: SegmentOptionsDep,
     settings: SettingsDep,
     metrics: MetricsDep,
     gate: GateDep,
@@ -132,41 +132,12 @@ async def segment_image(
         UploadFile | None,
         File(description="Optional mask, same size: 0/1, 0/255, class indices or instance labels"),
     ] = None,
-    threshold: Annotated[
-        float | None, Query(gt=0.0, lt=1.0, description="Binary models: probability cut-off")
-    ] = None,
-    overlap: Annotated[
-        float | None,
-        Query(ge=0.0, le=0.75, description="Fraction of the tile shared by neighbours"),
-    ] = None,
-    blend: Annotated[
-        BlendMode, Query(description="Weight window for stitching")
-    ] = BlendMode.GAUSSIAN,
     format: Annotated[
         OutputFormat | None, Query(description="png or json; default from the Accept header")
     ] = None,
-    class_name: Annotated[
-        str | None, Query(max_length=64, description="Return this class's 0/255 mask only")
-    ] = None,
-    per_class: Annotated[bool, Query(description="JSON only: add one 0/255 PNG per class")] = False,
-    channel: Annotated[
-        str | None,
-        Query(
-            max_length=64,
-            description="Multi-channel TIFF (CYX, CZYX, TCZYX): the channel to segment, as an "
-            "index or an OME channel name",
-        ),
-    ] = None,
 ) -> Response:
     """Segment an image with a U-Net; score it when a ground truth is sent."""
-    params = SegmentParams(
-        threshold=threshold,
-        overlap=settings.default_overlap if overlap is None else overlap,
-        blend=blend,
-        batch_size=settings.tile_batch_size,
-        class_name=class_name,
-    )
-    params.check(model.name, model.meta)
+    params, per_class, channel = options.params, options.per_class, options.channel
     # Off the event loop: a stack's header lists every page.
     layout = await run_in_threadpool(stack_layout, image.file)
     fmt = response_format(request, format, stack=layout is not None)
