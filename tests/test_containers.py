@@ -761,7 +761,7 @@ def test_gpu_image_builds_and_serves_on_the_cpu_loudly(
 
 # --- 5: memory and spool space under real limits -----------------------------------------------
 
-MEMORY_LIMIT_MIB = 512
+MEMORY_LIMIT_MIB = 600  # the issue's container: SIGKILLed at start-up before budgets
 
 
 def _zeros_png16(side: int) -> bytes:
@@ -779,7 +779,7 @@ def _metric(box: Container, name: str, **labels: str) -> float | None:
 def test_a_memory_limited_container_refuses_what_cannot_fit_and_stays_up(
     cpu_image: str, held_out_frame: np.ndarray
 ) -> None:
-    """`--memory 512m`: the budget comes from the cgroup; an image that needs more than that
+    """`--memory 600m`: the budget comes from the cgroup; an image that needs more than that
     gets 413 with the numbers, the container stays up and serves the next request. The same
     image with SEG_MEMORY_ADMISSION=false (the service before budgets) kills the container."""
     limit = [f"--memory={MEMORY_LIMIT_MIB}m", f"--memory-swap={MEMORY_LIMIT_MIB}m"]
