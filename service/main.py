@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -19,15 +19,26 @@ from service.core.config import Settings, settings_from_env
 from service.core.gate import InferenceGate
 from service.core.logs import configure_logging
 from service.core.metrics import INFERENCE_BUCKETS, ServiceMetrics
-from service.registry import ModelRegistry, load_registry
+from service.registry import ModelRegistry, load_local_models
 
 log = logging.getLogger("service")
 
 DOCS_ASSETS_PATH = "/docs-assets"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The service, configured by ``settings`` (default: from ``SEG_*`` environment variables)."""
+ModelLoader = Callable[[ModelRegistry, Settings], None]
+
+
+def create_app(
+    settings: Settings | None = None, *, load_models: ModelLoader = load_local_models
+) -> FastAPI:
+    """The service, configured by ``settings`` (default: from ``SEG_*`` environment variables).
+
+    ``load_models`` fills the registry (in a thread beside the server, so ``/healthz`` answers
+    at once) and sets its ``ready`` event: by default ONNX Runtime sessions in this process;
+    the Ray Serve ingress passes one that reaches its model deployments instead. Everything
+    else (routes, errors, metrics, admission) is the same app either way.
+    """
     settings = settings or settings_from_env()
     # Before the server logs anything of its own: in JSON mode uvicorn's lines are JSON too.
     configure_logging(settings.log_level, settings.log_format)
@@ -40,14 +51,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models_registry: ModelRegistry = app.state.registry
 
         def load() -> None:
-            load_registry(
-                models_registry,
-                settings.model_dir,
-                settings.providers,
-                settings.intra_op_threads,
-                settings.tile_batch_size,
-                settings.cpu_memory_arena,
-            )
+            try:
+                load_models(models_registry, settings)
+            except Exception as exc:  # never leave /readyz saying "loading" for ever
+                log.exception("loading the models failed")
+                models_registry.failed["*"] = f"loading failed: {type(exc).__name__}: {exc}"
+                models_registry.ready.set()
             service_metrics.record_models(models_registry)
             log.info(
                 "ready: %s; failed: %s",

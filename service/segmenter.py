@@ -19,7 +19,7 @@ from service.inference.metrics import SegmentationScores, score_segmentation
 from service.inference.modelmeta import ModelMetadata, Task
 from service.inference.pipeline import predict_mask
 from service.inference.tiling import BlendMode
-from service.registry import LoadedModel
+from service.registry import SegmentationModel
 
 
 @dataclass
@@ -107,7 +107,7 @@ def ground_truth_classes(
 
 
 def segment(
-    model: LoadedModel,
+    model: SegmentationModel,
     image_file: BinaryIO,
     params: SegmentParams,
     *,

@@ -28,6 +28,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_MODEL = "unknown_model"
     NOT_READY = "not_ready"
     OVERLOADED = "overloaded"
+    MODEL_UNAVAILABLE = "model_unavailable"
     INTERNAL = "internal"
 
 
