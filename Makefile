@@ -15,8 +15,9 @@ $(VENV)/.serve-installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(INSTALL) -e '.[cpu]'
 	touch $@
 
+# scale: Ray Serve, for tests/test_rayserve.py and the Serve config checks.
 $(VENV)/.dev-installed: pyproject.toml constraints.txt | $(BIN)/python
-	$(INSTALL) -e '.[cpu,train,dev]'
+	$(INSTALL) -e '.[cpu,train,dev,scale]'
 	touch $@ $(VENV)/.serve-installed
 
 install-serve: $(VENV)/.serve-installed

@@ -9,6 +9,7 @@ interrupted: the count always matches the work really in progress.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,7 +58,8 @@ class InferenceGate:
             n = self._admitted
         self.on_change(n)
         try:
-            future = self._executor.submit(fn)
+            # With the caller's context: the request ID stays on the worker's log lines.
+            future = self._executor.submit(contextvars.copy_context().run, fn)
         except RuntimeError:  # the pool is shut down: the service is stopping
             self._release()  # never keep a place that no work will give back
             raise OverloadedError from None
