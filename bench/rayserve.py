@@ -74,9 +74,14 @@ class ServeApp:
     url: str
     config: dict[str, Any]
 
-    def redeploy(self, config: dict[str, Any], ready_timeout: float = READY_TIMEOUT_S) -> None:
+    def redeploy(
+        self,
+        config: dict[str, Any],
+        ready_timeout: float = READY_TIMEOUT_S,
+        expect_ready: int = 200,
+    ) -> None:
         """Apply another config to the running instance (as ``serve deploy`` does) and wait
-        until the application is running it and ready."""
+        until the application is running it and ``/readyz`` answers ``expect_ready``."""
         from ray.serve.context import _get_global_client
         from ray.serve.schema import ServeDeploySchema
 
@@ -84,7 +89,49 @@ class ServeApp:
         assert client is not None, "Serve is not running"
         client.deploy_apps(ServeDeploySchema.model_validate(config))
         self.config = config
+        time.sleep(1.0)  # the controller takes the new config up
+        deadline = time.monotonic() + ready_timeout
+        # Until the replicas are those of this config: old ones answer meanwhile.
+        wanted = {
+            d["name"]: d.get("num_replicas") for d in config["applications"][0]["deployments"]
+        }
+        while not self._settled(wanted):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the new config did not settle in {ready_timeout:.0f} s")
+            time.sleep(0.5)
+        _wait_ready(self.url, ready_timeout, expect_ready)
+
+    def _settled(self, wanted: dict[str, int | None]) -> bool:
+        """Every deployment HEALTHY with only RUNNING replicas, as many as ``wanted``."""
+        from ray import serve
+
+        app = serve.status().applications.get(APP)
+        if app is None or app.status != "RUNNING":
+            return False
+        for name, count in wanted.items():
+            status = app.deployments.get(name)
+            if status is None or status.status != "HEALTHY":
+                return False
+            states = dict(status.replica_states)
+            running = sum(n for state, n in states.items() if state == "RUNNING")
+            if sum(states.values()) != running or (count is not None and running != count):
+                return False
+        return True
+
+    def run_application(self, app: Any, ready_timeout: float = READY_TIMEOUT_S) -> None:
+        """Deploy an application built in Python (``serve.run``) in place of the current one."""
+        from ray import serve
+
+        serve.run(app, name=APP, route_prefix="/", blocking=False)
         _wait_ready(self.url, ready_timeout)
+
+    def wait_replicas(self, deployment: str, count: int, timeout: float = 120.0) -> None:
+        """Wait until ``deployment`` has exactly ``count`` RUNNING replicas."""
+        deadline = time.monotonic() + timeout
+        while self.running_replicas(deployment) != count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{deployment} never reached {count} running replicas")
+            time.sleep(0.5)
 
     def replica_actors(self, deployment: str) -> list[str]:
         """Names of the Ray actors running ``deployment``'s replicas."""
@@ -104,7 +151,9 @@ class ServeApp:
         return sum(n for state, n in status.replica_states.items() if state == "RUNNING")
 
 
-def _wait_ready(url: str, timeout: float) -> None:
+def _wait_ready(url: str, timeout: float, expect: int = 200) -> None:
+    """Until the application is RUNNING and its ``/readyz`` answers ``expect``, not "loading"
+    (after a redeploy, replicas of the previous config may answer for a while)."""
     from ray import serve
 
     deadline = time.monotonic() + timeout
@@ -114,7 +163,8 @@ def _wait_ready(url: str, timeout: float) -> None:
             raise AssertionError(f"the Serve application failed to deploy: {app.message}")
         if app is not None and app.status == "RUNNING":
             try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                r = httpx.get(f"{url}/readyz", timeout=5)
+                if r.status_code == expect and r.json().get("status") != "loading":
                     return
             except httpx.TransportError:
                 pass

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import copy
 import io
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -93,11 +94,12 @@ def model_batch_stats(app: ServeApp) -> list[Any]:
     """Every model replica's batch counters (asked through a handle until each has answered)."""
     handle = serve.get_deployment_handle(f"model-{MODEL}", app_name="segment")
     replicas = app.replica_actors(f"model-{MODEL}")
-    seen: dict[tuple[int, int], Any] = {}
+    seen: dict[str, Any] = {}
     deadline = time.monotonic() + 30
     while len(seen) < len(replicas) and time.monotonic() < deadline:
         stats = handle.batch_stats.remote().result(timeout_s=30)
-        seen[(stats.calls, stats.tiles)] = stats  # replicas told apart by their counts
+        seen[stats.replica] = stats
+    assert len(seen) == len(replicas), "a model replica never answered"
     return list(seen.values())
 
 
@@ -291,3 +293,33 @@ def test_a_full_ingress_queue_is_refused_by_serve_with_retry_after(
         if r.status_code == 503:
             assert r.headers["retry-after"] == "2"
             assert "backpressure" in r.text
+
+
+def test_a_model_that_cannot_load_is_reported_and_the_others_serve(
+    ray_app: ServeApp, tmp_path: Path
+) -> None:
+    """As in the standalone service: /readyz 503 "degraded" naming it, 404 for it, the other
+    models serve, and Serve does not restart its replica in a loop (a restart would not fix
+    the file)."""
+    shutil.copytree(REPO_MODELS / MODEL, tmp_path / MODEL)
+    broken = tmp_path / "broken" / "1" / "model.onnx"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"this is not an ONNX model" * 10)
+    config = copy.deepcopy(ray_app.config)
+    app = config["applications"][0]
+    app["args"] |= {"model_dir": str(tmp_path), "models": [MODEL, "broken"]}
+    app["deployments"].append({"name": "model-broken", "num_replicas": 1})
+    ray_app.redeploy(config, expect_ready=503)
+
+    ready = httpx.get(f"{ray_app.url}/readyz", timeout=10)
+    assert ready.status_code == 503
+    body = ready.json()
+    assert body["status"] == "degraded" and body["models"] == [MODEL]
+    assert str(tmp_path) not in body["failed"]["broken"]  # no server paths in the answer
+    unknown = post(ray_app.url, segment_files(png_bytes(random_image(64, 64))), model="broken")
+    assert unknown.status_code == 404
+    assert "failed to load" in unknown.json()["detail"]
+    assert post(ray_app.url, segment_files(png_bytes(random_image(64, 64)))).status_code == 200
+    time.sleep(12)  # longer than a health-check period: nothing is being restarted
+    assert ray_app.running_replicas("model-broken") == 1
+    assert serve.status().applications["segment"].status == "RUNNING"

@@ -122,6 +122,7 @@ class BatchStats:
     merged into them, tiles. A call holding two or more batches merged different requests: a
     request's tiler sends its next batch only once the previous one is answered."""
 
+    replica: str = ""
     calls: int = 0
     batches: int = 0
     tiles: int = 0
@@ -171,7 +172,7 @@ class ModelDeployment:
         self.max_batch_tiles = max_batch_tiles
         self.model: LoadedModel | None = None
         self.failed: str | None = None
-        self.stats = BatchStats()
+        self.stats = BatchStats(replica=serve.get_replica_context().replica_id.unique_id)
         try:
             self.model = load_model(
                 name,
@@ -227,17 +228,9 @@ class ModelDeployment:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_tiles_in)
     async def _predict_batch(self, batches: list[np.ndarray]) -> list[np.ndarray]:
-        assert self.model is not None
-        model = self.model
         tiles = batches[0] if len(batches) == 1 else np.concatenate(batches)
-
-        def run() -> np.ndarray:
-            out = model.predict(tiles)
-            model.release_memory()  # SEG_CPU_MEMORY_ARENA=shrink: after every model call
-            return out
-
         # In a thread: the replica's event loop keeps gathering the next batch meanwhile.
-        out = await asyncio.to_thread(run)
+        out = await asyncio.to_thread(self.run_model, tiles)
         self.stats.record(len(batches), int(tiles.shape[0]))
         self._tiles_per_call.observe(float(tiles.shape[0]))
         self._batches_per_call.observe(float(len(batches)))
@@ -250,6 +243,13 @@ class ModelDeployment:
             )
         bounds = np.cumsum([len(b) for b in batches])[:-1]
         return list(np.split(out, bounds))
+
+    def run_model(self, tiles: np.ndarray) -> np.ndarray:
+        """One model call on the gathered tiles (in a worker thread)."""
+        assert self.model is not None
+        out = self.model.predict(tiles)
+        self.model.release_memory()  # SEG_CPU_MEMORY_ARENA=shrink: after every model call
+        return out
 
     def check_health(self) -> None:
         """Serve's health check: a loaded model must still run (a broken CUDA context, say,
