@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,15 @@ def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
+# The standalone service twice: with its defaults (1 inference worker, ONNX Runtime on all
+# cores), and with one ONNX Runtime thread like each Ray model replica here, which separates
+# Ray's path (proxy, handle, object store) from the thread count.
+STANDALONE = {
+    "standalone (defaults)": {},
+    "standalone, 1 ONNX Runtime thread": {"intra_op_threads": "1"},
+}
+
+
 def run_small_images(
     app: ServeApp,
     bodies: list[bytes],
@@ -152,39 +162,41 @@ def run_small_images(
     loads: list[tuple[int, int]],
     rounds: int,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The standalone service (its defaults: 1 inference worker, ONNX Runtime on all cores)
-    and Ray Serve with the real model, measured in turns (standalone, then Ray, for each load,
-    ``rounds`` times per replica count) so that both see the same machine."""
-    standalone: dict[int, list[dict[str, Any]]] = {c: [] for c, _ in loads}
+    """The standalone service (:data:`STANDALONE`) and Ray Serve with the real model, measured
+    in turns (each standalone setup, then Ray, for each load, ``rounds`` times per replica
+    count) so that all see the same machine."""
+    standalone: dict[tuple[str, int], list[dict[str, Any]]] = {}
     on_ray: dict[tuple[int, int], list[dict[str, Any]]] = {}
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        live_server(
-            REPO / "models",
-            Path(tmp),
-            {"default_model": MODEL, "log_level": "WARNING"},
-            uvicorn_args=("--log-level", "warning"),
-        ) as srv,
-    ):
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as servers:
+        urls = {
+            name: servers.enter_context(
+                live_server(
+                    REPO / "models",
+                    Path(tmp) / str(i),
+                    {"default_model": MODEL, "log_level": "WARNING", **settings},
+                    uvicorn_args=("--log-level", "warning"),
+                )
+            ).url
+            for i, (name, settings) in enumerate(STANDALONE.items())
+        }
         for n in replicas:
             config = local_config([MODEL], ingress_replicas=2, model_replicas=n, env=ENV)
             config["http_options"] = app.config["http_options"]
             app.redeploy(config)
             app.wait_replicas(f"model-{MODEL}", n)
-            drive(srv.url, bodies, 2, 8)  # warm both
-            drive(app.url, bodies, 2, 8)
+            for url in [*urls.values(), app.url]:
+                drive(url, bodies, 2, 8)  # warm
             for _ in range(rounds):
                 for clients, requests in loads:
-                    standalone[clients].append(drive(srv.url, bodies, clients, requests))
-                    run = measured(app, bodies, clients, requests)
-                    on_ray.setdefault((n, clients), []).append(run)
-                    print(
-                        json.dumps(
-                            {"replicas": n, "standalone": standalone[clients][-1], "ray": run}
-                        ),
-                        flush=True,
-                    )
-    rows_alone = [{"setup": "standalone"} | median_row(runs) for runs in standalone.values()]
+                    turn: dict[str, Any] = {"replicas": n}
+                    for name, url in urls.items():
+                        run = drive(url, bodies, clients, requests)
+                        standalone.setdefault((name, clients), []).append(run)
+                        turn[name] = run
+                    turn["ray"] = measured(app, bodies, clients, requests)
+                    on_ray.setdefault((n, clients), []).append(turn["ray"])
+                    print(json.dumps(turn), flush=True)
+    rows_alone = [{"setup": name} | median_row(runs) for (name, _), runs in standalone.items()]
     rows_ray = [
         {"setup": f"ray serve, {n} model replica(s)", "replicas": n} | median_row(runs)
         for (n, _), runs in on_ray.items()
@@ -261,12 +273,13 @@ def write_doc(data: dict[str, Any], path: Path) -> None:
         f"Run: `{data['command']}` on {data['machine']}, {data['started']}; Ray {data['ray']}. "
         f"Images: {SMALL}² uint16 TIFFs (one tile each), checked to come back as PNG masks. "
         "Standalone: `segment-service` (uvicorn) with its defaults (1 inference worker, ONNX "
-        "Runtime on all cores). Ray Serve: `deploy/ray/serve.yaml` on a local Ray, 2 ingress "
-        "replicas, model replicas as listed, one ONNX Runtime thread each. Clients are threads "
+        "Runtime on all cores), and the same with one ONNX Runtime thread. Ray Serve: "
+        "`deploy/ray/serve.yaml` on a local Ray, 2 ingress replicas, model replicas as listed, "
+        "one ONNX Runtime thread each. Clients are threads "
         "of the benchmark process, each sending its next image when the last one is answered.",
         "",
         "**1. Many small images, real model (`nuclei`): standalone vs Ray Serve.** Measured "
-        f"in turns (standalone, then Ray Serve, for each load; {data['rounds']} turns per "
+        f"in turns (each standalone, then Ray Serve, for each load; {data['rounds']} turns per "
         "model replica count, Ray running throughout), medians over the turns; requests and "
         "model calls are totals. The 2 cores are shared by everything here (the load "
         "generator, both services, Ray's proxy and replicas), so compare within this table.",

@@ -72,7 +72,12 @@ def test_scaling_quick_run_writes_its_tables(tmp_path: Path) -> None:
     doc = tmp_path / "scaling.md"
     scaling.main(["--quick", "--doc", str(doc)])
     data = json.loads(doc.with_suffix(".json").read_text())
-    assert [r["clients"] for r in data["standalone"]] == [1, 8]
+    assert [(r["setup"], r["clients"]) for r in data["standalone"]] == [
+        ("standalone (defaults)", 1),
+        ("standalone (defaults)", 8),
+        ("standalone, 1 ONNX Runtime thread", 1),
+        ("standalone, 1 ONNX Runtime thread", 8),
+    ]
     assert [(r["replicas"], r["clients"]) for r in data["ray_real"]] == [(1, 1), (1, 8)]
     assert [(r["replicas"], r["max_batch_tiles"]) for r in data["fixed_cost"]] == [
         (1, 1),

@@ -248,6 +248,39 @@ def test_a_model_replica_killed_mid_load_loses_no_request(
     assert np.array_equal(np.asarray(decode_png(again.content)), expected)
 
 
+def test_model_replicas_autoscale_on_ongoing_requests(
+    ray_app: ServeApp, frames: dict[str, tuple[bytes, bytes]]
+) -> None:
+    """Serve's autoscaler adds a model replica under load (ongoing requests above target)."""
+    fixed = copy.deepcopy(ray_app.config)
+    config = copy.deepcopy(fixed)
+    for d in config["applications"][0]["deployments"]:
+        if d["name"] == f"model-{MODEL}":
+            del d["num_replicas"]
+            d["autoscaling_config"] = {
+                "min_replicas": 1,
+                "initial_replicas": 1,
+                "max_replicas": 2,
+                "target_ongoing_requests": 1,
+                "upscale_delay_s": 0,
+                "downscale_delay_s": 600,
+                "metrics_interval_s": 0.5,
+                "look_back_period_s": 1,
+            }
+    ray_app.redeploy(config)
+    ray_app.wait_replicas(f"model-{MODEL}", 1)
+    image = frames["frame_017"][0]
+    seen = set()
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(post, ray_app.url, segment_files(image)) for _ in range(24)]
+        while not all(f.done() for f in futures):
+            seen.add(ray_app.running_replicas(f"model-{MODEL}"))
+            time.sleep(0.3)
+        assert [f.result().status_code for f in futures] == [200] * 24
+    assert 2 in seen, f"running model replicas seen under load: {sorted(seen)}"
+    ray_app.redeploy(fixed)  # the fixed 2 + 2 replicas again, for the tests below
+
+
 def with_limits(config: dict[str, Any], deployment: str, **limits: int) -> dict[str, Any]:
     """``config`` with other options for one deployment."""
     config = copy.deepcopy(config)
