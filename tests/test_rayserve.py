@@ -251,9 +251,15 @@ def test_a_model_replica_killed_mid_load_loses_no_request(
 def test_model_replicas_autoscale_on_ongoing_requests(
     ray_app: ServeApp, frames: dict[str, tuple[bytes, bytes]]
 ) -> None:
-    """Serve's autoscaler adds a model replica under load (ongoing requests above target)."""
+    """Serve's autoscaler adds a model replica under load (ongoing requests above target) and
+    goes back to one when idle (after 2 s here)."""
     fixed = copy.deepcopy(ray_app.config)
     config = copy.deepcopy(fixed)
+    # Replicas and handles report their load every 0.5 s instead of every 10 s.
+    config["applications"][0]["runtime_env"]["env_vars"] |= {
+        "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+        "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    }
     for d in config["applications"][0]["deployments"]:
         if d["name"] == f"model-{MODEL}":
             del d["num_replicas"]
@@ -263,12 +269,11 @@ def test_model_replicas_autoscale_on_ongoing_requests(
                 "max_replicas": 2,
                 "target_ongoing_requests": 1,
                 "upscale_delay_s": 0,
-                "downscale_delay_s": 600,
-                "metrics_interval_s": 0.5,
-                "look_back_period_s": 1,
+                "downscale_delay_s": 2,
+                "look_back_period_s": 2,
             }
     ray_app.redeploy(config)
-    ray_app.wait_replicas(f"model-{MODEL}", 1)
+    ray_app.wait_replicas(f"model-{MODEL}", 1)  # idle: down to min_replicas
     image = frames["frame_017"][0]
     seen = set()
     with ThreadPoolExecutor(8) as pool:
