@@ -29,7 +29,7 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -275,7 +275,6 @@ class RemoteModel:
     handle: DeploymentHandle
     timeout_s: float
     attempts: int
-    lost: list[str] = field(default_factory=list)  # replica losses seen (for the log)
 
     @property
     def name(self) -> str:
