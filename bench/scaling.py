@@ -208,7 +208,7 @@ def fixed_cost_app(replicas: int, max_batch_tiles: int) -> Any:
     """The application with the model call replaced by a sleep of FIXED_COST_S per call."""
     from ray import serve
 
-    from service.rayserve.app import INGRESS, ModelDeployment, SegmentIngress
+    from service.rayserve.app import INGRESS, MetricsHub, ModelDeployment, SegmentIngress
     from service.registry import find_model_files
 
     base: Any = ModelDeployment.func_or_class  # type: ignore[attr-defined]
@@ -232,8 +232,11 @@ def fixed_cost_app(replicas: int, max_batch_tiles: int) -> Any:
     path = find_model_files(REPO / "models")[MODEL]
     handles = {MODEL: model.bind(MODEL, str(path), str(REPO / "models"), max_batch_tiles, 0.01)}
     ingress: Any = SegmentIngress
+    hub: Any = MetricsHub
     return ingress.options(name=INGRESS, num_replicas=2, **options).bind(
-        handles, {"model_dir": str(REPO / "models"), "max_batch_tiles": max_batch_tiles}
+        handles,
+        {"model_dir": str(REPO / "models"), "max_batch_tiles": max_batch_tiles},
+        hub.bind(),
     )
 
 

@@ -76,16 +76,19 @@ def ray_service() -> dict[str, Any]:
 def test_the_serve_config_passes_rays_schema_and_names_what_the_app_builds() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from service.rayserve.app import INGRESS, AppArgs, model_deployment_name
+    from service.rayserve.app import INGRESS, METRICS_HUB, AppArgs, model_deployment_name
 
     config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_YAML.read_text()))
     (app,) = config.applications
     assert app.import_path == "service.rayserve.app:build_app"
     AppArgs.model_validate(app.args)  # extra="forbid": a misspelt argument fails here
     named = {d.name for d in app.deployments}
-    built = {INGRESS} | {model_deployment_name(m) for m in find_model_files(REPO_MODELS)}
-    assert named == built
+    models = {model_deployment_name(m) for m in find_model_files(REPO_MODELS)}
+    assert named == {INGRESS, METRICS_HUB} | models
     for d in app.deployments:
+        if d.name == METRICS_HUB:
+            assert d.num_replicas == 1  # one place that holds every replica's metrics
+            continue
         assert d.max_queued_requests not in (None, -1), f"{d.name}: an unbounded queue"
         assert d.backpressure_config.retry_after_s == 2, d.name  # as the standalone's 503s
         assert d.autoscaling_config is not None, d.name
@@ -154,20 +157,28 @@ def test_the_rayservice_pod_templates_are_valid_pod_template_specs() -> None:
             assert 0 < d["ray_actor_options"]["num_gpus"] <= 1
 
 
-def test_prometheus_scrapes_rays_and_the_services_metrics_on_the_ray_pods() -> None:
-    monitor = one("PodMonitor")
-    selector = monitor["spec"]["selector"]["matchLabels"]
+def test_prometheus_scrapes_rays_metrics_everywhere_and_the_services_once() -> None:
+    monitors = {m["metadata"]["name"]: m for m in of_kind("PodMonitor")}
     spec = ray_service()["spec"]["rayClusterConfig"]
     templates = [spec["headGroupSpec"]["template"]] + [
         g["template"] for g in spec["workerGroupSpecs"]
     ]
-    for template in templates:
-        assert selector.items() <= template["metadata"]["labels"].items()
-        ports = {p["name"] for c in template["spec"]["containers"] for p in c["ports"]}
-        assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= ports
-    assert {"port": "serve", "path": "/metrics", "interval": "15s"} in monitor["spec"][
-        "podMetricsEndpoints"
-    ]
+
+    def selected(monitor: dict[str, Any]) -> list[dict[str, Any]]:
+        wanted = monitor["spec"]["selector"]["matchLabels"].items()
+        return [t for t in templates if wanted <= t["metadata"]["labels"].items()]
+
+    def ports(template: dict[str, Any]) -> set[str]:
+        return {p["name"] for c in template["spec"]["containers"] for p in c["ports"]}
+
+    ray_monitor, service_monitor = monitors["segment-ray"], monitors["segment-service"]
+    assert selected(ray_monitor) == templates  # Ray's metrics: every node's agent
+    assert [e["port"] for e in ray_monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    # The service's /metrics is already the whole service's (merged over the ingress
+    # replicas): scraped through one pod's proxy only, the head's.
+    assert selected(service_monitor) == [spec["headGroupSpec"]["template"]]
+    (endpoint,) = service_monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["path"] == "/metrics" and endpoint["port"] in ports(templates[0])
 
 
 # --- the plain manifests -------------------------------------------------------------------------

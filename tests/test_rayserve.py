@@ -40,6 +40,7 @@ pytest.importorskip("ray", reason="Ray Serve comes with the scale extra (make in
 from ray import serve
 
 from bench.images import TEST_FRAMES
+from bench.live_server import metric_sample
 from bench.rayserve import ServeApp, local_config, local_serve
 from service.core.config import REPO_MODELS
 from service.registry import find_model_files, load_model
@@ -154,6 +155,37 @@ def test_two_ingress_and_two_model_replicas_serve_the_same_api(ray_app: ServeApp
     metrics = httpx.get(f"{ray_app.url}/metrics", timeout=10).text
     for family in ("segment_requests_in_flight", "segment_tiles_total", "http_requests_total"):
         assert family in metrics
+
+
+def test_metrics_are_the_whole_services_whichever_ingress_replica_answers(
+    ray_app: ServeApp,
+) -> None:
+    """Serve's proxy sends each scrape to either ingress replica; /metrics merges both (the
+    MetricsHub deployment), so totals neither jump between scrapes nor miss a replica's work."""
+
+    def scrape() -> str:
+        return httpx.get(f"{ray_app.url}/metrics", timeout=10).text
+
+    time.sleep(5)  # both replicas have pushed since their last request (every 2 s)
+    before = {metric_sample(scrape(), "segment_tiles_total", model=MODEL) for _ in range(6)}
+    assert len(before) == 1, before
+    image = png_bytes(random_image(300, 200))  # 2 tiles
+    for _ in range(8):
+        assert post(ray_app.url, segment_files(image)).status_code == 200
+    time.sleep(5)
+    after = [scrape() for _ in range(6)]
+    (tiles_before,) = before
+    assert {metric_sample(t, "segment_tiles_total", model=MODEL) for t in after} == {
+        tiles_before + 16
+    }
+    # Per-process families stay per replica: one series for each of the 2 ingress replicas.
+    replicas = {
+        line.split('replica="')[1].split('"')[0]
+        for line in after[0].splitlines()
+        if line.startswith("process_resident_memory_bytes{")
+    }
+    assert len(replicas) == 2, replicas
+    assert metric_sample(after[0], "segment_models_ready") == 1.0
 
 
 def test_masks_and_scores_are_identical_to_the_standalone_service(

@@ -29,6 +29,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -44,7 +45,7 @@ from ray.util import metrics as ray_metrics
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core.config import Settings, settings_from_env
-from service.core.metrics import BATCH_BUCKETS
+from service.core.metrics import BATCH_BUCKETS, ServiceMetrics, merge_expositions
 from service.exceptions import ModelUnavailableError
 from service.inference.modelmeta import ModelMetadata
 from service.main import create_app
@@ -263,6 +264,39 @@ class ModelDeployment:
             raise RuntimeError(f"model {self.name!r} answered shape {out.shape} to a probe")
 
 
+# --- metrics across ingress replicas -------------------------------------------------------------
+
+METRICS_HUB = "MetricsHub"
+METRICS_PUSH_S = 2.0
+
+
+@serve.deployment(
+    name=METRICS_HUB,
+    num_replicas=1,
+    max_ongoing_requests=256,
+    ray_actor_options={"num_cpus": 0},
+)
+class MetricsHub:
+    """The latest metrics text of every ingress replica, so that ``GET /metrics`` answers for
+    the whole service whichever replica Serve's proxy picks (each replica alone would answer
+    its own counters, which go up and down from one scrape to the next).
+
+    Ingress replicas push every :data:`METRICS_PUSH_S` seconds and when asked for
+    ``/metrics``; a replica silent for ``stale_after_s`` (stopped, scaled down) is dropped.
+    """
+
+    def __init__(self, stale_after_s: float = 5 * METRICS_PUSH_S) -> None:
+        self.stale_after_s = stale_after_s
+        self.texts: dict[str, tuple[float, str]] = {}
+
+    def push(self, replica: str, text: str) -> dict[str, str]:
+        """Keep ``replica``'s text; answer every replica's current text."""
+        now = time.monotonic()
+        self.texts[replica] = (now, text)
+        self.texts = {r: v for r, v in self.texts.items() if now - v[0] <= self.stale_after_s}
+        return {r: text for r, (_, text) in self.texts.items()}
+
+
 # --- the ingress ------------------------------------------------------------------------------
 
 
@@ -388,9 +422,13 @@ class SegmentIngress:
     queue, not the app's gate, decides when to refuse).
     """
 
-    def __init__(self, models: dict[str, DeploymentHandle], args: dict[str, Any]) -> None:
+    def __init__(
+        self, models: dict[str, DeploymentHandle], args: dict[str, Any], hub: DeploymentHandle
+    ) -> None:
         self.app_args = AppArgs.model_validate(args)
         self.handles = models
+        self.hub = hub
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.settings = (
             Settings(model_dir=self.app_args.model_dir) if self.app_args.model_dir else Settings()
         )
@@ -400,7 +438,33 @@ class SegmentIngress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         self.fastapi_app = create_app(self.settings, load_models=self.load_models)
         self.fastapi_app.add_middleware(ProxyRequestIdMiddleware)
+        metrics: ServiceMetrics = self.fastapi_app.state.metrics
+        own = metrics.exposition
+        metrics.exposition = lambda: self.service_exposition(own)
+        threading.Thread(
+            target=self.push_metrics, args=(own,), name="metrics-push", daemon=True
+        ).start()
         return self.fastapi_app
+
+    def push_metrics(self, own: Callable[[], bytes]) -> None:
+        """Every few seconds, this replica's metrics to the hub."""
+        while True:
+            try:
+                self.hub.push.remote(self.replica, own().decode()).result(timeout_s=10)
+            except Exception as exc:  # the hub restarting: the next push will do
+                log.debug("metrics push failed: %s", exc)
+            time.sleep(METRICS_PUSH_S)
+
+    def service_exposition(self, own: Callable[[], bytes]) -> bytes:
+        """``GET /metrics``: every ingress replica's metrics merged (this one's as of now), or
+        this replica's alone, with a warning, when the hub does not answer."""
+        mine = own()
+        try:
+            texts = self.hub.push.remote(self.replica, mine.decode()).result(timeout_s=5)
+        except Exception as exc:
+            log.warning("metrics hub unavailable (%s): /metrics shows this replica only", exc)
+            return mine
+        return merge_expositions(texts)
 
     def load_models(self, registry: ModelRegistry, settings: Settings) -> None:
         """Ask each model deployment what it serves (waits for its replicas to be up)."""
@@ -452,6 +516,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     # What @serve.deployment made of the classes (mypy sees the classes).
     model_deployment = cast(serve.Deployment, ModelDeployment)
     ingress = cast(serve.Deployment, SegmentIngress)
+    hub = cast(serve.Deployment, MetricsHub)
     handles = {
         name: model_deployment.options(name=model_deployment_name(name)).bind(
             name,
@@ -462,4 +527,4 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         )
         for name in names
     }
-    return ingress.bind(handles, parsed.model_dump(mode="json"))
+    return ingress.bind(handles, parsed.model_dump(mode="json"), hub.bind())
