@@ -72,7 +72,7 @@ def test_scaling_quick_run_writes_its_tables(tmp_path: Path) -> None:
     doc = tmp_path / "scaling.md"
     scaling.main(["--quick", "--doc", str(doc)])
     data = json.loads(doc.with_suffix(".json").read_text())
-    assert [(r["setup"], r["clients"]) for r in data["standalone"]] == [
+    assert sorted((r["setup"], r["clients"]) for r in data["standalone"]) == [
         ("standalone (defaults)", 1),
         ("standalone (defaults)", 8),
         ("standalone, 1 ONNX Runtime thread", 1),
