@@ -104,19 +104,12 @@ async def _model_unavailable(request: Request, exc: Exception) -> JSONResponse:
         metrics: ServiceMetrics | None = getattr(request.app.state, "metrics", None)
         if metrics is not None:
             metrics.rejected.inc()
-        err = ApiError(
-            503,
-            ErrorCode.OVERLOADED,
-            f"{exc.message}; retry in {retry_after} s",
-            headers={"Retry-After": retry_after},
-        )
-    else:
-        err = ApiError(
-            503,
-            ErrorCode.MODEL_UNAVAILABLE,
-            f"{exc.message}; retry in {retry_after} s",
-            headers={"Retry-After": retry_after},
-        )
+    err = ApiError(
+        503,
+        ErrorCode.OVERLOADED if exc.busy else ErrorCode.MODEL_UNAVAILABLE,
+        f"{exc.message}; retry in {retry_after} s",
+        headers={"Retry-After": retry_after},
+    )
     return error_response(request, err)
 
 

@@ -62,7 +62,8 @@ def _upload_bytes(*files: UploadFile | None) -> int:
                 415: "Not a PNG, JPEG or TIFF",
                 422: "Unusable image, ground truth or parameter",
                 500: "Unexpected error; quote the request ID",
-                503: "Saturated or still loading; retry after `Retry-After` seconds",
+                503: "Saturated, still loading, or (Ray Serve) a model replica being "
+                "replaced; retry after `Retry-After` seconds",
             }
         ),
     },
