@@ -4,6 +4,7 @@
 #
 #   docker build --target gpu -t unet-segmentation-service:gpu .   # default (last stage)
 #   docker build --target cpu -t unet-segmentation-service:cpu .
+#   docker build --target ray -t unet-segmentation-service:ray .   # gpu + Ray Serve (scale extra)
 #
 # Base image and CUDA, deliberately: python:3.11-slim plus onnxruntime-gpu's [cuda,cudnn]
 # extras, NOT an nvidia/cuda base. onnxruntime-gpu 1.31 is built for CUDA 13 and cuDNN 9, and
@@ -93,6 +94,40 @@ ENV SEG_PROVIDERS='["CPUExecutionProvider"]'
 # the service never writes to them.
 COPY models/ /models/
 USER 10001:10001
+
+# ---------------------------------------------------------------------------------------------
+# ray: the gpu image plus Ray Serve (the `scale` extra) and deploy/ray/serve.yaml, for a
+# multi-GPU node (`docker run --gpus all -p 8000:8000 unet-segmentation-service:ray`: a local
+# Ray with the Serve application) and for Ray clusters on Kubernetes, where KubeRay replaces
+# the entrypoint with `ray start` (deploy/kubernetes/rayservice.yaml). Not built in CI.
+FROM build-gpu AS build-ray
+ARG ORT_VERSION=1.31.1
+RUN pip install --no-cache-dir -c constraints.txt ".[gpu,scale]" "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}" \
+ && pip check \
+ && if pip show onnxruntime >/dev/null 2>&1; then echo "onnxruntime (CPU) must not be installed beside onnxruntime-gpu" >&2; exit 1; fi
+
+FROM runtime AS ray
+COPY --from=build-ray /opt/venv /opt/venv
+# The same library set-up and check as the gpu stage below.
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN find /opt/venv/lib/python3.11/site-packages/nvidia -name 'lib*.so*' -printf '%h\n' \
+      | sort -u > /etc/ld.so.conf.d/zz-nvidia-wheels.conf \
+ && ldconfig \
+ && provider="$(find /opt/venv/lib/python3.11/site-packages/onnxruntime -name 'libonnxruntime_providers_cuda.so')" \
+ && test -n "$provider" \
+ && missing="$(ldd "$provider" | grep 'not found' | grep -v 'libcuda\.so' || true)" \
+ && if [ -n "$missing" ]; then echo "CUDA provider cannot load: $missing" >&2; exit 1; fi
+# HOME: Ray keeps a little state under ~ (the image's user has no home directory).
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    SEG_PROVIDERS='["CUDAExecutionProvider","CPUExecutionProvider"]' \
+    HOME=/tmp
+COPY deploy/ray/serve.yaml /srv/serve.yaml
+COPY models/ /models/
+USER 10001:10001
+# Ray's dashboard (8265) and metrics (8080) besides the service's port.
+EXPOSE 8265 8080
+ENTRYPOINT ["serve", "run", "/srv/serve.yaml"]
 
 # ---------------------------------------------------------------------------------------------
 FROM runtime AS gpu

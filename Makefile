@@ -15,9 +15,10 @@ $(VENV)/.serve-installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(INSTALL) -e '.[cpu]'
 	touch $@
 
-# The client (client/, its own distribution: no server dependencies) is tested with the service.
+# The client (client/, its own distribution: no server dependencies) is tested with the service;
+# scale: Ray Serve, for tests/test_rayserve.py and the Serve config checks.
 $(VENV)/.dev-installed: pyproject.toml client/pyproject.toml constraints.txt | $(BIN)/python
-	$(INSTALL) -e '.[cpu,train,dev,serverkit]' -e ./client
+	$(INSTALL) -e '.[cpu,train,dev,serverkit,scale]' -e ./client
 	touch $@ $(VENV)/.serve-installed
 
 install-serve: $(VENV)/.serve-installed

@@ -35,3 +35,18 @@ class InvalidGroundTruthError(SegmentationInputError):
 
 class InvalidParameterError(SegmentationInputError):
     """A request parameter does not apply to the chosen model."""
+
+
+class ModelUnavailableError(Exception):
+    """The model cannot run this request right now, though the request itself is fine: with
+    ``busy`` its queue is full (backpressure), otherwise the process running it is gone or
+    being replaced. Retrying later works; the API answers 503 with ``Retry-After``.
+
+    Raised by predictors that run the model elsewhere (the Ray Serve ingress's model
+    deployments); an in-process ONNX Runtime session never raises it.
+    """
+
+    def __init__(self, message: str, *, busy: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.busy = busy

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -21,9 +21,9 @@ from service.core.config import Settings, settings_from_env
 from service.core.gate import InferenceGate
 from service.core.logs import configure_logging
 from service.core.metrics import INFERENCE_BUCKETS, ServiceMetrics
-from service.core.resources import MemoryBudget, cgroup_memory_limit, mib, rss_bytes
+from service.core.resources import MemoryBudget, memory_budget_from, mib, rss_bytes
 from service.jobs import JobStore
-from service.registry import ModelRegistry, load_registry
+from service.registry import ModelRegistry, load_local_models
 from service.segmenter import smallest_request_memory
 
 log = logging.getLogger("service")
@@ -39,8 +39,19 @@ async def purge_jobs(store: JobStore) -> None:
         store.purge()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The service, configured by ``settings`` (default: from ``SEG_*`` environment variables)."""
+ModelLoader = Callable[[ModelRegistry, Settings], None]
+
+
+def create_app(
+    settings: Settings | None = None, *, load_models: ModelLoader = load_local_models
+) -> FastAPI:
+    """The service, configured by ``settings`` (default: from ``SEG_*`` environment variables).
+
+    ``load_models`` fills the registry (in a thread beside the server, so ``/healthz`` answers
+    at once) and sets its ``ready`` event: by default ONNX Runtime sessions in this process;
+    the Ray Serve ingress passes one that reaches its model deployments instead. Everything
+    else (routes, errors, metrics, admission) is the same app either way.
+    """
     settings = settings or settings_from_env()
     # Before the server logs anything of its own: in JSON mode uvicorn's lines are JSON too.
     configure_logging(settings.log_level, settings.log_format)
@@ -55,15 +66,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models_registry: ModelRegistry = app.state.registry
 
         def load() -> None:
-            load_registry(
-                models_registry,
-                settings.model_dir,
-                settings.providers,
-                settings.intra_op_threads,
-                settings.tile_batch_size,
-                settings.cpu_memory_arena,
-                budget_total,
-            )
+            try:
+                load_models(models_registry, settings)
+            except Exception as exc:  # never leave /readyz saying "loading" for ever
+                log.exception("loading the models failed")
+                models_registry.failed["*"] = f"loading failed: {type(exc).__name__}: {exc}"
+                models_registry.ready.set()
             if budget_total is not None and settings.memory_admission:
                 budget = start_memory_budget(models_registry, budget_total, budget_source, settings)
                 service_metrics.record_memory_budget(budget)
@@ -127,15 +135,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     add_middlewares(app, settings, gate)
     return app
-
-
-def memory_budget_from(settings: Settings) -> tuple[int | None, str]:
-    """The process's memory budget and where it comes from: ``SEG_MEMORY_BUDGET``, else the
-    cgroup limit (a container's ``--memory``), else none."""
-    if settings.memory_budget is not None:
-        return int(settings.memory_budget), "SEG_MEMORY_BUDGET"
-    limit = cgroup_memory_limit()
-    return limit, "the memory limit of its cgroup (container)"
 
 
 def start_memory_budget(

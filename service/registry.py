@@ -15,12 +15,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 
-from service.core.config import CpuArena
-from service.core.resources import mib, peak_rss_bytes, reset_peak_rss, rss_bytes
+from service.core.config import CpuArena, Settings
+from service.core.resources import (
+    memory_budget_from,
+    mib,
+    peak_rss_bytes,
+    reset_peak_rss,
+    rss_bytes,
+)
 from service.inference.modelmeta import ModelMetadata
 
 log = logging.getLogger(__name__)
@@ -55,6 +62,48 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 
 
 _MALLOC_TRIM = _find_malloc_trim()
+
+
+class SegmentationModel(Protocol):
+    """What the routes and the pipeline need of a model, wherever it runs.
+
+    :class:`LoadedModel` runs an ONNX Runtime session in this process; the Ray Serve ingress
+    (``service.rayserve``) has the same interface over a model deployment. The tiler calls
+    :meth:`predict` either way, so there is one pipeline, not one per backend.
+    """
+
+    @property
+    def name(self) -> str:
+        """The name the model is served under."""
+        ...
+
+    @property
+    def meta(self) -> ModelMetadata:
+        """Classes, tile size, normalisation, threshold: from the ONNX file."""
+        ...
+
+    @property
+    def provider(self) -> str:
+        """The execution provider really running the model."""
+        ...
+
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        """Probabilities ``(N, t, t, K)`` for normalised tiles ``(N, t, t, C)``."""
+        ...
+
+    def release_memory(self) -> None:
+        """Called once a request's tiles are all done (``SEG_CPU_MEMORY_ARENA=shrink``)."""
+        ...
+
+    @property
+    def request_bytes(self) -> int:
+        """Memory a request's tile batches take in this process beyond the idle process (the
+        model's own buffers; 0 where the model runs elsewhere): counted by the admission."""
+        ...
+
+    def describe(self) -> dict[str, object]:
+        """What ``GET /models`` reports."""
+        ...
 
 
 @dataclass
@@ -120,11 +169,11 @@ class LoadedModel:
 class ModelRegistry:
     """Every model of the model directory, plus those that failed to load and why."""
 
-    models: dict[str, LoadedModel] = field(default_factory=dict)
+    models: dict[str, SegmentationModel] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     ready: threading.Event = field(default_factory=threading.Event)
 
-    def get(self, name: str) -> LoadedModel | None:
+    def get(self, name: str) -> SegmentationModel | None:
         """The model called ``name``, if it loaded."""
         return self.models.get(name)
 
@@ -288,3 +337,16 @@ def load_registry(
         log.error("no models found in %s", model_dir)
     registry.ready.set()
     return registry
+
+
+def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
+    """The standalone service's loader: every model of ``SEG_MODEL_DIR`` in this process."""
+    load_registry(
+        registry,
+        settings.model_dir,
+        settings.providers,
+        settings.intra_op_threads,
+        settings.tile_batch_size,
+        settings.cpu_memory_arena,
+        memory_budget_from(settings)[0],
+    )

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from service.inference.metrics import SegmentationScores
 from service.inference.modelmeta import Task
 from service.inference.tiling import BlendMode
-from service.registry import LoadedModel
+from service.registry import SegmentationModel
 from service.segmenter import SegmentParams, SegmentResult, render_mask
 
 
@@ -61,7 +61,7 @@ def _b64(png: bytes) -> str:
 class Answer:
     """A segmented request with its PNGs encoded, ready to be sent either way."""
 
-    model: LoadedModel
+    model: SegmentationModel
     params: SegmentParams
     result: SegmentResult
     png: bytes
@@ -132,7 +132,11 @@ class Reply:
 
 
 def render_answer(
-    model: LoadedModel, params: SegmentParams, result: SegmentResult, *, per_class: bool = False
+    model: SegmentationModel,
+    params: SegmentParams,
+    result: SegmentResult,
+    *,
+    per_class: bool = False,
 ) -> Answer:
     """Encode the mask (one class's with ``params.class_name``) and, with ``per_class``, each
     class's 0/255 mask; the time it takes is the ``encode`` stage."""

@@ -21,7 +21,7 @@ from service.inference.modelmeta import ModelMetadata, Task
 from service.inference.normalize import HIST_CHUNK_PIXELS
 from service.inference.pipeline import predict_mask
 from service.inference.tiling import BATCHES_IN_FLIGHT, BlendMode, count_tiles
-from service.registry import LoadedModel
+from service.registry import SegmentationModel
 
 # Told (tiles done, tiles in all) before the first tile batch and after each; whatever it raises
 # stops the request there (how a job is cancelled between two tile batches).
@@ -125,7 +125,7 @@ def request_memory(
     inference (the README's formula, term by term).
 
     ``batch_bytes`` is ONNX Runtime's memory for one tile batch, measured at warm-up
-    (:attr:`LoadedModel.request_bytes`). Checked against the real process by
+    (:attr:`SegmentationModel.request_bytes`). Checked against the real process by
     tests/test_budgets.py (the measured peak stays under it) and docs/memory.md.
     """
     hw = image.height * image.width
@@ -152,7 +152,7 @@ def request_memory(
     return max(decoding, inference)
 
 
-def smallest_request_memory(model: LoadedModel, batch_size: int) -> int:
+def smallest_request_memory(model: SegmentationModel, batch_size: int) -> int:
     """What the smallest request (one 8-bit tile) needs, by :func:`request_memory`: at
     start-up, a budget below it means the model can serve nothing."""
     side = model.meta.tile_size
@@ -161,7 +161,7 @@ def smallest_request_memory(model: LoadedModel, batch_size: int) -> int:
 
 
 def segment(
-    model: LoadedModel,
+    model: SegmentationModel,
     image_file: BinaryIO,
     params: SegmentParams,
     *,

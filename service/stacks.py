@@ -30,7 +30,7 @@ from service.inference.metrics import (
 from service.inference.modelmeta import ModelMetadata, Task
 from service.inference.pipeline import predict_mask
 from service.inference.tiling import BlendMode, count_tiles
-from service.registry import LoadedModel
+from service.registry import SegmentationModel
 from service.responses import Answer, render_answer
 from service.segmenter import ProgressHook, SegmentParams, ground_truth_classes, segment
 from service.tiffstack import (
@@ -152,7 +152,7 @@ def _truth_planes(
 
 
 def segment_stack(
-    model: LoadedModel,
+    model: SegmentationModel,
     image_file: BinaryIO,
     params: SegmentParams,
     *,
@@ -336,7 +336,7 @@ def stack_info(stack: DecodedStack) -> StackInfo:
 class StackAnswer:
     """A segmented stack with its TIFF encoded, ready to be sent as TIFF or JSON."""
 
-    model: LoadedModel
+    model: SegmentationModel
     params: SegmentParams
     result: StackResult
     tiff: bytes
@@ -391,7 +391,9 @@ class StackAnswer:
         )
 
 
-def render_stack(model: LoadedModel, params: SegmentParams, result: StackResult) -> StackAnswer:
+def render_stack(
+    model: SegmentationModel, params: SegmentParams, result: StackResult
+) -> StackAnswer:
     """Encode the stack's mask (one class's with ``params.class_name``); the ``encode`` stage."""
     start = time.perf_counter()
     tiff = encode_mask_tiff(
@@ -402,7 +404,7 @@ def render_stack(model: LoadedModel, params: SegmentParams, result: StackResult)
 
 
 def segment_upload(
-    model: LoadedModel,
+    model: SegmentationModel,
     image_file: BinaryIO,
     params: SegmentParams,
     *,

@@ -133,8 +133,13 @@ def test_dockerfile_installs_what_ci_tested() -> None:
 
 def test_dockerfile_runtime_contract() -> None:
     text = (REPO / "Dockerfile").read_text()
-    # Both final stages drop root, numerically.
-    assert len(re.findall(r"^USER 10001:10001$", text, re.MULTILINE)) == 2
+    # The three final stages (cpu, gpu, ray) drop root, numerically.
+    assert len(re.findall(r"^USER 10001:10001$", text, re.MULTILINE)) == 3
+    # The ray image runs the Serve config it was built with (KubeRay replaces the entrypoint).
+    assert re.search(r'^ENTRYPOINT \["serve", "run", "/srv/serve.yaml"\]$', text, re.MULTILINE)
+    assert "COPY deploy/ray/serve.yaml /srv/serve.yaml" in text
+    # gpu stays the last stage: `docker build .` and compose's default build the same image.
+    assert re.findall(r"^FROM \S+ AS (\S+)$", text, re.MULTILINE)[-1] == "gpu"
     # Exec form, so that uvicorn is PID 1 and gets SIGTERM.
     assert re.search(r'^ENTRYPOINT \["segment-service"\]$', text, re.MULTILINE)
     assert re.search(r"^HEALTHCHECK .*\n\s+CMD \[.*/healthz", text, re.MULTILINE)

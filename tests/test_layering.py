@@ -18,6 +18,8 @@ LAYERS = ("service", "training", "bench", "tests")  # lowest first
 # Inside the service: the framework-free core shared with training, and the HTTP edge.
 FRAMEWORK_FREE = "service.inference"
 HTTP_ONLY = ("fastapi", "starlette", "uvicorn", "prometheus_fastapi_instrumentator")
+# The Ray Serve application: the only part of the service that imports Ray (the `scale` extra).
+RAY_APP = "service.rayserve"
 
 
 def imported_modules(path: Path, package: str | None = None) -> set[str]:
@@ -72,6 +74,8 @@ def test_below_the_api_nothing_speaks_http() -> None:
     """Decoding, segmenting and loading raise domain errors; only service.api maps them."""
     below = [p for p in sources("service") if "api" not in p.relative_to(REPO).parts]
     below = [p for p in below if p.name != "main.py"]  # main builds the app
+    # ... and so does the Ray Serve ingress, on a Serve replica
+    below = [p for p in below if "rayserve" not in p.relative_to(REPO).parts]
     wrong = {
         f"{path.relative_to(REPO)} imports {name}"
         for path in below
@@ -79,6 +83,23 @@ def test_below_the_api_nothing_speaks_http() -> None:
         if name.split(".")[0] in HTTP_ONLY or name.startswith("service.api")
     }
     assert not wrong, sorted(wrong)
+
+
+def test_only_the_ray_app_imports_ray() -> None:
+    """The service core runs without Ray installed: only service.rayserve imports it, and no
+    other module of the service imports service.rayserve."""
+    ray_dir = RAY_APP.replace(".", "/")
+    core = [p for p in sources("service") if not p.relative_to(REPO).as_posix().startswith(ray_dir)]
+    wrong = {
+        f"{path.relative_to(REPO)} imports {name}"
+        for path in core
+        for name in imported_modules(path)
+        if name.split(".")[0] == "ray" or name.startswith(RAY_APP)
+    }
+    assert not wrong, sorted(wrong)
+    assert any(
+        name.split(".")[0] == "ray" for path in sources(ray_dir) for name in imported_modules(path)
+    ), "the check looks at the right folder"
 
 
 def test_the_wheel_holds_what_its_modules_import() -> None:

@@ -102,3 +102,41 @@ def test_property_bounds_and_consistency(pair: tuple[int, np.ndarray, np.ndarray
             assert 0.0 <= i <= d <= 1.0  # Dice >= IoU always
             assert d == pytest.approx(2 * i / (1 + i))
     assert all(v == 1.0 for v in iou_score(get_stats(truth, truth, k)) if v is not None)
+
+
+def test_expositions_of_several_processes_merge_into_the_services() -> None:
+    """What GET /metrics answers on Ray Serve: the ingress replicas' registries, merged."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from bench.live_server import metric_sample
+    from service.core.metrics import ServiceMetrics, merge_expositions
+
+    one, two = ServiceMetrics(CollectorRegistry()), ServiceMetrics(CollectorRegistry())
+    one.tiles.labels("nuclei").inc(3)
+    two.tiles.labels("nuclei").inc(4)
+    two.tiles.labels("other").inc(1)
+    one.tile_batch_size.labels("nuclei").observe(8)
+    two.tile_batch_size.labels("nuclei").observe(2)
+    one.in_flight.set(2)
+    two.in_flight.set(1)
+    one.models_ready.set(1)
+    two.models_ready.set(0)
+    text = merge_expositions(
+        {"a": generate_latest(one.registry).decode(), "b": generate_latest(two.registry).decode()}
+    ).decode()
+    assert metric_sample(text, "segment_tiles_total", model="nuclei") == 7
+    assert metric_sample(text, "segment_tiles_total", model="other") == 1
+    assert metric_sample(text, "segment_tile_batch_size_count", model="nuclei") == 2
+    assert metric_sample(text, "segment_tile_batch_size_sum", model="nuclei") == 10
+    assert metric_sample(text, "segment_tile_batch_size_bucket", model="nuclei", le="2.0") == 1
+    assert metric_sample(text, "segment_requests_in_flight") == 3
+    assert metric_sample(text, "segment_models_ready") == 0  # ready only where all are
+    created = metric_sample(text, "segment_tiles_created", model="nuclei")
+    assert created == min(
+        metric_sample(generate_latest(r.registry).decode(), "segment_tiles_created", model="nuclei")
+        for r in (one, two)
+    )
+    # One series per process for what describes a process.
+    assert metric_sample(text, "process_resident_memory_bytes", replica="a") is not None
+    assert metric_sample(text, "process_resident_memory_bytes", replica="b") is not None
+    assert "# TYPE segment_tiles_total counter" in text

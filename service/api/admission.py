@@ -17,13 +17,13 @@ from service.core.resources import (
     mib,
 )
 from service.images import read_header
-from service.registry import LoadedModel
+from service.registry import SegmentationModel
 from service.segmenter import request_memory
 
 
 def reserve_memory(
     budget: MemoryBudget | None,
-    model: LoadedModel,
+    model: SegmentationModel,
     image: BinaryIO,
     truth: BinaryIO | None,
     batch_size: int,

@@ -18,7 +18,7 @@ from service.core.errors import ApiError, ErrorCode
 from service.core.gate import InferenceGate
 from service.core.metrics import ServiceMetrics
 from service.core.resources import MemoryBudget
-from service.registry import LoadedModel, ModelRegistry
+from service.registry import ModelRegistry, SegmentationModel
 
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
@@ -44,7 +44,7 @@ GateDep = Annotated[InferenceGate, Depends(_app_state("gate"))]
 MemoryBudgetDep = Annotated[MemoryBudget | None, Depends(_app_state("memory_budget"))]
 
 
-def lookup_model(registry: ModelRegistry, settings: Settings, name: str) -> LoadedModel:
+def lookup_model(registry: ModelRegistry, settings: Settings, name: str) -> SegmentationModel:
     """The model called ``name``; 503 with ``Retry-After`` while the models load, 404 naming
     the available models when it is unknown or failed to load."""
     if not registry.ready.is_set():
@@ -71,18 +71,18 @@ def model_from_query(
         str | None,
         Query(pattern=MODEL_NAME_PATTERN, description="Model name (default: the default model)"),
     ] = None,
-) -> LoadedModel:
+) -> SegmentationModel:
     """The model a request names with ``?model=``, or the default model."""
     return lookup_model(registry, settings, model or settings.default_model)
 
 
-def model_from_path(name: str, registry: RegistryDep, settings: SettingsDep) -> LoadedModel:
+def model_from_path(name: str, registry: RegistryDep, settings: SettingsDep) -> SegmentationModel:
     """The model a path names (``/models/{name}``)."""
     return lookup_model(registry, settings, name)
 
 
-ModelDep = Annotated[LoadedModel, Depends(model_from_query)]
-NamedModelDep = Annotated[LoadedModel, Depends(model_from_path)]
+ModelDep = Annotated[SegmentationModel, Depends(model_from_query)]
+NamedModelDep = Annotated[SegmentationModel, Depends(model_from_path)]
 
 
 def presented_key(request: Request) -> str | None:

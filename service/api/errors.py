@@ -24,6 +24,7 @@ from service.exceptions import (
     InvalidGroundTruthError,
     InvalidImageError,
     InvalidParameterError,
+    ModelUnavailableError,
     SegmentationInputError,
     UnsupportedFormatError,
 )
@@ -95,6 +96,24 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, api_error(exc))
 
 
+async def _model_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """503 with ``Retry-After``: the model's queue is full (counted as a rejection, like the
+    admission gate's) or its process is being replaced (counted as an error)."""
+    assert isinstance(exc, ModelUnavailableError)
+    retry_after = str(request.app.state.settings.retry_after_seconds)
+    if exc.busy:
+        metrics: ServiceMetrics | None = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            metrics.rejected.inc()
+    err = ApiError(
+        503,
+        ErrorCode.OVERLOADED if exc.busy else ErrorCode.MODEL_UNAVAILABLE,
+        f"{exc.message}; retry in {retry_after} s",
+        headers={"Retry-After": retry_after},
+    )
+    return error_response(request, err)
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     message, code = describe_validation(exc)
@@ -163,6 +182,7 @@ def register_exception_handlers(app: FastAPI) -> None:
     """Answer every kind of failure with the service's error body."""
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(SegmentationInputError, _domain_error)
+    app.add_exception_handler(ModelUnavailableError, _model_unavailable)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -33,7 +33,7 @@ from service.core.errors import ApiError, ErrorCode
 from service.core.gate import InferenceGate, OverloadedError
 from service.core.metrics import ServiceMetrics
 from service.inference.modelmeta import Task
-from service.registry import LoadedModel, ModelRegistry
+from service.registry import ModelRegistry, SegmentationModel
 from service.segmenter import SegmentParams, segment
 from service.stacks import segment_stack, stack_layout
 
@@ -81,7 +81,7 @@ def _as_tiff(image: np.ndarray) -> bytes:
 
 
 def segment_array(
-    model: LoadedModel,
+    model: SegmentationModel,
     image: np.ndarray,
     params: SegmentParams,
     *,
@@ -120,7 +120,7 @@ def segment_array(
 
 
 def model_algorithm(
-    model: LoadedModel, settings: Settings, gate: InferenceGate, metrics: ServiceMetrics
+    model: SegmentationModel, settings: Settings, gate: InferenceGate, metrics: ServiceMetrics
 ) -> Any:
     """One model as a Server Kit ``Algorithm``: an image in, a mask (labels layer) out, with
     the model's threshold (binary models) and the tile overlap as parameters."""

@@ -32,6 +32,7 @@ class ErrorCode(StrEnum):
     UPLOAD_TIMEOUT = "upload_timeout"
     JOB_NOT_FINISHED = "job_not_finished"
     JOB_CANCELLED = "job_cancelled"
+    MODEL_UNAVAILABLE = "model_unavailable"
     INTERNAL = "internal"
 
 

@@ -7,7 +7,7 @@ are bounded: model names come from the model directory, reasons and stages from 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -17,7 +17,10 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.core.errors import ErrorCode
 from service.core.resources import MemoryBudget
@@ -58,6 +61,9 @@ class ServiceMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # What GET /metrics answers: this registry. A service of several processes (the Ray
+        # Serve ingress replicas) puts the merge of all of theirs here instead.
+        self.exposition: Callable[[], bytes] = lambda: generate_latest(self.registry)
         # process_resident_memory_bytes, CPU seconds, open fds; python_info. On the app's own
         # registry, since prometheus_client puts them on its global one only.
         ProcessCollector(registry=registry)
@@ -196,3 +202,52 @@ class ServiceMetrics:
         """One failed ``/segment`` request (refusals to queue are counted in ``rejected``)."""
         if code in ERROR_REASONS:
             self.errors.labels(code.value).inc()
+
+
+# Families that describe one process: kept apart per process (a `replica` label), not added up.
+PER_PROCESS = ("process_", "python_")
+# Gauges that say whether something holds everywhere or somewhere: combined with min or max.
+ALL_OF = ("segment_models_ready",)
+ANY_OF = ("segment_model_info",)
+
+
+def merge_expositions(texts: Mapping[str, str]) -> bytes:
+    """One Prometheus exposition for a service made of several processes, from each process's
+    own (``texts``: process name -> its exposition text).
+
+    Counters, histograms and the other gauges (requests in flight, queued) are added up, so the
+    totals are the service's whichever process answers; ``*_created`` timestamps take the
+    earliest; readiness holds only where it holds for every process; per-process families
+    (``process_*``, ``python_*``) keep one series per process, labelled ``replica``.
+    """
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for replica, text in sorted(texts.items()):
+        for family in text_string_to_metric_families(text):
+            name = family.name
+            if name not in families:
+                families[name] = Metric(name, family.documentation, family.type, family.unit)
+                values[name] = {}
+            per_process = name.startswith(PER_PROCESS)
+            if name.endswith("_created") or name in ALL_OF:
+                combine: Callable[[float, float], float] = min
+            elif name in ANY_OF:
+                combine = max
+            else:
+                combine = float.__add__
+            for sample in family.samples:
+                labels = dict(sample.labels, replica=replica) if per_process else sample.labels
+                key = (sample.name, tuple(sorted(labels.items())))
+                seen = values[name].get(key)
+                values[name][key] = sample.value if seen is None else combine(seen, sample.value)
+    for name, family in families.items():
+        for (sample_name, label_pairs), value in values[name].items():
+            family.add_sample(sample_name, dict(label_pairs), value)
+
+    class Merged:
+        def collect(self) -> Iterator[Metric]:
+            yield from families.values()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Merged())
+    return generate_latest(registry)

@@ -24,6 +24,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.core.config import Settings
+
 MIB = 1 << 20
 # A cgroup "limit" this large (or "max") means no limit.
 _UNLIMITED = 1 << 60
@@ -240,3 +242,11 @@ class SpoolBudget:
 def spool_directory() -> Path:
     """Where uploads are spooled: Python's temporary directory (``TMPDIR``)."""
     return Path(tempfile.gettempdir())
+
+
+def memory_budget_from(settings: Settings) -> tuple[int | None, str]:
+    """The process's memory budget and where it comes from: ``SEG_MEMORY_BUDGET``, else the
+    cgroup limit (a container's ``--memory``), else none."""
+    if settings.memory_budget is not None:
+        return int(settings.memory_budget), "SEG_MEMORY_BUDGET"
+    return cgroup_memory_limit(), "the memory limit of its cgroup (container)"

@@ -113,8 +113,8 @@ def _upload_bytes(*files: UploadFile | None) -> int:
                 415: "Not a PNG, JPEG or TIFF",
                 422: "Unusable image, ground truth or parameter",
                 500: "Unexpected error; quote the request ID",
-                503: "Saturated (requests, memory or spool space) or still loading; retry after "
-                "`Retry-After` seconds",
+                503: "Saturated (requests, memory or spool space), still loading, or (Ray Serve) a "
+                "model replica being replaced; retry after `Retry-After` seconds",
             }
         ),
     },
