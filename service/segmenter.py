@@ -152,6 +152,14 @@ def request_memory(
     return max(decoding, inference)
 
 
+def overlap_host_work(model: SegmentationModel) -> bool:
+    """Whether the tiler should cut, normalise and blend beside the model calls: when the model
+    runs off this CPU (a GPU, another process). On the CPU, ONNX Runtime already uses every core
+    and the helper threads only compete with it: measured in-process with the bundled model on
+    2 cores, a 2048² image took 4.45 s overlapped against 4.12 s serial."""
+    return model.provider != "CPUExecutionProvider"
+
+
 def smallest_request_memory(model: SegmentationModel, batch_size: int) -> int:
     """What the smallest request (one 8-bit tile) needs, by :func:`request_memory`: at
     start-up, a budget below it means the model can serve nothing."""
@@ -221,6 +229,7 @@ def segment(
         overlap=params.overlap,
         mode=params.blend,
         threshold=params.threshold,
+        overlapped=overlap_host_work(model),
     )
     t2 = time.perf_counter()
     timings["infer"] = infer_time

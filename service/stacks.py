@@ -32,7 +32,13 @@ from service.inference.pipeline import predict_mask
 from service.inference.tiling import BlendMode, count_tiles
 from service.registry import SegmentationModel
 from service.responses import Answer, render_answer
-from service.segmenter import ProgressHook, SegmentParams, ground_truth_classes, segment
+from service.segmenter import (
+    ProgressHook,
+    SegmentParams,
+    ground_truth_classes,
+    overlap_host_work,
+    segment,
+)
 from service.tiffstack import (
     TiffLayout,
     check_layout,
@@ -207,6 +213,7 @@ def segment_stack(
                 overlap=params.overlap,
                 mode=params.blend,
                 threshold=params.threshold,
+                overlapped=overlap_host_work(model),
             )
     finally:  # also when a job is cancelled between two tile batches
         start = time.perf_counter()

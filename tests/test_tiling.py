@@ -220,5 +220,6 @@ def test_an_error_in_any_stage_reaches_the_caller_and_no_thread_is_left(fails: s
             4,
             flaky if fails == "predictor" else plus_one,
             prepare=flaky if fails == "prepare" else None,
+            overlapped=True,
         )
     assert threading.active_count() == before

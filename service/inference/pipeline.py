@@ -35,14 +35,15 @@ def predict_mask(
     overlap: float = 0.25,
     mode: BlendMode | str = BlendMode.GAUSSIAN,
     threshold: float | None = None,
-    overlapped: bool = True,
+    overlapped: bool = False,
 ) -> np.ndarray:
     """Segment a whole ``(H, W[, C])`` image into a ``(H, W)`` uint8 class-index mask.
 
     ``predictor`` maps normalised float32 tiles ``(N, t, t, C)`` to probabilities
     ``(N, t, t, K)``: an ONNX Runtime session in the service, a Keras model in training.
-    With ``overlapped`` (default) tiles are cut and normalised, and outputs blended, on helper
-    threads while the predictor runs (:func:`sliding_window_inference`); the mask is the same.
+    With ``overlapped`` tiles are cut and normalised, and outputs blended, on helper threads
+    while the predictor runs (:func:`sliding_window_inference`): for a predictor that leaves
+    the CPU free (a GPU); the mask is the same.
     """
     image = as_hwc(image)
     if image.shape[2] != meta.channels:

@@ -259,7 +259,7 @@ def sliding_window_inference(
     reduce: Reducer | None = None,
     *,
     prepare: Callable[[np.ndarray], np.ndarray] | None = None,
-    overlapped: bool = True,
+    overlapped: bool = False,
 ) -> np.ndarray:
     """Run ``predictor`` over ``image`` in overlapping tiles and stitch the outputs.
 
@@ -277,7 +277,8 @@ def sliding_window_inference(
             map is returned.
         prepare: applied to each tile batch before ``predictor`` (e.g. normalisation).
         overlapped: cut and prepare batch *k+1* and blend batch *k-1* on two helper threads
-            while ``predictor`` runs batch *k*, so the host keeps up with a fast accelerator.
+            while ``predictor`` runs batch *k*, so the host keeps up with a fast accelerator
+            (a predictor on the CPU would only compete with them for the cores).
             The result is bit-identical to the serial path (``False``): the same operations in
             the same order.
 
