@@ -90,6 +90,7 @@ PODMAN_TIMEOUT_S = 120
 SCRAPE_TIMEOUT_S = 120.0  # the project's scrape and DNS refresh intervals are 15 s each
 GPU_FLAG = "SEG_TEST_GPU_IMAGE"
 CI = os.environ.get("CI") == "true"
+PODMAN_CWD = Path(tempfile.gettempdir()) / "seg-test-podman"
 
 
 def _unavailable(reason: str) -> None:
@@ -111,9 +112,15 @@ def _podman_env(**extra: str) -> dict[str, str]:
 def podman(
     *args: str, timeout: float = PODMAN_TIMEOUT_S, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``podman ARGS``; with ``check``, fail the test showing its output if it fails."""
+    """Run ``podman ARGS``; with ``check``, fail the test showing its output if it fails.
+
+    From a scratch folder: conmon writes a file ``oom`` into its working directory when a
+    container is OOM-killed (the memory test does that on purpose), which must not land in the
+    repository."""
+    PODMAN_CWD.mkdir(exist_ok=True)
     proc = subprocess.run(
         ["podman", *args],
+        cwd=PODMAN_CWD,
         env=_podman_env(),
         capture_output=True,
         text=True,
