@@ -160,6 +160,45 @@ def overlap_host_work(model: SegmentationModel) -> bool:
     return model.provider != "CPUExecutionProvider"
 
 
+@dataclass
+class TimedModel:
+    """A model as the tiler's predictor, recording the time spent in it and each batch's size,
+    and telling ``progress`` (tiles done, ``total``) before the first batch and after each: the
+    one predictor wrapper of 2-D images and stacks."""
+
+    model: SegmentationModel
+    total: int
+    progress: ProgressHook | None = None
+    seconds: float = 0.0
+    batches: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.progress is not None:
+            self.progress(0, self.total)
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        out = self.model.predict(tiles)
+        self.seconds += time.perf_counter() - start
+        self.batches.append(int(tiles.shape[0]))
+        if self.progress is not None:
+            self.progress(sum(self.batches), self.total)
+        return out
+
+    def predict_mask(self, pixels: np.ndarray, params: SegmentParams) -> np.ndarray:
+        """One 2-D plane's class-index mask, with ``params``."""
+        return predict_mask(
+            pixels,
+            self.model.meta,
+            self,
+            batch_size=params.batch_size,
+            overlap=params.overlap,
+            mode=params.blend,
+            threshold=params.threshold,
+            overlapped=overlap_host_work(self.model),
+        )
+
+
 def smallest_request_memory(model: SegmentationModel, batch_size: int) -> int:
     """What the smallest request (one 8-bit tile) needs, by :func:`request_memory`: at
     start-up, a budget below it means the model can serve nothing."""
@@ -205,43 +244,20 @@ def segment(
     t1 = time.perf_counter()
     timings["decode"] = t1 - t0
 
-    batches: list[int] = []
-    infer_time = 0.0
     total_tiles = count_tiles(pixels.shape[0], pixels.shape[1], meta.tile_size, params.overlap)
-    if progress is not None:
-        progress(0, total_tiles)
-
-    def timed_predict(tiles: np.ndarray) -> np.ndarray:
-        nonlocal infer_time
-        start = time.perf_counter()
-        out = model.predict(tiles)
-        infer_time += time.perf_counter() - start
-        batches.append(int(tiles.shape[0]))
-        if progress is not None:
-            progress(sum(batches), total_tiles)
-        return out
-
-    mask = predict_mask(
-        pixels,
-        meta,
-        timed_predict,
-        batch_size=params.batch_size,
-        overlap=params.overlap,
-        mode=params.blend,
-        threshold=params.threshold,
-        overlapped=overlap_host_work(model),
-    )
+    timed = TimedModel(model, total_tiles, progress)
+    mask = timed.predict_mask(pixels, params)
     t2 = time.perf_counter()
-    timings["infer"] = infer_time
-    timings["stitch"] = (t2 - t1) - infer_time  # tiling, normalising, blending, thresholding
+    timings["infer"] = timed.seconds
+    timings["stitch"] = (t2 - t1) - timed.seconds  # tiling, normalising, blending, thresholding
     scores = score_segmentation(mask, truth, meta.classes) if truth is not None else None
     timings["score"] = time.perf_counter() - t2
     return SegmentResult(
         mask=mask,
         image=decoded,
         scores=scores,
-        tiles=sum(batches),
-        batches=batches,
+        tiles=sum(timed.batches),
+        batches=timed.batches,
         timings=timings,
     )
 

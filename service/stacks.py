@@ -28,15 +28,14 @@ from service.inference.metrics import (
     total_stats,
 )
 from service.inference.modelmeta import ModelMetadata, Task
-from service.inference.pipeline import predict_mask
 from service.inference.tiling import BlendMode, count_tiles
 from service.registry import SegmentationModel
 from service.responses import Answer, render_answer
 from service.segmenter import (
     ProgressHook,
     SegmentParams,
+    TimedModel,
     ground_truth_classes,
-    overlap_host_work,
     segment,
 )
 from service.tiffstack import (
@@ -187,41 +186,18 @@ def segment_stack(
 
     per_plane = count_tiles(layout.height, layout.width, meta.tile_size, params.overlap)
     total = per_plane * layout.planes
-    batches: list[int] = []
-    infer_time = 0.0
-    if progress is not None:
-        progress(0, total)
-
-    def timed_predict(tiles: np.ndarray) -> np.ndarray:
-        nonlocal infer_time
-        start = time.perf_counter()
-        out = model.predict(tiles)
-        infer_time += time.perf_counter() - start
-        batches.append(int(tiles.shape[0]))
-        if progress is not None:
-            progress(sum(batches), total)
-        return out
-
+    timed = TimedModel(model, total, progress)
     mask = np.empty((layout.planes, layout.height, layout.width), np.uint8)
     try:
         for i, plane in enumerate(stack.planes):
-            mask[i] = predict_mask(
-                to_channels(plane, meta.channels),
-                meta,
-                timed_predict,
-                batch_size=params.batch_size,
-                overlap=params.overlap,
-                mode=params.blend,
-                threshold=params.threshold,
-                overlapped=overlap_host_work(model),
-            )
+            mask[i] = timed.predict_mask(to_channels(plane, meta.channels), params)
     finally:  # also when a job is cancelled between two tile batches
         start = time.perf_counter()
         model.release_memory()
-        infer_time += time.perf_counter() - start
+        timed.seconds += time.perf_counter() - start
     t2 = time.perf_counter()
-    timings["infer"] = infer_time
-    timings["stitch"] = (t2 - t1) - infer_time
+    timings["infer"] = timed.seconds
+    timings["stitch"] = (t2 - t1) - timed.seconds
     plane_scores = scores = None
     if truth is not None:
         stats: list[Stats] = [
@@ -230,7 +206,9 @@ def segment_stack(
         plane_scores = [scores_from_stats(s, meta.classes) for s in stats]
         scores = scores_from_stats(total_stats(stats), meta.classes)
     timings["score"] = time.perf_counter() - t2
-    return StackResult(mask, stack, plane_scores, scores, sum(batches), batches, timings)
+    return StackResult(
+        mask, stack, plane_scores, scores, sum(timed.batches), timed.batches, timings
+    )
 
 
 def encode_mask_tiff(
