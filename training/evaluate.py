@@ -20,7 +20,8 @@ from service.inference.metrics import get_stats, scores_from_stats, total_stats
 from service.inference.modelmeta import ModelMetadata
 from service.inference.normalize import normalize_image
 from service.inference.pipeline import predict_mask
-from training.data import Pair, mask_to_classes, read_image, read_mask
+from training.boundary import BoundaryBias, boundary_bias, edge_level
+from training.data import MaskMode, Pair, mask_to_classes, read_image, read_mask
 
 Predictor = Callable[[np.ndarray], np.ndarray]
 _COLOURS = ["#000000", "#1f9e89", "#fde725", "#e4572e", "#4f6bd6", "#c04fd6"]
@@ -46,20 +47,29 @@ def evaluate_images(
     *,
     boundary_width: int = 2,
     pictures_dir: Path | None = None,
+    pictures_per_source: int | None = None,
 ) -> dict[str, Any]:
     """Segment each whole image with :func:`predict_mask` and score it against its mask.
 
     Returns per-image scores and the aggregate over all pixels of all images (the per-image
-    counts summed, so large images weigh by their size). Writes one input/truth/prediction PNG per
-    image to ``pictures_dir`` when given.
+    counts summed, so large images weigh by their size), and the same aggregate per source when
+    the pairs come from several. Binary models also get their edge placement
+    (:mod:`training.boundary`): per source, the matched objects' area ratio and signed edge
+    distance, and where the labels put the edge in the intensity step. Writes one
+    input/truth/prediction PNG per image to ``pictures_dir`` when given (the first
+    ``pictures_per_source`` images of each source, when given).
     """
     per_image: dict[str, Any] = {}
     stats = []
+    by_source: dict[str, list[Any]] = {}
+    edges: dict[str, BoundaryBias] = {}
+    levels: dict[str, list[float]] = {}
     total_seconds = 0.0
     for pair in pairs:
         image = read_image(pair.image)
+        labels = read_mask(pair.mask)
         target = mask_to_classes(
-            read_mask(pair.mask),
+            labels,
             mask_mode,
             label_values=meta.label_values,
             boundary_width=boundary_width,
@@ -68,22 +78,42 @@ def evaluate_images(
         pred = predict_mask(image, meta, predictor, **EVAL_SETTINGS)
         seconds = time.perf_counter() - start
         stats.append(get_stats(pred, target, meta.num_classes))
-        per_image[pair.stem] = scores_from_stats(stats[-1], meta.classes).as_dict()
-        per_image[pair.stem]["seconds"] = round(seconds, 3)
+        by_source.setdefault(pair.source, []).append(stats[-1])
+        per_image[pair.key] = scores_from_stats(stats[-1], meta.classes).as_dict()
+        per_image[pair.key]["seconds"] = round(seconds, 3)
+        if MaskMode(mask_mode) is MaskMode.BINARY:
+            bias = boundary_bias(pred, labels)
+            per_image[pair.key]["boundary"] = bias.as_dict()
+            edges[pair.source] = edges.get(pair.source, BoundaryBias()) + bias
+            level = edge_level(image, labels) if image.shape[2] == 1 else None
+            if level is not None:
+                levels.setdefault(pair.source, []).append(level)
         total_seconds += seconds
-        if pictures_dir is not None:
+        drawn = len(by_source[pair.source]) <= (pictures_per_source or len(pairs))
+        if pictures_dir is not None and drawn:
             pictures_dir.mkdir(parents=True, exist_ok=True)
+            name = f"test_{pair.source}_{pair.stem}" if pair.source else f"test_{pair.stem}"
             save_triptych(
-                image,
-                target,
-                pred,
-                meta,
-                pictures_dir / f"test_{pair.stem}.png",
-                per_image[pair.stem],
+                image, target, pred, meta, pictures_dir / f"{name}.png", per_image[pair.key]
             )
     total = scores_from_stats(total_stats(stats), meta.classes)
     aggregate = {**total.as_dict(), "seconds_per_image": round(total_seconds / len(pairs), 3)}
-    return {"images": [p.stem for p in pairs], "aggregate": aggregate, "per_image": per_image}
+    sources: dict[str, Any] = {}
+    for source, source_stats in by_source.items():
+        entry = scores_from_stats(total_stats(source_stats), meta.classes).as_dict()
+        entry["images"] = len(source_stats)
+        if source in edges:
+            entry["boundary"] = edges[source].as_dict()
+            entry["boundary"]["label_edge_level"] = (
+                round(float(np.mean(levels[source])), 3) if levels.get(source) else None
+            )
+        sources[source] = entry
+    if "" in edges:
+        aggregate["boundary"] = sources[""]["boundary"]
+    report = {"images": [p.key for p in pairs], "aggregate": aggregate, "per_image": per_image}
+    if set(sources) != {""}:
+        report["per_source"] = sources
+    return report
 
 
 def _display(image: np.ndarray, meta: ModelMetadata) -> np.ndarray:

@@ -49,27 +49,56 @@ def evaluate_models(
     model: keras.Model,
     session: Any | None = None,
 ) -> dict[str, Any]:
-    """Held-out scores of the Keras ``model`` and, when given, of its ONNX Runtime ``session``.
+    """Held-out scores of the Keras ``model`` and, when given, of its ONNX Runtime ``session``:
+    on the test split of the training sources and, under ``"held_out"``, on every image of the
+    sources kept out of training.
 
     The pictures in ``run_dir/eval`` show the ONNX model when there is one (what is served),
-    else the Keras model; the training curves are drawn beside them.
+    else the Keras model (with several sources, two images of each); the training curves are
+    drawn beside them.
     """
     eval_dir = run_dir / "eval"
     predictors = {"keras": keras_predictor(model)}
     if session is not None:
         predictors = {"onnx": onnx_predictor(session), **predictors}
+    several = len(config.source_dirs) + len(config.held_out) > 1
+    held_out = config.held_out_pairs()
     report: dict[str, Any] = {}
     for kind, predictor in predictors.items():
+        pictures = eval_dir if not report else None
+        options: dict[str, Any] = {
+            "boundary_width": config.boundary_width,
+            "pictures_dir": pictures,
+            "pictures_per_source": 2 if several else None,
+        }
         report[kind] = evaluate_images(
-            config.splits()["test"],
-            meta,
-            predictor,
-            config.mask_mode,
-            boundary_width=config.boundary_width,
-            pictures_dir=eval_dir if not report else None,
+            config.splits()["test"], meta, predictor, config.mask_mode, **options
         )
+        if held_out:
+            report[kind]["held_out"] = evaluate_images(
+                held_out, meta, predictor, config.mask_mode, **options
+            )
     plot_history(run_dir / "history.csv", eval_dir / "training_curves.png")
     return report
+
+
+def _source_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """Per-source IoU, Dice and edge placement of a test report, for the model's metadata:
+    ``per_source`` for the training sources' test images, ``held_out`` for the sources never
+    trained on."""
+    out: dict[str, Any] = {}
+    keep = ("images", "iou", "dice", "boundary")
+    if "per_source" in report:
+        out["per_source"] = {
+            src: {k: v[k] for k in keep if k in v} for src, v in report["per_source"].items()
+        }
+    held = report.get("held_out")
+    if held is not None:
+        sources = held.get("per_source") or {
+            "": held["aggregate"] | {"images": len(held["images"])}
+        }
+        out["held_out"] = {src: {k: v[k] for k in keep if k in v} for src, v in sources.items()}
+    return out
 
 
 def _run(run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
@@ -132,6 +161,7 @@ def export_run(run_dir: Path, models_dir: Path, version: str) -> dict[str, Any]:
         "parity_keras_float32_max_abs_diff": parity.keras_vs_exact,
         "training_wall_time_s": summary["wall_time_s"],
         "cpu_seconds_per_image": agg["seconds_per_image"],
+        **_source_metrics(onnx_report),
     }
     meta = meta.model_copy(update={"metrics": metrics})
     set_metadata(proto, meta)
@@ -210,6 +240,9 @@ def _write_release(
         onnx_bytes=onnx_path.stat().st_size,
         pictures=pictures,
         extra=extra,
+        sources=[Path(d).name for d in config.source_dirs + config.held_out]
+        if len(config.source_dirs) + len(config.held_out) > 1
+        else None,
     )
     return {
         "onnx": str(onnx_path),

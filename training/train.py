@@ -14,6 +14,7 @@ import keras
 from service.inference.modelmeta import Task
 from training.architectures import build_model, inference_model, options_for
 from training.config import TrainConfig
+from training.data import training_scale
 from training.dataset import load_frames, train_dataset, val_dataset
 from training.losses import bce_dice_loss, cce_dice_loss, segmentation_metrics
 
@@ -68,12 +69,24 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
         "label_values": config.label_values,
         "boundary_width": config.boundary_width,
     }
-    train_frames = load_frames(splits["train"], config.normalization, config.mask_mode, **kwargs)
+    train_frames = load_frames(
+        splits["train"],
+        config.normalization,
+        config.mask_mode,
+        percentile_jitter=config.augmentation.percentile_jitter,
+        **kwargs,
+    )
     val_frames = load_frames(splits["val"], config.normalization, config.mask_mode, **kwargs)
     k = len(config.classes)
     channels = train_frames[0].image.shape[2]
     train_ds = train_dataset(
-        train_frames, config.tile_size, config.batch_size, k, config.seed, fg_bias=config.fg_bias
+        train_frames,
+        config.tile_size,
+        config.batch_size,
+        k,
+        config.seed,
+        fg_bias=config.fg_bias,
+        augmentation=config.augmentation,
     )
     val_ds = val_dataset(val_frames, config.tile_size, config.batch_size, k)
 
@@ -125,8 +138,9 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
         "best_val_iou": float(max(val_iou)),
         "stopped_by_time_budget": budget.stopped,
         "params": int(inference_model(model).count_params()),
-        "splits": {name: [p.stem for p in items] for name, items in splits.items()},
+        "splits": {name: [p.key for p in items] for name, items in splits.items()},
         "channels": int(channels),
+        "object_diameter": training_scale(splits["train"]),
     }
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     log.info("training took %.1f s over %d epochs", wall, summary["epochs_run"])
