@@ -103,14 +103,17 @@ def plan_scale(
     meta: ModelMetadata, diameter: float, height: int, width: int, name: str | None = None
 ) -> ScalePlan:
     """The rescaling of a ``height x width`` image whose objects are ``diameter`` pixels across:
-    each side times the factor, rounded (at least 1 pixel); no resampling for factors within
+    each side times the factor, rounded half up (at least 1 pixel); no resampling for factors within
     ``1 +- SKIP_TOLERANCE``. Raises :class:`ScaleError` as :func:`scale_factor`."""
     factor = scale_factor(meta, diameter, name)
     assert meta.object_diameter is not None  # scale_factor refused it otherwise
     if abs(factor - 1.0) <= SKIP_TOLERANCE:
         scaled = (height, width)
     else:
-        scaled = (max(1, round(height * factor)), max(1, round(width * factor)))
+        scaled = (
+            max(1, math.floor(height * factor + 0.5)),
+            max(1, math.floor(width * factor + 0.5)),
+        )
     return ScalePlan(diameter, meta.object_diameter, factor, height, width, *scaled)
 
 
