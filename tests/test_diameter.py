@@ -436,3 +436,27 @@ def test_scale_error_names_the_model() -> None:
     meta = ModelMetadata(name="m", task="binary", classes=["bg", "fg"], tile_size=32, channels=1)
     with pytest.raises(ScaleError, match="'served' has no training scale"):
         plan_scale(meta, 10.0, 5, 5, name="served")
+
+
+def test_server_kit_takes_the_diameter_of_models_with_a_training_scale(
+    server: LiveServer,
+) -> None:
+    """The real ``imaging_server_kit.Client``: a diameter parameter (default: the training
+    scale) for models that have one, none for the others, and the same mask as /segment."""
+    from service.api.serverkit import import_serverkit
+
+    sk = import_serverkit()
+    client = sk.Client(f"{server.url}/serverkit")
+    blob = client.get_parameters("blob")["properties"]
+    assert blob["diameter"]["default"] == TRAINED
+    assert (blob["diameter"]["min"], blob["diameter"]["max"]) == (1.2, 120.0)
+    assert "diameter" not in client.get_parameters("plain")["properties"]
+    img = discs(101, 77, 24)
+    mask = client.run(img, algorithm="blob", diameter=24.0).layers[0].data
+    expected = mask_of(post(server, img, model="blob", diameter=24)) > 0
+    np.testing.assert_array_equal(mask.astype(bool), expected)
+    # The default (the training scale) leaves the image as it is.
+    as_is = client.run(img, algorithm="blob").layers[0].data
+    np.testing.assert_array_equal(as_is.astype(bool), mask_of(post(server, img, model="blob")) > 0)
+    multi = client.run(img, algorithm="multi", diameter=24.0).layers[0].data
+    np.testing.assert_array_equal(multi, mask_of(post(server, img, model="multi", diameter=24)))
