@@ -460,3 +460,22 @@ def test_server_kit_takes_the_diameter_of_models_with_a_training_scale(
     np.testing.assert_array_equal(as_is.astype(bool), mask_of(post(server, img, model="blob")) > 0)
     multi = client.run(img, algorithm="multi", diameter=24.0).layers[0].data
     np.testing.assert_array_equal(multi, mask_of(post(server, img, model="multi", diameter=24)))
+
+
+def test_the_client_and_its_command_line_pass_the_diameter(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    from segment_client import SegmentClient
+    from segment_client.cli import run
+
+    img = discs(101, 77, 24)
+    expected = mask_of(post(server, img, model="blob", diameter=24)) > 0
+    result = SegmentClient(server.url).segment(img, model="blob", diameter=24)
+    assert result.document["scale"]["factor"] == 0.5
+    np.testing.assert_array_equal(result.mask.astype(bool), expected)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "discs.png").write_bytes(png_bytes(img))
+    argv = [str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--url", server.url]
+    assert run([*argv, "--model", "blob", "--diameter", "24", "--no-progress"]) == 0
+    written = np.asarray(Image.open(tmp_path / "out" / "discs.png"))
+    np.testing.assert_array_equal(written > 0, expected)
