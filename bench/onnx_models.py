@@ -29,6 +29,7 @@ def build_model(
     output_name: str = "output_0",
     normalization: Normalization | None = None,
     label_values: list[int] | None = None,
+    object_diameter: float | None = None,
 ) -> ModelMetadata:
     """Write a one-convolution model to ``path``: sigmoid for 2 classes, softmax otherwise.
 
@@ -76,6 +77,7 @@ def build_model(
         normalization=normalization or Normalization(method="scale", scale=255.0),
         threshold=0.5,
         label_values=label_values,
+        object_diameter=object_diameter,
         architecture="test-conv",
         description="test model built by bench/onnx_models.py",
     )

@@ -11,10 +11,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from service.inference.metrics import SegmentationScores
 from service.inference.modelmeta import Task
+from service.inference.rescale import ScalePlan
 from service.inference.tiling import BlendMode
 from service.registry import SegmentationModel
 from service.segmenter import SegmentParams, SegmentResult, render_mask
@@ -31,6 +32,56 @@ class ImageInfo(BaseModel):
     channels: int
     channel: str | None = None
     physical_pixel_size: dict[str, float | str | None] | None = None
+
+
+class ScaleInfo(BaseModel):
+    """How the image was rescaled to the model's training scale (requests with ``diameter``)."""
+
+    diameter: float = Field(description="The objects' diameter in the image, as sent (pixels)")
+    model_diameter: float = Field(description="The model's training scale (object_diameter)")
+    factor: float = Field(description="model_diameter / diameter")
+    resampled: bool = Field(
+        description="False when the factor is within 1 +- 0.05 (or too small to change the "
+        "size): the image was segmented as it is"
+    )
+    width: int = Field(description="Width the model ran on (a stack: each plane's)")
+    height: int = Field(description="Height the model ran on")
+
+
+def scale_info(plan: ScalePlan | None) -> ScaleInfo | None:
+    """The ``scale`` part of a JSON answer."""
+    if plan is None:
+        return None
+    return ScaleInfo(
+        diameter=plan.diameter,
+        model_diameter=plan.model_diameter,
+        factor=plan.factor,
+        resampled=plan.resampled,
+        width=plan.scaled_width,
+        height=plan.scaled_height,
+    )
+
+
+def answer_headers(
+    model: SegmentationModel,
+    timings_ms: dict[str, float],
+    scores: SegmentationScores | None,
+    scale: ScalePlan | None,
+) -> dict[str, str]:
+    """Model, provider, stage timings (``Server-Timing``), with a truth the means, and with a
+    diameter the factor the image was really rescaled by (``X-Segment-Scale``: 1 when it was
+    segmented as it is); the headers of 2-D images and stacks alike."""
+    headers = {
+        "X-Model": f"{model.name}/{model.meta.version}",
+        "X-Provider": model.provider,
+        "Server-Timing": ", ".join(f"{k};dur={v}" for k, v in timings_ms.items()),
+    }
+    if scores is not None and scores.mean_iou is not None:
+        headers["X-Mean-IoU"] = f"{scores.mean_iou:.6f}"
+        headers["X-Mean-Dice"] = f"{scores.mean_dice:.6f}"
+    if scale is not None:
+        headers["X-Segment-Scale"] = f"{scale.applied:.6g}"
+    return headers
 
 
 class SegmentResponse(BaseModel):
@@ -50,6 +101,7 @@ class SegmentResponse(BaseModel):
     mask_png: str
     class_masks: dict[str, str] | None = None
     metrics: SegmentationScores | None = None
+    scale: ScaleInfo | None = None
     timings_ms: dict[str, float]
 
 
@@ -68,17 +120,9 @@ class Answer:
     class_masks: dict[str, bytes] | None
 
     def headers(self) -> dict[str, str]:
-        """Model, provider, stage timings (``Server-Timing``) and, with a truth, the means."""
-        headers = {
-            "X-Model": f"{self.model.name}/{self.model.meta.version}",
-            "X-Provider": self.model.provider,
-            "Server-Timing": ", ".join(f"{k};dur={v}" for k, v in self.result.timings_ms().items()),
-        }
-        scores = self.result.scores
-        if scores is not None and scores.mean_iou is not None:
-            headers["X-Mean-IoU"] = f"{scores.mean_iou:.6f}"
-            headers["X-Mean-Dice"] = f"{scores.mean_dice:.6f}"
-        return headers
+        """See :func:`answer_headers`."""
+        result = self.result
+        return answer_headers(self.model, result.timings_ms(), result.scores, result.scale)
 
     def document(self, request_id: str) -> SegmentResponse:
         """The JSON answer: the mask as base64 PNG, scores, class fractions and timings."""
@@ -117,6 +161,7 @@ class Answer:
             if self.class_masks is None
             else {name: _b64(png) for name, png in self.class_masks.items()},
             metrics=result.scores,
+            scale=scale_info(result.scale),
             timings_ms=result.timings_ms(),
         )
 

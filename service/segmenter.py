@@ -6,6 +6,7 @@ Kept apart from the HTTP layer so that benchmarks and tests drive the exact pipe
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,13 +14,14 @@ from typing import BinaryIO
 
 import numpy as np
 
-from service.exceptions import InvalidGroundTruthError, InvalidParameterError
+from service.exceptions import ImageTooLargeError, InvalidGroundTruthError, InvalidParameterError
 from service.images import DecodedImage, ImageHeader, decode_image, encode_png, to_channels
 from service.inference.labels import LabelError, labels_to_classes
 from service.inference.metrics import SegmentationScores, score_segmentation
 from service.inference.modelmeta import ModelMetadata, Task
 from service.inference.normalize import HIST_CHUNK_PIXELS
 from service.inference.pipeline import predict_mask
+from service.inference.rescale import ScaleError, ScalePlan, plan_scale, rescale_bytes, scale_factor
 from service.inference.tiling import BATCHES_IN_FLIGHT, BlendMode, count_tiles
 from service.registry import SegmentationModel
 
@@ -37,10 +39,16 @@ class SegmentParams:
     blend: BlendMode = BlendMode.GAUSSIAN
     batch_size: int = 8
     class_name: str | None = None  # answer this class's 0/255 mask instead of all classes
+    diameter: float | None = None  # the objects' diameter in pixels: rescale to the model's
 
     def check(self, name: str, meta: ModelMetadata) -> None:
         """An :class:`InvalidParameterError` when a choice does not apply to the model served as
         ``name``."""
+        if self.diameter is not None:
+            try:
+                scale_factor(meta, self.diameter, name)
+            except ScaleError as exc:
+                raise InvalidParameterError(exc.message) from None
         if self.threshold is not None and meta.task is not Task.BINARY:
             raise InvalidParameterError(
                 f"threshold applies to binary models; {name!r} has {meta.num_classes} "
@@ -50,6 +58,32 @@ class SegmentParams:
             raise InvalidParameterError(
                 f"class_name {self.class_name!r} is not a class of model {name!r}: {meta.classes}"
             )
+
+    def scale_plan(
+        self, name: str, meta: ModelMetadata, height: int, width: int, max_pixels: int
+    ) -> ScalePlan | None:
+        """How a ``height x width`` image (or each plane of a stack) is rescaled for
+        ``diameter`` (None without one): an :class:`InvalidParameterError` when the model
+        cannot, an :class:`ImageTooLargeError` when the rescaled image is over the pixel
+        limit, with the numbers and the smallest diameter that fits."""
+        if self.diameter is None:
+            return None
+        try:
+            plan = plan_scale(meta, self.diameter, height, width, name)
+        except ScaleError as exc:
+            raise InvalidParameterError(exc.message) from None
+        if plan.scaled_pixels > max_pixels:
+            smallest = plan.model_diameter * math.sqrt(height * width / max_pixels)
+            raise ImageTooLargeError(
+                f"with diameter={plan.diameter:g} the {width}x{height} image is rescaled by "
+                f"{plan.factor:.4g} to the training scale of model {name!r} "
+                f"({plan.model_diameter:g} px objects): {plan.scaled_width}x"
+                f"{plan.scaled_height} = {plan.scaled_pixels:,} pixels, over the limit of "
+                f"{max_pixels:,} pixels per image (setting SEG_MAX_IMAGE_PIXELS). Send a crop, "
+                f"or a diameter of at least {math.ceil(smallest * 100) / 100:g} px if that "
+                "is true of the objects"
+            )
+        return plan
 
     def class_index(self, meta: ModelMetadata) -> int | None:
         """The index of ``class_name`` among the model's classes (None: every class)."""
@@ -66,6 +100,7 @@ class SegmentResult:
     tiles: int
     batches: list[int]
     timings: dict[str, float] = field(default_factory=dict)
+    scale: ScalePlan | None = None  # with diameter=: how the image was rescaled
 
     def timings_ms(self) -> dict[str, float]:
         """Stage durations in milliseconds, rounded for reading."""
@@ -119,10 +154,15 @@ def request_memory(
     truth: ImageHeader | None = None,
     *,
     batch_bytes: int = 0,
+    diameter: float | None = None,
 ) -> int:
     """An upper bound of the memory :func:`segment` plus encoding hold for this request on top
     of the idle process, from the headers alone: the larger of its two peaks, decoding and
     inference (the README's formula, term by term).
+
+    With ``diameter`` (already checked against the model) the model runs on each plane
+    rescaled: the tiler's strips are as wide as the rescaled plane, and the resampled plane and
+    the resampling buffers (:func:`~service.inference.rescale.rescale_bytes`) come on top.
 
     ``batch_bytes`` is ONNX Runtime's memory for one tile batch, measured at warm-up
     (:attr:`SegmentationModel.request_bytes`). Checked against the real process by
@@ -140,10 +180,20 @@ def request_memory(
         held += 4 * hw * c  # to_channels: one float32 plane per model channel
     if truth is not None:
         held += 3 * hw  # its class map, and boolean masks while scoring
+    strip_width, rescaling = image.width, 0
+    if diameter is not None:
+        plan = plan_scale(meta, diameter, image.height, image.width)
+        strip_width = plan.scaled_width
+        samples = image.pixels * image.planes * image.channels
+        sample_bytes = image.nbytes // samples if samples else 1
+        if image.channels != c:
+            sample_bytes = 4  # to_channels' output: at most a float32 sample
+        rescaling = rescale_bytes(plan, c, sample_bytes, k, t)
     inference = (
         held
         + 2 * hw * image.planes  # the uint8 mask (every plane) and the copy that is encoded
-        + 12 * t * image.width * (k + 1)  # the probability and weight strips
+        + 12 * t * strip_width * (k + 1)  # the probability and weight strips
+        + rescaling  # the rescaled plane and the resampling buffers
         # tile batches in and out (float32, and a copy), as many as the overlapped tiler holds
         + BATCHES_IN_FLIGHT * 8 * batch_size * t * t * (c + k)
         + 8 * HIST_CHUNK_PIXELS  # the int64 histogram counts of one chunk of rows
@@ -196,6 +246,7 @@ class TimedModel:
             mode=params.blend,
             threshold=params.threshold,
             overlapped=overlap_host_work(self.model),
+            diameter=params.diameter,
         )
 
 
@@ -231,6 +282,7 @@ def segment(
         model_channels=meta.channels,
     )
     pixels = to_channels(decoded.pixels, meta.channels)
+    scale = params.scale_plan(model.name, meta, pixels.shape[0], pixels.shape[1], max_pixels)
     truth = None
     if truth_file is not None:
         # The decoded truth is freed as soon as its class map is made.
@@ -244,12 +296,16 @@ def segment(
     t1 = time.perf_counter()
     timings["decode"] = t1 - t0
 
-    total_tiles = count_tiles(pixels.shape[0], pixels.shape[1], meta.tile_size, params.overlap)
+    height, width = pixels.shape[:2]
+    if scale is not None:
+        height, width = scale.scaled_height, scale.scaled_width
+    total_tiles = count_tiles(height, width, meta.tile_size, params.overlap)
     timed = TimedModel(model, total_tiles, progress)
     mask = timed.predict_mask(pixels, params)
     t2 = time.perf_counter()
     timings["infer"] = timed.seconds
-    timings["stitch"] = (t2 - t1) - timed.seconds  # tiling, normalising, blending, thresholding
+    # tiling, normalising, blending, thresholding, and resampling with a diameter
+    timings["stitch"] = (t2 - t1) - timed.seconds
     scores = score_segmentation(mask, truth, meta.classes) if truth is not None else None
     timings["score"] = time.perf_counter() - t2
     return SegmentResult(
@@ -259,6 +315,7 @@ def segment(
         tiles=sum(timed.batches),
         batches=timed.batches,
         timings=timings,
+        scale=scale,
     )
 
 

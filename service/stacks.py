@@ -28,9 +28,10 @@ from service.inference.metrics import (
     total_stats,
 )
 from service.inference.modelmeta import ModelMetadata, Task
+from service.inference.rescale import ScalePlan
 from service.inference.tiling import BlendMode, count_tiles
 from service.registry import SegmentationModel
-from service.responses import Answer, render_answer
+from service.responses import Answer, ScaleInfo, answer_headers, render_answer, scale_info
 from service.segmenter import (
     ProgressHook,
     SegmentParams,
@@ -125,6 +126,7 @@ class StackResult:
     tiles: int
     batches: list[int]
     timings: dict[str, float] = field(default_factory=dict)
+    scale: ScalePlan | None = None  # with diameter=: how each plane was rescaled
 
     def timings_ms(self) -> dict[str, float]:
         """Stage durations in milliseconds."""
@@ -178,13 +180,18 @@ def segment_stack(
         model_channels=meta.channels,
     )
     layout = stack.layout
+    # Each plane is rescaled on its own: the pixel limit applies to one rescaled plane.
+    scale = params.scale_plan(model.name, meta, layout.height, layout.width, max_pixels)
     truth = None
     if truth_file is not None:
         truth = _truth_planes(truth_file, layout, meta, max_pixels)
     t1 = time.perf_counter()
     timings["decode"] = t1 - t0
 
-    per_plane = count_tiles(layout.height, layout.width, meta.tile_size, params.overlap)
+    height, width = layout.height, layout.width
+    if scale is not None:
+        height, width = scale.scaled_height, scale.scaled_width
+    per_plane = count_tiles(height, width, meta.tile_size, params.overlap)
     total = per_plane * layout.planes
     timed = TimedModel(model, total, progress)
     mask = np.empty((layout.planes, layout.height, layout.width), np.uint8)
@@ -207,7 +214,7 @@ def segment_stack(
         scores = scores_from_stats(total_stats(stats), meta.classes)
     timings["score"] = time.perf_counter() - t2
     return StackResult(
-        mask, stack, plane_scores, scores, sum(timed.batches), timed.batches, timings
+        mask, stack, plane_scores, scores, sum(timed.batches), timed.batches, timings, scale
     )
 
 
@@ -295,6 +302,7 @@ class StackResponse(BaseModel):
     mask_tiff: str
     metrics: SegmentationScores | None = None
     planes: list[PlaneScores] | None = None
+    scale: ScaleInfo | None = None
     timings_ms: dict[str, float]
 
 
@@ -327,17 +335,9 @@ class StackAnswer:
     tiff: bytes
 
     def headers(self) -> dict[str, str]:
-        """Model, provider, timings and, with a truth, the overall means."""
-        headers = {
-            "X-Model": f"{self.model.name}/{self.model.meta.version}",
-            "X-Provider": self.model.provider,
-            "Server-Timing": ", ".join(f"{k};dur={v}" for k, v in self.result.timings_ms().items()),
-        }
-        scores = self.result.scores
-        if scores is not None and scores.mean_iou is not None:
-            headers["X-Mean-IoU"] = f"{scores.mean_iou:.6f}"
-            headers["X-Mean-Dice"] = f"{scores.mean_dice:.6f}"
-        return headers
+        """See :func:`~service.responses.answer_headers` (the means are the whole stack's)."""
+        result = self.result
+        return answer_headers(self.model, result.timings_ms(), result.scores, result.scale)
 
     def document(self, request_id: str) -> StackResponse:
         """The JSON answer."""
@@ -372,6 +372,7 @@ class StackAnswer:
             mask_tiff=base64.b64encode(self.tiff).decode("ascii"),
             metrics=result.scores,
             planes=planes,
+            scale=scale_info(result.scale),
             timings_ms=result.timings_ms(),
         )
 

@@ -367,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="binary models: probability cut-off")
     p.add_argument("--overlap", type=float, help="tile overlap, 0 to 0.75")
     p.add_argument("--blend", choices=("gaussian", "cosine", "constant"))
+    p.add_argument(
+        "--diameter",
+        type=float,
+        help="the objects' diameter in pixels: images are rescaled to the model's training "
+        "scale (models with object_diameter)",
+    )
     p.add_argument("--class-name", help="write this class's mask only")
     p.add_argument("--channel", help="stacks with channels: a channel index or OME name")
     p.add_argument("--truth-dir", type=Path, help="ground truths, paired with images by name")
@@ -391,6 +397,7 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
         "threshold": args.threshold,
         "overlap": args.overlap,
         "blend": args.blend,
+        "diameter": args.diameter,
         "class_name": args.class_name,
         "channel": args.channel,
     }

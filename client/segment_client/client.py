@@ -359,7 +359,7 @@ class SegmentClient:
         service's); score it against ``ground_truth`` when given.
 
         ``params`` are the service's query parameters: ``threshold``, ``overlap``, ``blend``,
-        ``class_name``, ``channel``. With ``progress``, the image goes through a job
+        ``class_name``, ``channel``, ``diameter``. With ``progress``, the image goes through a job
         (``POST /jobs``) and ``progress`` is called with each :class:`JobStatus` polled, tiles
         done out of the total and an ETA; otherwise one synchronous ``POST /segment``.
         """

@@ -18,7 +18,11 @@ from service.core.resources import (
 )
 from service.images import read_header
 from service.registry import SegmentationModel
-from service.segmenter import request_memory
+from service.segmenter import SegmentParams, request_memory
+
+
+def _rescaled(params: SegmentParams) -> str:
+    return "" if params.diameter is None else f" rescaled for diameter={params.diameter:g}"
 
 
 def reserve_memory(
@@ -26,21 +30,30 @@ def reserve_memory(
     model: SegmentationModel,
     image: BinaryIO,
     truth: BinaryIO | None,
-    batch_size: int,
+    params: SegmentParams,
     retry_after: int,
+    max_pixels: int,
 ) -> Reservation | None:
-    """Reserve what segmenting ``image`` with ``model`` will hold (None without a budget).
+    """Reserve what segmenting ``image`` with ``model`` and ``params`` will hold (None without
+    a budget).
 
-    Raises the image's own 4xx for a file that is not an image, 413 when the request needs more
+    Raises the image's own 4xx for a file that is not an image, 413 when the image rescaled
+    for ``params.diameter`` is over the pixel limit (``max_pixels``) or the request needs more
     than the whole budget leaves for requests, 503 + ``Retry-After`` when it needs more than
     the requests admitted now leave free.
     """
     if budget is None:
         return None
     header = read_header(image, what="image")
+    params.scale_plan(model.name, model.meta, header.height, header.width, max_pixels)
     truth_header = read_header(truth, what="ground truth") if truth is not None else None
     cost = request_memory(
-        model.meta, header, batch_size, truth_header, batch_bytes=model.request_bytes
+        model.meta,
+        header,
+        params.batch_size,
+        truth_header,
+        batch_bytes=model.request_bytes,
+        diameter=params.diameter,
     )
     try:
         return budget.admit(cost)
@@ -49,7 +62,8 @@ def reserve_memory(
             413,
             ErrorCode.TOO_LARGE,
             f"segmenting this {header.width}x{header.height} image ({mib(header.nbytes)} "
-            f"decoded) with model {model.name!r} needs about {mib(cost)} of memory; this "
+            f"decoded){_rescaled(params)} with model {model.name!r} needs about {mib(cost)} "
+            "of memory; this "
             f"service has {mib(budget.capacity)} for a request ({budget.source} "
             f"{mib(budget.total)}, of which the loaded models hold {mib(budget.baseline)}). "
             "Send a smaller image or a crop, or give the service more memory",

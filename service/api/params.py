@@ -50,6 +50,17 @@ def segment_options(
             "index or an OME channel name",
         ),
     ] = None,
+    diameter: Annotated[
+        float | None,
+        Query(
+            gt=0.0,
+            allow_inf_nan=False,
+            description="The objects' (e.g. nuclei's) typical diameter in pixels in this image: "
+            "the image is rescaled to the model's training scale (its object_diameter in "
+            "GET /models) before tiling, and the mask back to the image's size. Models "
+            "without a training scale refuse it",
+        ),
+    ] = None,
 ) -> SegmentOptions:
     """The options, checked against the model (422 naming what does not apply)."""
     params = SegmentParams(
@@ -58,6 +69,7 @@ def segment_options(
         blend=blend,
         batch_size=settings.tile_batch_size,
         class_name=class_name,
+        diameter=diameter,
     )
     params.check(model.name, model.meta)
     return SegmentOptions(params, per_class, channel)

@@ -13,12 +13,12 @@ here as through ``/segment``. Optional: needs the ``serverkit`` extra.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import io
 import logging
 import sys
 import threading
 import types
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ from service.core.errors import ApiError, ErrorCode
 from service.core.gate import InferenceGate, OverloadedError
 from service.core.metrics import ServiceMetrics
 from service.inference.modelmeta import Task
+from service.inference.rescale import diameter_range
 from service.registry import ModelRegistry, SegmentationModel
 from service.segmenter import SegmentParams, segment
 from service.stacks import segment_stack, stack_layout
@@ -121,7 +122,8 @@ def model_algorithm(
     model: SegmentationModel, settings: Settings, gate: InferenceGate, metrics: ServiceMetrics
 ) -> Any:
     """One model as a Server Kit ``Algorithm``: an image in, a mask (labels layer) out, with
-    the model's threshold (binary models) and the tile overlap as parameters."""
+    the model's threshold (binary models), the tile overlap and, for a model with a training
+    scale, the objects' diameter as parameters."""
     sk = import_serverkit()
     meta = model.meta
     binary = meta.task is Task.BINARY
@@ -145,32 +147,40 @@ def model_algorithm(
         max=0.75,
         step=0.05,
     )
-
-    def run(image: np.ndarray, overlap: float, threshold: float | None = None) -> Any:
-        params = SegmentParams(
-            threshold=threshold,
-            overlap=overlap,
-            batch_size=settings.tile_batch_size,
+    diameters = diameter_range(meta)
+    if diameters is not None:
+        assert meta.object_diameter is not None
+        trained = float(meta.object_diameter)
+        parameters["diameter"] = sk.Float(
+            name="Object diameter (px)",
+            description=f"The objects' diameter in pixels in this image; the model was "
+            f"trained on {trained:g} px objects and the image is rescaled by {trained:g} / "
+            "diameter (the default: as it is)",
+            default=trained,
+            min=diameters[0],
+            max=diameters[1],
+            step=0.5,
         )
-        mask = segment_array(model, image, params, settings=settings, gate=gate, metrics=metrics)
+
+    def run(**values: Any) -> Any:
+        params = SegmentParams(
+            threshold=values.get("threshold"),
+            overlap=values["overlap"],
+            batch_size=settings.tile_batch_size,
+            diameter=values.get("diameter"),
+        )
+        mask = segment_array(
+            model, values["image"], params, settings=settings, gate=gate, metrics=metrics
+        )
         return sk.Mask(mask, name=f"{model.name} mask")
 
-    run_fn: Callable[..., Any]
-    if binary:
-
-        def run_binary(image: np.ndarray, threshold: float, overlap: float) -> Any:
-            return run(image, overlap, threshold)
-
-        run_fn = run_binary
-    else:
-
-        def run_multiclass(image: np.ndarray, overlap: float) -> Any:
-            return run(image, overlap)
-
-        run_fn = run_multiclass
+    # Server Kit reads an algorithm's parameters from its function's signature: this model's.
+    run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in parameters]
+    )
     classes = ", ".join(meta.classes)
     return sk.algorithm(
-        run_fn,
+        run,
         name=model.name,
         parameters=parameters,
         description=f"U-Net segmentation ({classes}), model {model.name} version "

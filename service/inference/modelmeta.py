@@ -64,6 +64,14 @@ class ModelMetadata(BaseModel):
     channels: int = Field(ge=1, le=4)
     normalization: Normalization = Normalization()
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    object_diameter: float | None = Field(
+        None,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="Median object diameter in pixels (equivalent-circle diameter) in the "
+        "training data: the model's training scale. Requests that give the diameter of their "
+        "objects (diameter=) are rescaled to it; without it a model cannot rescale.",
+    )
     input_layout: str = Field("NHWC", pattern="^NHWC$")
     label_values: list[int] | None = Field(
         None, description="Pixel value of each class in the training masks, if not 0..K-1."

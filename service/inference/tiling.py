@@ -190,6 +190,7 @@ class _Stitcher:
         roi: tuple[int, int],
         weights: np.ndarray,
         reduce: Reducer,
+        out_rows: int | None = None,
     ) -> None:
         self.height, self.width, self.roi = height, width, roi
         self.weights = weights
@@ -198,6 +199,10 @@ class _Stitcher:
         self.acc: np.ndarray | None = None
         self.wsum = np.zeros((self.strip_rows, width), np.float32)
         self.strip_top = 0
+        # Rows of the result, and how many ``reduce`` has handed back so far: as many as it is
+        # given, unless it resamples (service.inference.rescale.StripResampler).
+        self.out_rows = height if out_rows is None else out_rows
+        self.out_top = 0
         # The result is written in place strip by strip (no list of pieces concatenated at the
         # end: that would hold the reduced image twice at its peak).
         self.result: np.ndarray | None = None
@@ -211,8 +216,9 @@ class _Stitcher:
             return
         piece = self.reduce(acc[:n] / wsum[:n, :, None])
         if self.result is None:
-            self.result = np.empty((self.height, *piece.shape[1:]), piece.dtype)
-        self.result[self.strip_top : until] = piece
+            self.result = np.empty((self.out_rows, *piece.shape[1:]), piece.dtype)
+        self.result[self.out_top : self.out_top + piece.shape[0]] = piece
+        self.out_top += piece.shape[0]
         acc[:-n], wsum[:-n] = acc[n:].copy(), wsum[n:].copy()
         acc[-n:], wsum[-n:] = 0.0, 0.0
         self.strip_top = until
@@ -236,6 +242,8 @@ class _Stitcher:
         """Reduce what is left and return the whole result."""
         self._flush(self.height)
         assert self.result is not None
+        if self.out_top != self.out_rows:
+            raise ValueError(f"reduce gave {self.out_top} rows in all, expected {self.out_rows}")
         return self.result
 
 
@@ -260,6 +268,7 @@ def sliding_window_inference(
     *,
     prepare: Callable[[np.ndarray], np.ndarray] | None = None,
     overlapped: bool = False,
+    out_rows: int | None = None,
 ) -> np.ndarray:
     """Run ``predictor`` over ``image`` in overlapping tiles and stitch the outputs.
 
@@ -281,6 +290,9 @@ def sliding_window_inference(
             (a predictor on the CPU would only compete with them for the cores).
             The result is bit-identical to the serial path (``False``): the same operations in
             the same order.
+        out_rows: for a ``reduce`` that resamples (hands back a different number of rows
+            than it is given, in order, all of them by the last strip): the rows of the
+            result. Default: the image's height.
 
     Returns:
         The stitched output, ``(H, W, K)`` float32 or whatever ``reduce`` makes of it.
@@ -295,7 +307,12 @@ def sliding_window_inference(
     roi = _as_pair(roi_size, "roi_size")
     weights = compute_importance_map(roi, BlendMode(mode), sigma_scale)
     stitcher = _Stitcher(
-        height, width, roi, weights, reduce if reduce is not None else (lambda strip: strip)
+        height,
+        width,
+        roi,
+        weights,
+        reduce if reduce is not None else (lambda strip: strip),
+        out_rows,
     )
     batches = iter_tile_batches(image, roi, sw_batch_size, overlap, prepare)
     if not overlapped:

@@ -223,8 +223,9 @@ async def create_job(
             model,
             image.file,
             ground_truth.file if ground_truth is not None else None,
-            options.params.batch_size,
+            options.params,
             settings.retry_after_seconds,
+            settings.max_image_pixels,
         )
     except (ApiError, SegmentationInputError) as exc:
         store.discard(job)

@@ -146,7 +146,13 @@ async def segment_image(
     request_id = request.state.request_id
     try:
         reservation = reserve_memory(
-            memory, model, image.file, truth_file, params.batch_size, settings.retry_after_seconds
+            memory,
+            model,
+            image.file,
+            truth_file,
+            params,
+            settings.retry_after_seconds,
+            settings.max_image_pixels,
         )
     except ApiError as exc:
         if exc.code is ErrorCode.OVERLOADED:
