@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from service.inference.modelmeta import ModelMetadata
 from training.boundary import boundary_bias, edge_level
-from training.config import Augmentation, ArchOptions, TrainConfig
+from training.config import ArchOptions, Augmentation, TrainConfig
 from training.data import object_diameters, training_scale
 
 # ------------------------------------------------------------------------------ edge placement
@@ -140,8 +140,8 @@ def test_degradations_blur_and_add_noise_to_the_image_only() -> None:
 
 def test_percentile_jitter_draws_the_services_statistics() -> None:
     from service.inference.modelmeta import Normalization
-    from training.dataset import JITTER_HIGH, JITTER_LOW, load_frames, random_patches
     from training.data import Pair
+    from training.dataset import JITTER_HIGH, JITTER_LOW, load_frames, random_patches
 
     rng = np.random.default_rng(0)
     image = rng.integers(100, 4000, (64, 64), dtype=np.uint16)
@@ -214,6 +214,11 @@ def test_several_sources_train_together_and_a_held_out_one_is_reported_apart(
     export_run(run_dir, tmp_path / "models", "1")
     proto = onnx.load(str(tmp_path / "models" / "multi" / "1" / "model.onnx"))
     meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+    assert meta.object_diameter == summary["object_diameter"]  # what diameter= rescales to
+    assert (
+        "Training scale: median nucleus diameter"
+        in (tmp_path / "models" / "multi" / "README.md").read_text()
+    )
     assert set(meta.metrics["per_source"]) == {"small", "large"}
     assert set(meta.metrics["held_out"]) == {"unseen"}
     assert meta.metrics["held_out"]["unseen"]["images"] == 4

@@ -131,6 +131,12 @@ fraction of the step from background (0) to nucleus (1).
     head = "1 sigmoid channel, threshold " + str(meta.threshold)
     if meta.output_channels > 1:
         head = f"{meta.output_channels}-channel softmax, argmax"
+    scale = ""
+    if meta.object_diameter is not None:
+        scale = (
+            f"- Training scale: median nucleus diameter {meta.object_diameter:g} px "
+            "(`object_diameter`); send `diameter=` (px in your image) to rescale to it.\n"
+        )
     seconds = onnx_scores.get("seconds_per_image")
     speed = ""
     if seconds is not None:
@@ -147,7 +153,7 @@ fraction of the step from background (0) to nucleus (1).
   {meta.normalization.high} mapped to 0 and 1 (`service.inference.normalize`).
 - Architecture: `{meta.architecture}`, {summary.get("params", 0):,} parameters;
   ONNX opset 17, {onnx_bytes / 1e6:.2f} MB.
-{speed}- Training code commit: `{meta.commit}`.
+{speed}{scale}- Training code commit: `{meta.commit}`.
 
 ## Data and licence
 
