@@ -11,7 +11,6 @@ import tifffile
 
 HELA = Path("data/hela")
 TEST_FRAMES = ("frame_017", "frame_018", "frame_019")
-TRAIN_FRAMES = tuple(f"frame_{i:03d}" for i in range(14))
 
 
 @dataclass

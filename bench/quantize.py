@@ -3,10 +3,11 @@
     python -m bench.quantize      # writes models/nuclei-int8/1/model.onnx, config.pbtxt, README.md
 
 ONNX Runtime's ``quantize_static`` (QDQ format, uint8 activations, int8 weights, MinMax
-calibration) on the very tiles the service would cut from the training frames 000-013
-(normalised the service's way). The held-out frames 017-019 are never seen by the calibration;
-they measure the result through the service's own registry and pipeline, and those figures (not
-the fp32 model's) go into the INT8 model's metadata. A mean-IoU drop over ``MAX_IOU_DROP`` fails
+calibration) on the very tiles the service would cut from the training images of every source
+of the ``nuclei`` preset (normalised the service's way; every ``CALIBRATION_STRIDE``-th tile).
+The test images (and the held-out source) are never seen by the calibration; they measure the
+result through the service's own registry and pipeline, and those figures (not the fp32
+model's) go into the INT8 model's metadata. A mean-IoU drop over ``MAX_IOU_DROP`` fails
 the run. The fp32 model stays the default; the INT8 one is served as its own model,
 ``?model=nuclei-int8``.
 """
@@ -21,44 +22,48 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bench.images import HELA, TRAIN_FRAMES
 from bench.run import MODEL
 from service.inference.modelmeta import ModelMetadata
+from training.presets import PRESETS
 
 OUT = Path("models/nuclei-int8")
 MAX_IOU_DROP = 0.005  # the issue's bar for keeping a quantized model
+CALIBRATION_STRIDE = 3  # every third training tile: ~400 tiles over all sources
 
 
 def calibration_tiles(meta: ModelMetadata) -> list[np.ndarray]:
-    """Batches of one normalised tile, as the service cuts them from the training frames."""
+    """Batches of one normalised tile, as the service cuts them from the training images."""
     from bench.cases import service_batches
     from training.data import read_image
 
     tiles: list[np.ndarray] = []
-    for stem in TRAIN_FRAMES:
-        pixels = read_image(HELA / "images" / f"{stem}.tif")
+    for pair in PRESETS["nuclei"].splits()["train"]:
+        pixels = read_image(pair.image)
         tiles += [t[None] for b in service_batches(pixels, meta, 0.25, 8) for t in b]
-    return tiles
+    return tiles[::CALIBRATION_STRIDE]
 
 
 def held_out_metrics(meta: ModelMetadata, path: Path) -> dict[str, object]:
-    """IoU and Dice of the model at ``path`` on the held-out frames, served as the service
-    serves it (registry session, tiling, stitching), as the fp32 model's card measured them."""
+    """IoU and Dice of the model at ``path`` on the fp32 model's test images (and per source,
+    held-out source included), served as the service serves it (registry session, tiling,
+    stitching), as the fp32 model's card measured them."""
     from service.registry import load_model
-    from training.data import pair_files
     from training.evaluate import evaluate_images
+    from training.release import source_metrics
 
+    config = PRESETS["nuclei"]
     model = load_model(meta.name, path, ["CPUExecutionProvider"], 0, 1)
-    pairs = {p.stem: p for p in pair_files(HELA / "images", HELA / "masks")}
+    pairs = {p.key: p for p in config.splits()["test"]}
     report = evaluate_images(
-        [pairs[s] for s in meta.metrics["test_images"]],
-        model.meta,
-        model.predict,
-        "binary",
+        [pairs[s] for s in meta.metrics["test_images"]], model.meta, model.predict, "binary"
     )
+    if config.held_out:
+        report["held_out"] = evaluate_images(
+            config.held_out_pairs(), model.meta, model.predict, "binary"
+        )
     agg = report["aggregate"]
     keys = ("iou", "dice", "mean_iou", "mean_dice", "seconds_per_image")
-    return {k: agg[k] for k in keys}
+    return {**{k: agg[k] for k in keys}, **source_metrics(report)}
 
 
 def main() -> None:

@@ -82,7 +82,7 @@ def evaluate_models(
     return report
 
 
-def _source_metrics(report: dict[str, Any]) -> dict[str, Any]:
+def source_metrics(report: dict[str, Any]) -> dict[str, Any]:
     """Per-source IoU, Dice and edge placement of a test report, for the model's metadata:
     ``per_source`` for the training sources' test images, ``held_out`` for the sources never
     trained on."""
@@ -167,7 +167,7 @@ def export_run(run_dir: Path, models_dir: Path, version: str) -> dict[str, Any]:
         "parity_keras_float32_max_abs_diff": parity.keras_vs_exact,
         "training_wall_time_s": summary["wall_time_s"],
         "cpu_seconds_per_image": agg["seconds_per_image"],
-        **_source_metrics(onnx_report),
+        **source_metrics(onnx_report),
     }
     meta = meta.model_copy(update={"metrics": metrics})
     set_metadata(proto, meta)

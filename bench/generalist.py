@@ -1,0 +1,173 @@
+"""The default model source by source: IoU, edge placement, and what ``diameter=`` changes.
+
+    python -m bench.generalist [--baseline OLD.onnx]   # -> docs/generalist.md, .json
+
+For every source of the ``nuclei`` preset (the test split of each training source, every image
+of the held-out one), through the service's own pipeline (``predict_mask``: tiling, Gaussian
+blending, threshold) with the bundled model loaded by the service's registry:
+
+- nucleus IoU and Dice over all pixels of the source's images;
+- edge placement (``training.boundary``): median predicted / true area of the nuclei found,
+  mean signed edge distance, and where the source's labels sit in the intensity step;
+- the same with ``diameter=`` set to the source's median labelled nucleus diameter (what a
+  user measures on a few nuclei), which rescales each image to the model's training scale;
+- a global Otsu threshold, the floor any model must beat;
+- optionally a baseline ONNX file (e.g. the previous default) through the same path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.markdown import replace_generated
+from bench.run import machine
+from training.boundary import BoundaryBias, boundary_bias, edge_level
+from training.data import Pair, object_diameters, read_image, read_mask
+from training.presets import PRESETS
+
+DOC = Path("docs/generalist.md")
+TOOL = "python -m bench.generalist"
+
+
+def source_pairs() -> dict[str, tuple[str, list[Pair]]]:
+    """Each source's evaluation images: ``{source: (role, pairs)}``."""
+    config = PRESETS["nuclei"]
+    out: dict[str, tuple[str, list[Pair]]] = {}
+    for pair in config.splits()["test"]:
+        out.setdefault(pair.source, ("test split", []))[1].append(pair)
+    for pair in config.held_out_pairs():
+        out.setdefault(pair.source, ("held out", []))[1].append(pair)
+    return out
+
+
+def _otsu(image: np.ndarray) -> np.ndarray:
+    from skimage.filters import threshold_otsu
+
+    grey = image[..., 0] if image.ndim == 3 else image
+    return (grey > threshold_otsu(grey)).astype(np.uint8)
+
+
+def score(pairs: list[Pair], segment: Any, diameter: float | None = None) -> dict[str, Any]:
+    """Nucleus IoU/Dice over all pixels of ``pairs`` and the edge placement of ``segment``."""
+    inter = union = total = 0
+    bias = BoundaryBias()
+    seconds = 0.0
+    for pair in pairs:
+        image, labels = read_image(pair.image), read_mask(pair.mask)
+        start = time.perf_counter()
+        pred = segment(image, diameter) > 0
+        seconds += time.perf_counter() - start
+        truth = labels > 0
+        inter += int((pred & truth).sum())
+        union += int((pred | truth).sum())
+        total += int(pred.sum() + truth.sum())
+        bias = bias + boundary_bias(pred, labels)
+    return {
+        "iou": round(inter / max(union, 1), 4),
+        "dice": round(2 * inter / max(total, 1), 4),
+        **bias.as_dict(),
+        "seconds_per_image": round(seconds / len(pairs), 3),
+    }
+
+
+def _model(path: Path) -> Any:
+    from service.registry import load_model
+
+    return load_model("nuclei", path, ["CPUExecutionProvider"], 0, 1)
+
+
+def run(models: dict[str, Path]) -> dict[str, Any]:
+    """Every source under every model (and Otsu); with diameter= for the bundled model."""
+    from service.inference.pipeline import predict_mask
+
+    loaded = {name: _model(path) for name, path in models.items()}
+    result: dict[str, Any] = {"machine": machine(), "sources": {}}
+    for source, (role, pairs) in source_pairs().items():
+        masks = [read_mask(p.mask) for p in pairs]
+        diameter = float(np.median(np.concatenate([object_diameters(m) for m in masks])))
+        levels = [edge_level(read_image(p.image), m) for p, m in zip(pairs, masks, strict=True)]
+        entry: dict[str, Any] = {
+            "role": role,
+            "images": len(pairs),
+            "median_nucleus_diameter_px": round(diameter, 1),
+            "label_edge_level": round(float(np.mean([v for v in levels if v is not None])), 3),
+            "otsu": score(pairs, lambda image, _d: _otsu(image)),
+        }
+        for name, model in loaded.items():
+
+            def segment(image: np.ndarray, d: float | None, model: Any = model) -> np.ndarray:
+                return predict_mask(image, model.meta, model.predict, diameter=d)
+
+            entry[name] = score(pairs, segment)
+            if model.meta.object_diameter is not None:
+                entry[f"{name} + diameter"] = score(pairs, segment, diameter)
+        result["sources"][source] = entry
+        print(json.dumps({source: entry}), flush=True)
+    result["object_diameter"] = {n: m.meta.object_diameter for n, m in loaded.items()}
+    return result
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    d = entry.get("mean_signed_distance_px")
+    ratio = entry.get("median_area_ratio")
+    edge = "n/a" if d is None else f"{d:+.2f}"
+    return f"{entry['iou']:.3f} | {'n/a' if ratio is None else f'{ratio:.2f}'} | {edge}"
+
+
+def write_doc(result: dict[str, Any]) -> None:
+    """Tables into docs/generalist.md between the generated markers."""
+    names = [k for k in next(iter(result["sources"].values())) if isinstance(k, str)]
+    columns = [
+        k
+        for k in names
+        if k not in ("role", "images", "median_nucleus_diameter_px", "label_edge_level")
+    ]
+    m = result["machine"]
+    lines = [
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} on {m.get('cpu', 'this CPU')} "
+        f"({m.get('cores', '?')} cores), ONNX Runtime on the CPU, through "
+        "`service.inference.pipeline.predict_mask` (tile 256, overlap 0.25, Gaussian blending).",
+        "Training scale (`object_diameter`) of each model: "
+        + ", ".join(f"{n}: {d} px" for n, d in result["object_diameter"].items())
+        + ".",
+        "",
+        "Each cell: nucleus IoU | median predicted/true area of the nuclei found | mean signed "
+        "edge distance in px (positive: a halo outside the true edge).",
+        "",
+        "| source | role | images | nucleus diameter (px) | label edge level | "
+        + " | ".join(columns)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(columns),
+    ]
+    for source, e in result["sources"].items():
+        cells = " | ".join(_cell(e[c]).replace(" | ", " / ") for c in columns)
+        lines.append(
+            f"| {source} | {e['role']} | {e['images']} | {e['median_nucleus_diameter_px']} | "
+            f"{e['label_edge_level']:.2f} | {cells} |"
+        )
+    replace_generated(DOC, TOOL, lines, "The default model, source by source")
+    DOC.with_suffix(".json").write_text(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    """Measure the bundled model (and a baseline, if given) on every source; write the doc."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="models/nuclei/1/model.onnx")
+    parser.add_argument("--baseline", help="another ONNX file measured the same way")
+    parser.add_argument("--baseline-name", default="baseline")
+    args = parser.parse_args()
+    models = {"nuclei": Path(args.model)}
+    if args.baseline:
+        models[args.baseline_name] = Path(args.baseline)
+    write_doc(run(models))
+
+
+if __name__ == "__main__":
+    main()
