@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from training.config import ARCHITECTURE_NAMES, ArchOptions, TrainConfig
+from training.config import ARCHITECTURE_NAMES, ArchOptions, Augmentation, TrainConfig
 
 
 def _model_name(text: str) -> str:
@@ -67,8 +67,16 @@ def _folder_config(args: argparse.Namespace) -> TrainConfig:
         "(split at random by image, seeded).",
         split="random",
         options=_options(args, ArchOptions()),
+        augmentation=_augmentation(args, Augmentation()),
         **run,
     )
+
+
+def _augmentation(args: argparse.Namespace, default: Augmentation) -> Augmentation:
+    """``--augment NAME`` (training.presets.AUGMENTATIONS), else ``default``."""
+    from training.presets import AUGMENTATIONS
+
+    return AUGMENTATIONS[args.augment] if args.augment else default
 
 
 def _options(args: argparse.Namespace, base: ArchOptions) -> ArchOptions:
@@ -111,7 +119,13 @@ def _config(args: argparse.Namespace) -> TrainConfig:
             )
         return _folder_config(args)
     preset = PRESETS[args.model]
-    _check_preset_data(Path(args.data_dir or preset.data_dir))
+    if args.data_dir:
+        # The preset's recipe on one other folder: its own sources and held-out set go.
+        preset = dataclasses.replace(preset, sources=[], source_splits={}, held_out=[])
+    for folder in (*preset.source_dirs, *preset.held_out) if not args.data_dir else ():
+        _check_preset_data(Path(folder))
+    if args.data_dir:
+        _check_preset_data(Path(args.data_dir))
     run_keys = (
         "data_dir",
         "epochs",
@@ -122,7 +136,12 @@ def _config(args: argparse.Namespace) -> TrainConfig:
         "tile_size",
     )
     run = {k: v for k in (*run_keys, "arch", "name") if (v := getattr(args, k, None)) is not None}
-    config = dataclasses.replace(preset, **run, options=_options(args, preset.options))
+    config = dataclasses.replace(
+        preset,
+        **run,
+        options=_options(args, preset.options),
+        augmentation=_augmentation(args, preset.augmentation),
+    )
     if args.name is None and config.arch != "unet":
         # Another network must not overwrite the preset's run folder or bundled model.
         config.name = f"{config.name}-{config.arch}"
@@ -224,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--max-minutes", type=float, help="training time budget in minutes of wall time"
         )
         p.add_argument("--seed", type=int, help="random seed")
+        p.add_argument(
+            "--augment",
+            choices=("basic", "generalist"),
+            help="basic: flips, rot90, gain, offset, gamma (own folder's default); generalist: "
+            "also scale 0.5-2x, percentile jitter, contrast, blur, noise (the nuclei presets')",
+        )
         p.add_argument("--runs-dir", default="runs", help="run folders (default: runs)")
         p.add_argument(
             "--arch",

@@ -49,6 +49,9 @@ GENERALIST = Augmentation(
     probability=0.3,
 )
 
+# ``segtrain train --augment NAME``.
+AUGMENTATIONS = {"basic": Augmentation(), "generalist": GENERALIST}
+
 _SOURCES = ("data/hela", "data/cho", "data/dsb2018", "data/mnfinder", "data/bbbc007")
 _SOURCE_SPLITS = {"data/mnfinder": "random", "data/bbbc007": "random"}
 
