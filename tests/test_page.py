@@ -167,3 +167,33 @@ def test_the_page_with_an_api_key(model_dir: Path, tmp_path: Path) -> None:
         page.evaluate("document.getElementById('save-key').click()")
         shot = run_page(page, srv.url, image, truth)
         check_result(page, shot, mask, srv.url)
+
+
+@pytest.mark.slow
+def test_the_page_rescales_to_the_models_scale_when_given_a_diameter(tmp_path: Path) -> None:
+    """A model that carries its training scale gets a diameter field; the run reports the
+    rescaling; a model without one shows no field."""
+    from bench.onnx_models import build_model
+
+    root = tmp_path / "models"
+    build_model(root / "scaled/1/model.onnx", name="scaled", tile_size=32, object_diameter=10.0)
+    build_model(root / "plain/1/model.onnx", name="plain", tile_size=32)
+    image, truth, _ = lab_files(tmp_path)
+    with (
+        toy_server(root, tmp_path / "server", default_model="scaled") as srv,
+        browser(chromium(), tmp_path / "profile") as page,
+    ):
+        page.goto(f"{srv.url}/")
+        page.wait_for("document.body.dataset.state === 'ready'")
+        select = "m => { const s = document.getElementById('model'); s.value = m;"
+        select += " s.dispatchEvent(new Event('change')); }"
+        page.evaluate(f"({select})('scaled')")
+        assert not page.evaluate("document.getElementById('diameter-label').hidden")
+        assert "10 px" in page.evaluate("document.getElementById('diameter').placeholder")
+        page.evaluate("document.getElementById('diameter').value = '20'")
+        run_page(page, srv.url, image, truth)
+        summary = page.evaluate("document.getElementById('summary').textContent")
+        assert "rescaled \u00d70.50 to 90\u00d760" in summary, summary  # multiplication signs
+        page.evaluate(f"({select})('plain')")
+        assert page.evaluate("document.getElementById('diameter-label').hidden")
+        assert page.errors() == []

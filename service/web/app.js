@@ -111,6 +111,11 @@ function modelChanged() {
   const binary = model.metadata.task === "binary";
   $("threshold-label").hidden = !binary;
   if (binary) $("threshold").value = model.metadata.threshold;
+  // Only a model that knows its training scale can rescale an image to it.
+  const trained = model.metadata.object_diameter;
+  $("diameter-label").hidden = trained == null;
+  $("diameter").value = "";
+  $("diameter").placeholder = trained == null ? "" : `as it is (model: ${trained} px)`;
 }
 
 function updateButton() {
@@ -248,6 +253,7 @@ async function segment(event) {
     per_class: "true",
   });
   if (!$("threshold-label").hidden) params.set("threshold", $("threshold").value);
+  if (!$("diameter-label").hidden && $("diameter").value) params.set("diameter", $("diameter").value);
   const form = new FormData();
   form.append("image", state.image);
   if (state.truth) form.append("ground_truth", state.truth);
@@ -274,7 +280,10 @@ async function segment(event) {
     showScores(doc);
     offerDownload(b64Bytes(doc.mask_png), "image/png", ".png");
     const ms = Object.values(doc.timings_ms).reduce((a, b) => a + b, 0);
-    $("summary").textContent = ` — ${doc.model} v${doc.version}, ${doc.image.width}×${doc.image.height}, ${doc.tiles} tiles, ${Math.round(ms)} ms on ${doc.provider}`;
+    const scaled = doc.scale && doc.scale.resampled
+      ? `, rescaled ×${doc.scale.factor.toFixed(2)} to ${doc.scale.width}×${doc.scale.height}`
+      : "";
+    $("summary").textContent = ` — ${doc.model} v${doc.version}, ${doc.image.width}×${doc.image.height}${scaled}, ${doc.tiles} tiles, ${Math.round(ms)} ms on ${doc.provider}`;
     $("result").hidden = false;
     setState("done", "");
   } catch (err) {
