@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from training.config import Augmentation, TrainConfig
 
 _HELA = (
@@ -52,16 +54,24 @@ GENERALIST = Augmentation(
 # ``segtrain train --augment NAME``.
 AUGMENTATIONS = {"basic": Augmentation(), "generalist": GENERALIST}
 
-_SOURCES = ("data/hela", "data/cho", "data/dsb2018", "data/mnfinder", "data/bbbc007")
-_SOURCE_SPLITS = {"data/mnfinder": "random", "data/bbbc007": "random"}
+
+def _generalist_data() -> dict[str, Any]:
+    """What both nuclei presets train on and how: five sources, cells3d held out, the
+    generalist augmentation (fresh lists per call: configs are mutable)."""
+    return {
+        "data_dir": "data/hela",
+        "sources": ["data/hela", "data/cho", "data/dsb2018", "data/mnfinder", "data/bbbc007"],
+        "source_splits": {"data/mnfinder": "random", "data/bbbc007": "random"},
+        "held_out": ["data/cells3d"],
+        "training_data": " ".join((_HELA, _CHO, _DSB, _MNFINDER, _BBBC007, _CELLS3D)),
+        "augmentation": GENERALIST,
+    }
+
 
 PRESETS: dict[str, TrainConfig] = {
     "nuclei": TrainConfig(
         name="nuclei",
-        data_dir="data/hela",
-        sources=list(_SOURCES),
-        source_splits=dict(_SOURCE_SPLITS),
-        held_out=["data/cells3d"],
+        **_generalist_data(),
         mask_mode="binary",
         classes=["background", "nucleus"],
         description=(
@@ -70,8 +80,6 @@ PRESETS: dict[str, TrainConfig] = {
             "nuclei of 17-70 px) with scale, intensity, blur and noise augmentation, and tested "
             "on a sixth it never saw."
         ),
-        training_data=" ".join((_HELA, _CHO, _DSB, _MNFINDER, _BBBC007, _CELLS3D)),
-        augmentation=GENERALIST,
         # Epoch-bound (reproducible); the time budget is only a guard for slower machines.
         epochs=40,
         steps_per_epoch=40,
@@ -80,10 +88,7 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     "nuclei-3class": TrainConfig(
         name="nuclei-3class",
-        data_dir="data/hela",
-        sources=list(_SOURCES),
-        source_splits=dict(_SOURCE_SPLITS),
-        held_out=["data/cells3d"],
+        **_generalist_data(),
         mask_mode="3class",
         classes=["background", "interior", "boundary"],
         boundary_width=2,
@@ -92,8 +97,6 @@ PRESETS: dict[str, TrainConfig] = {
             "trained like `nuclei` on five sources and tested on a sixth: the boundary class "
             "(2 px inside each nucleus, also between touching nuclei) separates instances."
         ),
-        training_data=" ".join((_HELA, _CHO, _DSB, _MNFINDER, _BBBC007, _CELLS3D)),
-        augmentation=GENERALIST,
         epochs=30,
         steps_per_epoch=40,
         patience=10,
