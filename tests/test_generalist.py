@@ -211,7 +211,11 @@ def test_several_sources_train_together_and_a_held_out_one_is_reported_apart(
     trained = {k.split("/")[0] for k in summary["splits"]["train"]}
     assert trained == {"small", "large"}, "the held-out source is never trained on"
 
+    # A model folder that ships its Keras weights gets the new checkpoint beside the ONNX file.
+    (tmp_path / "models" / "multi" / "keras").mkdir(parents=True)
     export_run(run_dir, tmp_path / "models", "1")
+    shipped = tmp_path / "models" / "multi" / "keras" / "model.keras"
+    assert shipped.is_file() and shipped.stat().st_size > 0
     proto = onnx.load(str(tmp_path / "models" / "multi" / "1" / "model.onnx"))
     meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
     assert meta.object_diameter == summary["object_diameter"]  # what diameter= rescales to
@@ -230,6 +234,7 @@ def test_several_sources_train_together_and_a_held_out_one_is_reported_apart(
     card = (tmp_path / "models" / "multi" / "README.md").read_text()
     assert "| unseen | **held out** |" in card and "| small | training |" in card
     assert "0 / 0 / 4" in card  # the held-out source's images, all tested
+    assert "## Keras weights" in card
 
 
 def test_config_round_trips_sources_and_augmentation(tmp_path: Path) -> None:

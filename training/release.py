@@ -82,6 +82,18 @@ def evaluate_models(
     return report
 
 
+KERAS_NOTE = """
+## Keras weights
+
+`keras/model.keras` (Keras 3, saved without optimizer state) is the checkpoint this ONNX file
+was exported from (ONNX Runtime and Keras float32 differ by {parity:.1e} on real test tiles).
+The service never loads it (only numeric version folders are served, and `.dockerignore` keeps
+it out of the image); it is here so that the benchmark's tutorial-way baseline (`make bench`,
+`docs/benchmarks.md`) runs the very same weights in Keras on a fresh clone, where `runs/`
+(git-ignored) does not exist.
+"""
+
+
 def source_metrics(report: dict[str, Any]) -> dict[str, Any]:
     """Per-source IoU, Dice and edge placement of a test report, for the model's metadata:
     ``per_source`` for the training sources' test images, ``held_out`` for the sources never
@@ -180,6 +192,13 @@ def export_run(run_dir: Path, models_dir: Path, version: str) -> dict[str, Any]:
         result = _write_release(
             staging, run_dir, config, summary, meta, proto, parity, onnx_report, keras_report
         )
+        if (models_dir / meta.name / "keras").is_dir():
+            # A model that ships its Keras weights (the default: the benchmark's tutorial-way
+            # baseline runs them on a fresh clone, where runs/ does not exist) gets the new ones.
+            (staging / meta.name / "keras").mkdir()
+            model.save(staging / meta.name / "keras" / "model.keras")
+            with (staging / meta.name / "README.md").open("a") as card:
+                card.write(KERAS_NOTE.format(parity=parity.onnx_vs_keras))
         _publish(staging / meta.name, models_dir / meta.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
