@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -162,11 +163,35 @@ def main() -> None:
     parser.add_argument("--model", default="models/nuclei/1/model.onnx")
     parser.add_argument("--baseline", help="another ONNX file measured the same way")
     parser.add_argument("--baseline-name", default="baseline")
+    parser.add_argument(
+        "--baseline-scale",
+        type=float,
+        help="measure the baseline with diameter= too, taking this as its training scale "
+        "(for a model released before object_diameter existed)",
+    )
     args = parser.parse_args()
     models = {"nuclei": Path(args.model)}
-    if args.baseline:
-        models[args.baseline_name] = Path(args.baseline)
-    write_doc(run(models))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.baseline:
+            models[args.baseline_name] = Path(args.baseline)
+            if args.baseline_scale:
+                models[args.baseline_name] = _with_scale(
+                    Path(args.baseline), args.baseline_scale, Path(tmp)
+                )
+        write_doc(run(models))
+
+
+def _with_scale(path: Path, diameter: float, tmp: Path) -> Path:
+    """A copy of an ONNX model whose metadata says its training scale is ``diameter`` px."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    for prop in [p for p in proto.metadata_props if p.key == "object_diameter"]:
+        proto.metadata_props.remove(prop)
+    proto.metadata_props.add(key="object_diameter", value=json.dumps(diameter))
+    out = tmp / "baseline.onnx"
+    onnx.save(proto, str(out))
+    return out
 
 
 if __name__ == "__main__":
