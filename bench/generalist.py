@@ -28,7 +28,7 @@ import numpy as np
 
 from bench.markdown import replace_generated
 from bench.run import machine
-from training.boundary import BoundaryBias, boundary_bias, edge_level
+from training.boundary import BoundaryBias, boundary_bias, edge_profile
 from training.data import Pair, object_diameters, read_image, read_mask
 from training.presets import PRESETS
 
@@ -92,12 +92,17 @@ def run(models: dict[str, Path]) -> dict[str, Any]:
     for source, (role, pairs) in source_pairs().items():
         masks = [read_mask(p.mask) for p in pairs]
         diameter = float(np.median(np.concatenate([object_diameters(m) for m in masks])))
-        levels = [edge_level(read_image(p.image), m) for p, m in zip(pairs, masks, strict=True)]
+        found = [edge_profile(read_image(p.image), m) for p, m in zip(pairs, masks, strict=True)]
+        profiles = [f for f in found if f is not None]
+        profile = {
+            d: round(float(np.mean([f[d] for f in profiles if d in f])), 3) for d in profiles[0]
+        }
         entry: dict[str, Any] = {
             "role": role,
             "images": len(pairs),
             "median_nucleus_diameter_px": round(diameter, 1),
-            "label_edge_level": round(float(np.mean([v for v in levels if v is not None])), 3),
+            "label_edge_level": profile[0],
+            "edge_profile": profile,
             "otsu": score(pairs, lambda image, _d: _otsu(image)),
         }
         for name, model in loaded.items():
@@ -127,7 +132,8 @@ def write_doc(result: dict[str, Any]) -> None:
     columns = [
         k
         for k in names
-        if k not in ("role", "images", "median_nucleus_diameter_px", "label_edge_level")
+        if k
+        not in ("role", "images", "median_nucleus_diameter_px", "label_edge_level", "edge_profile")
     ]
     m = result["machine"]
     lines = [
@@ -152,6 +158,19 @@ def write_doc(result: dict[str, Any]) -> None:
         lines.append(
             f"| {source} | {e['role']} | {e['images']} | {e['median_nucleus_diameter_px']} | "
             f"{e['label_edge_level']:.2f} | {cells} |"
+        )
+    distances = list(next(iter(result["sources"].values()))["edge_profile"])
+    lines += [
+        "",
+        "Intensity across the labels' edges (0: background, 1: nucleus) at each distance from "
+        "the labels' outermost pixel (0; negative inside, positive outside):",
+        "",
+        "| source | " + " | ".join(f"{int(d):+d}" for d in distances) + " |",
+        "|---|" + "---|" * len(distances),
+    ]
+    for source, e in result["sources"].items():
+        lines.append(
+            f"| {source} | " + " | ".join(f"{e['edge_profile'][d]:.2f}" for d in distances) + " |"
         )
     replace_generated(DOC, TOOL, lines, "The default model, source by source")
     DOC.with_suffix(".json").write_text(json.dumps(result, indent=2))

@@ -18,7 +18,7 @@ import tifffile
 from scipy import ndimage
 
 from service.inference.modelmeta import ModelMetadata
-from training.boundary import boundary_bias, edge_level
+from training.boundary import boundary_bias, edge_level, edge_profile
 from training.config import ArchOptions, Augmentation, TrainConfig
 from training.data import object_diameters, training_scale
 
@@ -79,6 +79,19 @@ def test_edge_level_says_where_annotators_drew_the_edge() -> None:
     assert edge_level(image, tight) == pytest.approx(0.5, abs=0.15)
     assert edge_level(image, loose) < edge_level(image, tight) - 0.2  # type: ignore[operator]
     assert edge_level(image, np.zeros_like(tight)) is None
+
+
+def test_edge_profile_tells_a_sharp_edge_from_a_glow() -> None:
+    yy, xx = np.mgrid[:100, :100]
+    dist = np.hypot(yy - 50, xx - 50)
+    labels = (dist <= 20).astype(np.int32)
+    sharp = edge_profile(100 + 1000 / (1 + np.exp((dist - 20.5) / 0.4)), labels)
+    glow = edge_profile(100 + 1000 / (1 + np.exp((dist - 20.5) / 2.0)), labels)
+    assert sharp is not None and glow is not None
+    assert set(sharp) == set(range(-4, 5))
+    assert sharp[-4] == pytest.approx(1.0, abs=0.02) and sharp[4] == pytest.approx(0.0, abs=0.02)
+    # Three pixels out the sharp nucleus is gone; the blurred one still glows.
+    assert sharp[3] < 0.05 and glow[3] > 0.2 and glow[2] > sharp[2] + 0.2
 
 
 def test_object_diameters_of_instance_and_binary_masks() -> None:
