@@ -104,6 +104,8 @@ class TrainConfig:
     # A split kind per source folder where it differs from ``split`` (a movie beside a folder
     # of independent images).
     source_splits: dict[str, str] = field(default_factory=dict)
+    # How often each source folder's patches are drawn, relative to the others (default 1).
+    source_weights: dict[str, float] = field(default_factory=dict)
     # Folders never trained on, only evaluated: whole sources kept out as a cross-source test.
     held_out: list[str] = field(default_factory=list)
     augmentation: Augmentation = field(default_factory=Augmentation)

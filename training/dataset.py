@@ -87,9 +87,11 @@ def random_patches(
     seed: int,
     fg_bias: float = 0.3,
     augmentation: Augmentation | None = None,
+    source_weights: dict[str, float] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Endless random crops: a source drawn uniformly, then a frame of it in proportion to its
-    area, so a source with few large frames weighs as much as one with many.
+    """Endless random crops: a source drawn by its weight (``source_weights``, by source name;
+    1 when not given), then a frame of it in proportion to its area, so a source with few large
+    frames weighs as much as one with many.
 
     The crop side is ``tile`` divided by a zoom factor drawn log-uniformly in the augmentation's
     scale range (the pipeline resizes it to ``tile``), at most the frame's shorter side. With
@@ -100,11 +102,13 @@ def random_patches(
     rng = np.random.default_rng(seed)
     sources = sorted({f.source for f in frames})
     members = [[i for i, f in enumerate(frames) if f.source == s] for s in sources]
+    chance = np.array([(source_weights or {}).get(s, 1.0) for s in sources], np.float64)
+    chance /= chance.sum()
     weights = [np.array([frames[i].classes.size for i in m], np.float64) for m in members]
     fg_coords = [np.argwhere(f.classes > 0) for f in frames]
     log_lo, log_hi = np.log(aug.scale_min), np.log(aug.scale_max)
     while True:
-        k = int(rng.integers(len(sources)))
+        k = int(rng.choice(len(sources), p=chance))
         i = members[k][int(rng.choice(len(members[k]), p=weights[k] / weights[k].sum()))]
         frame = frames[i]
         crop = tile
@@ -224,13 +228,14 @@ def train_dataset(
     fg_bias: float = 0.3,
     shuffle_buffer: int = 256,
     augmentation: Augmentation | None = None,
+    source_weights: dict[str, float] | None = None,
 ) -> tf.data.Dataset:
     """Endless augmented, shuffled, batched and prefetched training patches."""
     channels = frames[0].image.shape[2]
     aug = augmentation or Augmentation()
     side = tile if not aug.rescales else None
     patches = tf.data.Dataset.from_generator(
-        lambda: random_patches(frames, tile, seed, fg_bias, aug),
+        lambda: random_patches(frames, tile, seed, fg_bias, aug, source_weights),
         output_signature=(
             tf.TensorSpec((side, side, channels), tf.float32),
             tf.TensorSpec((side, side), tf.uint8),

@@ -209,8 +209,12 @@ def export_run(run_dir: Path, models_dir: Path, version: str) -> dict[str, Any]:
 
 def _publish(staged: Path, target: Path) -> None:
     """Move a staged model folder into the repository: its version folder replaces the same
-    version (other versions stay), its card, config and pictures replace the old ones."""
+    version (other versions stay), its card, config and pictures replace the old ones (pictures
+    of an earlier release that this one does not draw go: the card shows only this one's)."""
     target.mkdir(parents=True, exist_ok=True)
+    for old in target.glob("*.png"):
+        if not (staged / old.name).exists():
+            old.unlink()
     for item in staged.iterdir():
         destination = target / item.name
         if item.is_dir():

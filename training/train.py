@@ -87,6 +87,7 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
         config.seed,
         fg_bias=config.fg_bias,
         augmentation=config.augmentation,
+        source_weights={Path(k).name: v for k, v in config.source_weights.items()},
     )
     val_ds = val_dataset(val_frames, config.tile_size, config.batch_size, k)
 
