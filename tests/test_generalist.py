@@ -151,6 +151,21 @@ def test_degradations_blur_and_add_noise_to_the_image_only() -> None:
     assert tf.reduce_all(unchanged == image)
 
 
+def test_sources_are_drawn_by_their_weights_not_their_size() -> None:
+    from training.dataset import Frame, random_patches
+
+    def frame(source: str, side: int) -> Frame:
+        image = np.zeros((side, side, 1), np.float32)
+        return Frame(source, image + len(source), np.zeros((side, side), np.uint8), source)
+
+    # One small and one large source: equally often by default, 3:1 with weights.
+    frames = [frame("a", 64), frame("bb", 256), frame("bb", 256)]
+    for weights, share in ((None, 0.5), ({"a": 3.0}, 0.75)):
+        patches = random_patches(frames, 64, seed=0, source_weights=weights)
+        drawn = [float(next(patches)[0][0, 0, 0]) for _ in range(2000)]
+        assert np.mean([d == 1.0 for d in drawn]) == pytest.approx(share, abs=0.04)
+
+
 def test_percentile_jitter_draws_the_services_statistics() -> None:
     from service.inference.modelmeta import Normalization
     from training.data import Pair
