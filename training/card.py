@@ -39,16 +39,22 @@ def _bias_cells(entry: dict[str, Any]) -> str:
 
 def sources_table(meta: ModelMetadata, splits: dict[str, list[str]]) -> str:
     """Markdown table: every source, what it was used for, its licence, its image counts and
-    its test metrics with edge placement (``meta.metrics['per_source']`` and ``['held_out']``)."""
-    fg = meta.classes[-1]
-    lines = [
-        f"| source | used for | package licence | images train / val / test | {fg} IoU | "
-        f"{fg} Dice | matched / true objects | median area ratio | mean edge distance (px) | "
-        "label edge level |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    its test IoU and Dice per foreground class, with edge placement where it was measured
+    (binary models) (``meta.metrics['per_source']`` and ``['held_out']``)."""
+    fg = meta.classes[1:]
     rows = [(s, "training", e) for s, e in meta.metrics.get("per_source", {}).items()]
     rows += [(s, "**held out**", e) for s, e in meta.metrics.get("held_out", {}).items()]
+    edges = any("boundary" in e for _, _, e in rows)
+    head = ["source", "used for", "package licence", "images train / val / test"]
+    head += [f"{c} IoU" for c in fg] + [f"{c} Dice" for c in fg]
+    if edges:
+        head += [
+            "matched / true objects",
+            "median area ratio",
+            "mean edge distance (px)",
+            "label edge level",
+        ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, role, entry in rows:
         src = find_source(name)
         licence = src.licence if src is not None else "(your own)"
@@ -57,10 +63,11 @@ def sources_table(meta: ModelMetadata, splits: dict[str, list[str]]) -> str:
             counts = " / ".join(map(str, n))
         else:
             counts = f"0 / 0 / {entry.get('images', 0)}"
-        lines.append(
-            f"| {name} | {role} | {licence} | {counts} | {_fmt(entry['iou'][fg])} | "
-            f"{_fmt(entry['dice'][fg])} | {_bias_cells(entry)} |"
-        )
+        cells = [name, role, licence, counts]
+        cells += [_fmt(entry["iou"][c]) for c in fg] + [_fmt(entry["dice"][c]) for c in fg]
+        if edges:
+            cells.append(_bias_cells(entry))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
