@@ -8,6 +8,7 @@ training, a real ONNX export and real ONNX Runtime evaluation.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -244,6 +245,8 @@ def test_several_sources_train_together_and_a_held_out_one_is_reported_apart(
     export_run(run_dir, tmp_path / "models", "1")
     shipped = tmp_path / "models" / "multi" / "keras" / "model.keras"
     assert shipped.is_file() and shipped.stat().st_size > 0
+    with zipfile.ZipFile(shipped) as archive:  # weights only: not compiled, no optimizer state
+        assert not json.loads(archive.read("config.json")).get("compile_config")
     proto = onnx.load(str(tmp_path / "models" / "multi" / "1" / "model.onnx"))
     meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
     assert meta.object_diameter == summary["object_diameter"]  # what diameter= rescales to

@@ -196,7 +196,10 @@ def export_run(run_dir: Path, models_dir: Path, version: str) -> dict[str, Any]:
             # A model that ships its Keras weights (the default: the benchmark's tutorial-way
             # baseline runs them on a fresh clone, where runs/ does not exist) gets the new ones.
             (staging / meta.name / "keras").mkdir()
-            model.save(staging / meta.name / "keras" / "model.keras")
+            # A fresh functional model over the same layers: weights only, no optimizer state
+            # (the checkpoint's Adam moments would triple the file).
+            bare = keras.Model(model.inputs, model.outputs, name=model.name)
+            bare.save(staging / meta.name / "keras" / "model.keras")
             with (staging / meta.name / "README.md").open("a") as card:
                 card.write(KERAS_NOTE.format(parity=parity.onnx_vs_keras))
         _publish(staging / meta.name, models_dir / meta.name)
