@@ -86,6 +86,14 @@ def _credits(names: list[str]) -> str:
     return "\n".join(lines)
 
 
+EDGES = """Edge placement over the nuclei found (a predicted region overlapping a true
+nucleus with IoU ≥ 0.5; `training.boundary`): median predicted / true area, and the mean signed
+distance of the predicted edge from the true one (positive: outside, a halo). *Label edge
+level* says where the source's annotators drew the edge: the image's mean at the labels'
+outermost pixels, as a fraction of the step from background (0) to nucleus (1).
+"""
+
+
 def write_card(
     path: Path,
     meta: ModelMetadata,
@@ -107,17 +115,17 @@ def write_card(
     """
     splits = summary.get("splits", {})
     per_source = ""
+    measured = [
+        *meta.metrics.get("per_source", {}).values(),
+        *meta.metrics.get("held_out", {}).values(),
+    ]
+    edges_text = EDGES if any("boundary" in e for e in measured) else ""
     if sources and ("per_source" in meta.metrics or "held_out" in meta.metrics):
         per_source = f"""
 ### Per source
 
 Each source's test images (held-out sources: all of their images) through the same path.
-Edge placement over the nuclei found (a predicted region overlapping a true nucleus with IoU
-≥ 0.5; `training.boundary`): median predicted / true area, and the mean signed distance of the
-predicted edge from the true one (positive: outside, a halo). *Label edge level* says where the
-source's annotators drew the edge: the image's mean at the labels' outermost pixels, as a
-fraction of the step from background (0) to nucleus (1).
-
+{edges_text}
 {sources_table(meta, splits)}
 """
     attribution = (
