@@ -72,11 +72,12 @@ from tests.conftest import (
     segment_files,
 )
 from tests.figures import record
-from tests.test_bundled_quality import HELA, ROOT
+from tests.test_bundled_quality import ROOT
 from tests.test_deploy import JOB, PromAPI, _wait_for
 from training.data import fetch_data
 
 REPO = Path(__file__).resolve().parents[1]
+HELA = ROOT / "data" / "hela"  # frames fetched by segtrain fetch-data
 CONTAINERS_CONF = REPO / "deploy" / "podman" / "containers.conf"
 COMPOSE_FILE = REPO / "docker-compose.yml"
 PODMAN_OVERRIDE = REPO / "docker-compose.podman.yml"
