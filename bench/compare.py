@@ -85,6 +85,7 @@ def crop_prediction(onnx_path: Path, config: Any) -> np.ndarray:
 
 def run_variant(key: str, preset: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """Train, export (parity), evaluate and measure one variant on one preset."""
+    from training.export import model_metadata
     from training.presets import PRESETS
     from training.release import export_run
     from training.train import train
@@ -110,12 +111,13 @@ def run_variant(key: str, preset: str, args: argparse.Namespace, root: Path) -> 
     onnx_path = Path(result["onnx"])
     crop = crop_prediction(onnx_path, config)
     np.save(run_dir / "picture_crop.npy", crop)
+    meta = model_metadata(config, summary["channels"])
     return {
         "variant": key,
         "preset": preset,
         "arch": config.arch,
-        "architecture": config.metadata(summary["channels"]).architecture,
-        "tile_multiple": config.metadata(summary["channels"]).tile_multiple,
+        "architecture": meta.architecture,
+        "tile_multiple": meta.tile_multiple,
         "params": summary["params"],
         "onnx_mb": round(onnx_path.stat().st_size / 1e6, 2),
         "gflop_per_tile": round(conv_flops(onnx_path, TILE, summary["channels"])["gflop"], 2),

@@ -232,7 +232,14 @@ def test_parity_is_measured_against_float64_keras_and_catches_a_wrong_export() -
     from onnx import numpy_helper
 
     from training.architectures import build_model, options_for
-    from training.export import ParityError, check_parity, float64_twin, ort_predictor, to_onnx
+    from training.export import (
+        ParityError,
+        check_parity,
+        float64_twin,
+        model_metadata,
+        ort_predictor,
+        to_onnx,
+    )
 
     config = TrainConfig(
         name="parity",
@@ -250,7 +257,7 @@ def test_parity_is_measured_against_float64_keras_and_catches_a_wrong_export() -
     assert exact.dtype == np.float64
     np.testing.assert_allclose(exact, model.predict(tiles, verbose=0), atol=1e-5)
 
-    proto = to_onnx(model, config.metadata(1))
+    proto = to_onnx(model, model_metadata(config, 1))
     parity = check_parity(model, ort_predictor(proto), tiles)
     assert parity.onnx_vs_exact <= 1e-5
     assert 0 < parity.keras_vs_exact <= 1e-5  # float32 Keras is close to, not equal to, exact

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
 
-from service.inference.modelmeta import ModelMetadata, Normalization, Task
+from service.inference.modelmeta import Normalization, Task
 from training.data import MaskMode, Pair, pair_files, split_random, split_sequence
 
 # The networks of ``--arch``, named without importing Keras; training.architectures.ARCHITECTURES
@@ -160,31 +159,6 @@ class TrainConfig:
     def held_out_pairs(self) -> list[Pair]:
         """Every pair of the ``held_out`` folders: never trained on, evaluated whole."""
         return [p for folder in self.held_out for p in self._pairs(folder)]
-
-    def metadata(self, channels: int, **overrides: Any) -> ModelMetadata:
-        """The model metadata this config implies (metrics and commit filled in at export).
-
-        Needs the network's builders (Keras), which are imported here: exporting and
-        evaluating load Keras anyway, reading or listing configs does not.
-        """
-        from training.architectures import describe, options_for, tile_multiple
-
-        options = options_for(self.arch, self.options)
-        fields: dict[str, Any] = {
-            "name": self.name,
-            "task": self.task,
-            "classes": self.classes,
-            "tile_size": self.tile_size,
-            "tile_multiple": tile_multiple(self.arch, **options),
-            "channels": channels,
-            "normalization": self.normalization,
-            "label_values": self.label_values,
-            "architecture": describe(self.arch, **options),
-            "description": self.description,
-            "training_data": self.training_data,
-        }
-        fields.update(overrides)
-        return ModelMetadata(**fields)
 
     def save(self, path: Path) -> None:
         """Write the config as a run's ``config.json``."""

@@ -15,6 +15,8 @@ import tensorflow as tf
 import tf2onnx
 
 from service.inference.modelmeta import ModelMetadata
+from training.architectures import describe, options_for, tile_multiple
+from training.config import TrainConfig
 
 OPSET = 17  # tf2onnx supports up to 18
 INPUT_NAME = "image"
@@ -191,3 +193,25 @@ def write_model_repository(proto: onnx.ModelProto, meta: ModelMetadata, models_d
     onnx.save_model(proto, str(path))
     (model_dir / "config.pbtxt").write_text(triton_config(meta))
     return path
+
+
+def model_metadata(config: TrainConfig, channels: int, **overrides: Any) -> ModelMetadata:
+    """The model metadata ``config`` implies (metrics and commit filled in at export): the
+    network's description comes from its builders, so it is made here, beside Keras, and not
+    in :mod:`training.config`, which reads and lists configs without Keras."""
+    options = options_for(config.arch, config.options)
+    fields: dict[str, Any] = {
+        "name": config.name,
+        "task": config.task,
+        "classes": config.classes,
+        "tile_size": config.tile_size,
+        "tile_multiple": tile_multiple(config.arch, **options),
+        "channels": channels,
+        "normalization": config.normalization,
+        "label_values": config.label_values,
+        "architecture": describe(config.arch, **options),
+        "description": config.description,
+        "training_data": config.training_data,
+    }
+    fields.update(overrides)
+    return ModelMetadata(**fields)

@@ -32,6 +32,7 @@ from training.export import (
     Parity,
     check_parity,
     git_commit,
+    model_metadata,
     ort_predictor,
     set_metadata,
     to_onnx,
@@ -122,7 +123,9 @@ def _run(run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
 def evaluate_run(run_dir: Path, onnx_path: Path | None = None) -> dict[str, Any]:
     """Evaluate a run's checkpoint (and an ONNX file if given) on its held-out test split."""
     config, summary = _run(run_dir)
-    meta = config.metadata(summary["channels"], object_diameter=summary.get("object_diameter"))
+    meta = model_metadata(
+        config, summary["channels"], object_diameter=summary.get("object_diameter")
+    )
     session = ort_predictor(onnx_path) if onnx_path is not None else None
     report = evaluate_models(run_dir, config, meta, load_trained(run_dir), session)
     write_report(report, run_dir / "eval" / "report.json")
@@ -136,7 +139,8 @@ def export_run(run_dir: Path, models_dir: Path, version: str) -> dict[str, Any]:
     metadata. Changing metadata does not touch the weights, so parity holds for the final file.
     """
     config, summary = _run(run_dir)
-    meta = config.metadata(
+    meta = model_metadata(
+        config,
         summary["channels"],
         version=version,
         commit=git_commit(),
