@@ -10,12 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from service.inference.metrics import get_stats, scores_from_stats, total_stats
 from service.inference.modelmeta import ModelMetadata
 from service.inference.normalize import compute_intensity_stats
+from service.inference.scores import get_stats, scores_from_stats, total_stats
 from service.inference.tiling import iter_tile_batches
-from service.registry import LoadedModel
-from service.segmenter import SegmentParams, SegmentResult, render_mask, segment
+from service.segmentation.registry import LoadedModel
+from service.segmentation.render import encode_mask
+from service.segmentation.usecase import Segmentation, SegmentParams, Upload, segment
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -85,16 +86,16 @@ def run_raw(model: LoadedModel, batches: list[np.ndarray]) -> int:
 
 def run_pipeline(
     model: LoadedModel, tiff: bytes, batch_size: int, overlap: float = 0.25
-) -> tuple[SegmentResult, bytes, float]:
-    """TIFF bytes to PNG bytes through ``service.segmenter``: the request minus HTTP."""
+) -> tuple[Segmentation, bytes, float]:
+    """TIFF bytes to PNG bytes through ``service.segmentation.usecase``: the request minus HTTP."""
     result = segment(
         model,
-        io.BytesIO(tiff),
+        Upload(io.BytesIO(tiff)),
         SegmentParams(batch_size=batch_size, overlap=overlap),
         max_pixels=1 << 31,
     )
     start = time.perf_counter()
-    png = render_mask(result, model.meta)
+    png = encode_mask(result, tiff=False)
     return result, png, time.perf_counter() - start
 
 

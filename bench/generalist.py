@@ -78,7 +78,7 @@ def score(pairs: list[Pair], segment: Any, diameter: float | None = None) -> dic
 
 
 def _model(path: Path) -> Any:
-    from service.registry import load_model
+    from service.segmentation.registry import load_model
 
     return load_model("nuclei", path, ["CPUExecutionProvider"], 0, 1)
 

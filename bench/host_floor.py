@@ -31,11 +31,11 @@ import numpy as np
 
 from bench.images import synthetic, tiff_bytes
 from bench.markdown import replace_generated
-from service.images import decode_image, encode_png
 from service.inference.modelmeta import ModelMetadata, Normalization, Task
 from service.inference.normalize import compute_intensity_stats
 from service.inference.pipeline import make_reducer, predict_mask
 from service.inference.tiling import iter_tile_batches, sliding_window_inference
+from service.segmentation.images import decode_image, encode_png
 
 BATCH = 8
 TILE = 256

@@ -20,8 +20,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
-# asyncio and h11, as segment-service runs (service.main.run), even where uvicorn[standard]
-# would pick uvloop and httptools.
+# asyncio and the service's h11 protocol (request-head timeout, JSON 400s), as segment-service
+# runs (service.main.run), even where uvicorn[standard] would pick uvloop and httptools.
+HTTP_PROTOCOL = "service.api.server:ServiceH11Protocol"
 UVICORN = [
     sys.executable,
     "-m",
@@ -31,7 +32,7 @@ UVICORN = [
     "--loop",
     "asyncio",
     "--http",
-    "h11",
+    HTTP_PROTOCOL,
 ]
 READY_TIMEOUT_S = 120.0
 

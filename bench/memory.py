@@ -116,7 +116,8 @@ def write_doc(data: dict[str, Any], path: Path) -> None:
         f"{side}x{side} uint16 TIFF tiled from a 512² synthetic patch. Memory from /proc: "
         "VmRSS (resident now), VmHWM (peak; reset before the large image, so its peak is its "
         "own). Growth: the large image's peak above the resident memory before it. Estimate: "
-        "what the service admitted it against (`service.segmenter.request_memory`, read from "
+        "what the service admitted it against (`service.segmentation.memory.request_memory`, "
+        "read from "
         "`segment_memory_reserved_bytes` while it ran), an upper bound of the growth.",
         "",
         "| SEG_CPU_MEMORY_ARENA | idle MiB | after frames MiB | peak (frames) MiB "

@@ -48,7 +48,7 @@ def held_out_metrics(meta: ModelMetadata, path: Path) -> dict[str, object]:
     """IoU and Dice of the model at ``path`` on the fp32 model's test images (and per source,
     held-out source included), served as the service serves it (registry session, tiling,
     stitching), as the fp32 model's card measured them."""
-    from service.registry import load_model
+    from service.segmentation.registry import load_model
     from training.evaluate import evaluate_images
     from training.release import source_metrics
 

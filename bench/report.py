@@ -230,7 +230,8 @@ def markdown(res: dict[str, Any]) -> str:
         "A fresh server per size (pointwise test model `bench/onnx_models.build_model`, tile "
         "256, percentile normalisation: the real model would take an hour at 16384^2), one "
         "uint16 TIFF upload; peak = `VmHWM` of the server process, idle = its `VmHWM` once "
-        "ready. Formula: `service.segmenter.request_memory`, what the service admits requests "
+        "ready. Formula: `service.segmentation.memory.request_memory`, what the service admits "
+        "requests "
         'against (README "How it works"); ONNX Runtime\'s own buffers are not in it here (this '
         "model's are tiny): docs/memory.md measures the real models with them.",
         "",

@@ -4,7 +4,7 @@ Cases, on the same model and the same images (held-out HeLa frames and mosaics t
 
 1. the tutorial way: non-overlapping patches, Keras ``model.predict``, patches put back;
 2. raw ONNX Runtime on the very tiles the service runs, pre-cut (the ceiling);
-3. the service's pipeline in-process: TIFF bytes to PNG bytes (``service.segmenter``);
+3. the service's pipeline in-process: TIFF bytes to PNG bytes (``service.segmentation.usecase``);
 4. over HTTP: a real uvicorn, 1 and 8 concurrent clients, and an overload burst;
 5. peak RSS of a fresh server against the image size, up to a 16384x16384 uint16 upload;
 6. compute efficiency: model GFLOP per tile x tiles/s against a float32 matmul measured here.
@@ -35,9 +35,9 @@ import numpy as np
 from bench import cases, flops, report, server
 from bench.images import BenchImage, load_images, synthetic
 from bench.live_server import REPO
-from service.images import ImageHeader
-from service.registry import LoadedModel, load_model
-from service.segmenter import request_memory
+from service.segmentation.images import ImageHeader
+from service.segmentation.registry import LoadedModel, load_model
+from service.segmentation.usecase import request_memory
 
 MODEL = Path("models/nuclei/1/model.onnx")
 INT8_MODEL = Path("models/nuclei-int8/1/model.onnx")
@@ -137,7 +137,7 @@ def side_by_side(
             )
             times["pipeline"].append(t)
             stages.append({**result.timings, "encode": enc})
-            mask = result.mask
+            mask = result.mask[0]
             t, tutorial_mask = cases.timed(
                 partial(cases.tutorial_predict, keras_model, img.pixels, meta, BATCH)
             )
@@ -259,7 +259,7 @@ def int8_lever(
             pipe["tutorial"].append(t_k)
             settle()
             if r == 0:
-                masks.append(res.mask)
+                masks.append(res.mask[0])
     truths = [f.truth for f in frames if f.truth is not None]
     q = cases.iou(masks, truths, fp32.meta.classes)
     n = len(tiles)
@@ -294,7 +294,7 @@ def overlap_lever(
                 )
                 times.append(t)
                 if r == 0:
-                    masks.append(res.mask)
+                    masks.append(res.mask[0])
         tiles = sum(
             len(b)
             for f in frames

@@ -209,7 +209,7 @@ def fixed_cost_app(replicas: int, max_batch_tiles: int) -> Any:
     from ray import serve
 
     from service.rayserve.app import INGRESS, MetricsHub, ModelDeployment, SegmentIngress
-    from service.registry import find_model_files
+    from service.segmentation.registry import find_model_files
 
     base: Any = ModelDeployment.func_or_class  # type: ignore[attr-defined]
 

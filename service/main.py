@@ -13,18 +13,19 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
 
-from service.api.errors import register_exception_handlers
 from service.api.middleware import add_middlewares
-from service.api.routes import health, jobs, metrics, models, page, preview, segment
+from service.api.problems import register_exception_handlers
+from service.api.routes import health, jobs, models, page, preview, prometheus, segment
 from service.api.serverkit import mount_serverkit
 from service.core.config import Settings, settings_from_env
 from service.core.gate import InferenceGate
 from service.core.logs import configure_logging
-from service.core.metrics import INFERENCE_BUCKETS, ServiceMetrics
 from service.core.resources import MemoryBudget, memory_budget_from, mib, rss_bytes
-from service.jobs import JobStore
-from service.registry import ModelRegistry, load_local_models
-from service.segmenter import smallest_request_memory
+from service.core.telemetry import INFERENCE_BUCKETS, ServiceMetrics
+from service.segmentation.jobs import JobStore
+from service.segmentation.memory import smallest_request_memory
+from service.segmentation.registry import ModelRegistry, load_local_models
+from service.segmentation.runner import Runner
 
 log = logging.getLogger("service")
 
@@ -76,7 +77,10 @@ def create_app(
                 budget = start_memory_budget(models_registry, budget_total, budget_source, settings)
                 service_metrics.record_memory_budget(budget)
                 app.state.memory_budget = budget
-            service_metrics.record_models(models_registry)
+            service_metrics.record_models(
+                ((m.name, m.meta.version, m.provider) for m in models_registry.models.values()),
+                all_loaded=not models_registry.failed,
+            )
             log.info(
                 "ready: %s; failed: %s",
                 sorted(models_registry.models),
@@ -112,6 +116,9 @@ def create_app(
     app.state.registry = ModelRegistry()
     app.state.metrics = service_metrics
     app.state.gate = gate
+    app.state.runner = Runner(
+        gate, service_metrics, lambda: app.state.memory_budget, settings.retry_after_seconds
+    )
     app.state.memory_budget = None  # set once the models are loaded, when a budget is known
     app.state.jobs = jobs_store = JobStore(
         settings.max_jobs, settings.max_job_result_bytes, settings.job_ttl_seconds
@@ -125,7 +132,7 @@ def create_app(
         segment.router,
         jobs.router,
         preview.router,
-        metrics.router,
+        prometheus.router,
     ):
         app.include_router(router)
     mount_serverkit(app, settings)  # napari and QuPath, when the serverkit extra is installed
@@ -151,7 +158,9 @@ def start_memory_budget(
         mib(budget.capacity),
     )
     for model in registry.models.values():
-        smallest = smallest_request_memory(model, settings.tile_batch_size)
+        smallest = smallest_request_memory(
+            model.meta, settings.tile_batch_size, model.request_bytes
+        )
         if smallest > budget.capacity:
             log.error(
                 "model %s cannot serve any request: even a one-tile image needs about %s and "
@@ -170,6 +179,8 @@ def run() -> None:
 
     import uvicorn
 
+    from service.api.server import ServiceH11Protocol
+
     # uvicorn re-raises the SIGTERM it handled once its graceful shutdown is over; by default
     # that kills the process (exit 143 under an init such as compose's `init: true`). A SIGTERM
     # is an orderly stop: exit 0 instead.
@@ -181,8 +192,9 @@ def run() -> None:
         host=settings.host,
         port=settings.port,
         # The same loop and HTTP parser whatever is installed: uvicorn[standard] (which the
-        # serverkit extra pulls in) would otherwise switch to uvloop and httptools.
+        # serverkit extra pulls in) would otherwise switch to uvloop and httptools. The parser
+        # is uvicorn's h11 with a request-head timeout and JSON 400s (service/api/server.py).
         loop="asyncio",
-        http="h11",
+        http=ServiceH11Protocol,
         timeout_graceful_shutdown=60,
     )

@@ -26,9 +26,9 @@ from PIL import Image
 from bench.live_server import live_server
 from service.core.config import REPO_MODELS
 from service.core.resources import MIB
-from service.images import ImageHeader
 from service.inference.modelmeta import ModelMetadata
-from service.segmenter import request_memory
+from service.segmentation.images import ImageHeader
+from service.segmentation.memory import request_memory
 from tests.conftest import (
     decode_png,
     expected_toy_mask,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from service.core.config import REPO_MODELS
-from service.registry import find_model_files, load_model
+from service.segmentation.registry import find_model_files, load_model
 from training.data import SOURCES, fetch_data
 from training.evaluate import evaluate_images
 from training.presets import PRESETS

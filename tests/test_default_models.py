@@ -11,7 +11,7 @@ import pytest
 from service.core.config import REPO_MODELS
 from service.inference.modelmeta import Task
 from service.inference.pipeline import predict_mask
-from service.registry import find_model_files, load_model
+from service.segmentation.registry import find_model_files, load_model
 
 BUNDLED = ["nuclei", "nuclei-3class", "nuclei-int8"]
 

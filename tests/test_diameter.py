@@ -24,19 +24,20 @@ from PIL import Image
 
 from bench.live_server import LiveServer
 from bench.onnx_models import build_model
-from service.images import ImageHeader
 from service.inference.modelmeta import ModelMetadata, Normalization
 from service.inference.normalize import compute_intensity_stats
 from service.inference.pipeline import predict_mask
 from service.inference.rescale import (
     RESAMPLE_CHUNK_BYTES,
     ScaleError,
+    ScalePlan,
     StripResampler,
     linear_taps,
     plan_scale,
     resize_image,
 )
-from service.segmenter import request_memory
+from service.segmentation.images import ImageHeader
+from service.segmentation.memory import request_memory
 from tests.conftest import decode_png, png_bytes, segment_files, tiff_bytes, toy_server
 
 TRAINED = 12.0  # the toy models' training scale: objects 12 px across
@@ -118,6 +119,11 @@ def mask_of(r: httpx.Response) -> np.ndarray:
     if r.headers["content-type"].startswith("application/json"):
         return np.asarray(decode_png(base64.b64decode(r.json()["mask_png"])))
     return np.asarray(decode_png(r.content))
+
+
+def scaled(meta: ModelMetadata, header: ImageHeader, diameter: float) -> ScalePlan:
+    """The scale plan the use case makes for ``diameter`` on this image."""
+    return plan_scale(meta, diameter, header.height, header.width)
 
 
 # --- resampling --------------------------------------------------------------------------------
@@ -243,15 +249,16 @@ def test_memory_estimate_grows_with_an_enlarging_diameter() -> None:
     )
     header = ImageHeader("TIFF", 4000, 3000, 1, 4000 * 3000 * 2, 1000)
     plain = request_memory(meta, header, 8)
-    assert request_memory(meta, header, 8, diameter=TRAINED) == plain  # not resampled
-    doubled = request_memory(meta, header, 8, diameter=TRAINED / 2)
-    tenfold = request_memory(meta, header, 8, diameter=TRAINED / 10)
+    # not resampled
+    assert request_memory(meta, header, 8, scale=scaled(meta, header, TRAINED)) == plain
+    doubled = request_memory(meta, header, 8, scale=scaled(meta, header, TRAINED / 2))
+    tenfold = request_memory(meta, header, 8, scale=scaled(meta, header, TRAINED / 10))
     # At least the rescaled 16-bit plane itself: 4 and 100 times the pixels.
     assert doubled - plain >= 4 * 4000 * 3000 * 2
     assert tenfold - plain >= 100 * 4000 * 3000 * 2
     assert plain < doubled < tenfold
     # Shrinking adds the small plane and bounded buffers, nothing of the image's size.
-    shrunk = request_memory(meta, header, 8, diameter=TRAINED * 4) - plain
+    shrunk = request_memory(meta, header, 8, scale=scaled(meta, header, TRAINED * 4)) - plain
     assert 1000 * 750 * 2 < shrunk < 1000 * 750 * 2 + 2 * RESAMPLE_CHUNK_BYTES
 
 
@@ -268,7 +275,8 @@ def test_the_estimate_bounds_what_an_enlarged_image_allocates(scaled_models: Pat
         predict_mask(img, meta, session_predict(session), diameter=diameter)
         peaks[diameter] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    grown = request_memory(meta, header, 8, diameter=TRAINED / 3) - request_memory(meta, header, 8)
+    enlarged = request_memory(meta, header, 8, scale=scaled(meta, header, TRAINED / 3))
+    grown = enlarged - request_memory(meta, header, 8)
     assert peaks[TRAINED / 3] - peaks[None] <= grown, (peaks, grown)
     assert peaks[TRAINED / 3] > peaks[None] + 9 * img.nbytes  # the enlarged plane was made
 

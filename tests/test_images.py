@@ -1,4 +1,4 @@
-"""Decoding uploads and encoding masks (service/images.py) on real files."""
+"""Decoding uploads and encoding masks (service/segmentation/images.py) on real files."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from service.api.errors import api_error
-from service.core.errors import ApiError
-from service.exceptions import SegmentationInputError
-from service.images import PALETTE, decode_image, encode_png, to_channels
+from service.api.problems import ApiError, api_error
+from service.segmentation.errors import SegmentationInputError
+from service.segmentation.images import PALETTE, decode_image, encode_png, to_channels
 from tests.conftest import jpeg_bytes, png_bytes, tiff_bytes
 
 LIMIT = 16384 * 16384
@@ -31,11 +30,19 @@ def decode(data: bytes, max_pixels: int = LIMIT):
     return decode_image(io.BytesIO(data), max_pixels=max_pixels)
 
 
+RETRY_AFTER = 5  # the service's default Retry-After, which no input error uses
+
+
+def answer(exc: Exception) -> ApiError:
+    """What the API answers for ``exc``."""
+    return api_error(exc, RETRY_AFTER)
+
+
 def refused(data: bytes, max_pixels: int = LIMIT) -> ApiError:
     """What the API answers for ``data`` that the decoder refuses."""
     with pytest.raises(SegmentationInputError) as info:
         decode(data, max_pixels)
-    return api_error(info.value)
+    return answer(info.value)
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -219,7 +226,7 @@ def test_other_formats_are_415_naming_what_arrived(data: bytes, arrived: str) ->
 def test_errors_say_which_upload_was_wrong(data: bytes, status: int) -> None:
     with pytest.raises(SegmentationInputError) as info:
         decode_image(io.BytesIO(data), max_pixels=LIMIT, what="ground truth")
-    assert api_error(info.value).status == status
+    assert answer(info.value).status == status
     assert "ground truth" in info.value.message
 
 
@@ -348,7 +355,7 @@ def test_to_channels_matches_the_model() -> None:
     np.testing.assert_array_equal(to_channels(rgb, 1)[..., 0], [[20, 85]])
     with pytest.raises(SegmentationInputError) as info:
         to_channels(np.zeros((2, 2, 2), np.uint8), 3)
-    assert api_error(info.value).status == 422
+    assert answer(info.value).status == 422
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 500), (64, 65)])

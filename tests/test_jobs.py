@@ -189,17 +189,20 @@ def test_results_are_bounded_in_count_and_lost_only_by_their_ttl(
     assert fresh["state"] in ("queued", "running", "succeeded")
 
 
-def test_results_are_bounded_in_bytes(model_dir: Path, tmp_path: Path) -> None:
-    """The mask's bytes are reserved from the image's header when the job is admitted: an image
-    whose mask could exceed the budget is refused before anything runs."""
-    with toy_server(model_dir, tmp_path, max_job_result_bytes="200000") as srv:
-        small = post_job(srv, png_bytes(random_image(100, 100)))
-        too_big = httpx.post(
-            f"{srv.url}/jobs", files={"image": png_bytes(random_image(400, 400))}, timeout=10
-        )
-        wait_until(srv, small["id"], finished)
+def test_results_are_bounded_in_bytes(model_dir: Path, tmp_path: Path, big_png: bytes) -> None:
+    """The mask's bytes are reserved from the image's header when the job is admitted: while a
+    3000² job runs, an image whose mask could exceed what is left waits (503); one whose mask
+    could never fit the store is refused for good (413). Both before anything runs."""
+    later, never = png_bytes(random_image(1100, 1100)), png_bytes(random_image(3200, 3200))
+    with toy_server(model_dir, tmp_path, max_job_result_bytes="10000000") as srv:
+        running = post_job(srv, big_png)  # reserves ~9.0 MB for seconds
+        too_big = httpx.post(f"{srv.url}/jobs", files={"image": later}, timeout=10)
+        too_large = httpx.post(f"{srv.url}/jobs", files={"image": never}, timeout=10)
+        wait_until(srv, running["id"], finished)
     assert too_big.status_code == 503
     assert "SEG_MAX_JOB_RESULT_BYTES" in too_big.json()["detail"]
+    assert too_large.status_code == 413 and too_large.json()["code"] == "too_large"
+    assert "SEG_MAX_JOB_RESULT_BYTES" in too_large.json()["detail"]
 
 
 def test_jobs_need_the_api_key(model_dir: Path, tmp_path: Path) -> None:

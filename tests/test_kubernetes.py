@@ -23,8 +23,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from service.core.config import REPO_MODELS, Settings
-from service.core.metrics import ServiceMetrics
-from service.registry import find_model_files
+from service.core.telemetry import ServiceMetrics
+from service.segmentation.registry import find_model_files
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from service.inference.metrics import (
+from service.inference.scores import (
     confusion_matrix,
     dice_score,
     get_stats,
@@ -109,7 +109,7 @@ def test_expositions_of_several_processes_merge_into_the_services() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
     from bench.live_server import metric_sample
-    from service.core.metrics import ServiceMetrics, merge_expositions
+    from service.core.telemetry import ServiceMetrics, merge_expositions
 
     one, two = ServiceMetrics(CollectorRegistry()), ServiceMetrics(CollectorRegistry())
     one.tiles.labels("nuclei").inc(3)

@@ -43,8 +43,9 @@ from bench.images import TEST_FRAMES
 from bench.live_server import metric_sample
 from bench.rayserve import ServeApp, local_config, local_serve
 from service.core.config import REPO_MODELS
-from service.registry import find_model_files, load_model
-from service.segmenter import SegmentParams, render_mask, segment
+from service.segmentation.registry import find_model_files, load_model
+from service.segmentation.render import encode_mask
+from service.segmentation.usecase import SegmentParams, Upload, segment
 from tests.conftest import decode_png, png_bytes, random_image, segment_files, toy_server
 from training.data import fetch_data
 
@@ -86,8 +87,8 @@ def post(url: str, files: dict, **params: Any) -> httpx.Response:
 def expected_mask(image: bytes) -> np.ndarray:
     """The mask the standalone pipeline makes, in process (one ONNX Runtime thread)."""
     model = load_model(MODEL, find_model_files(REPO_MODELS)[MODEL], ["CPUExecutionProvider"], 1, 8)
-    result = segment(model, io.BytesIO(image), SegmentParams(), max_pixels=1 << 30)
-    png = render_mask(result, model.meta)
+    result = segment(model, Upload(io.BytesIO(image)), SegmentParams(), max_pixels=1 << 30)
+    png = encode_mask(result, tiff=False)
     return np.asarray(decode_png(png))
 
 

@@ -127,7 +127,8 @@ def test_json_logs_are_one_object_per_line_for_the_service_and_uvicorn(
     for record in records:
         assert {"time", "level", "logger", "message", "request_id"} <= set(record), record
     loggers = {r["logger"] for r in records}
-    assert {"uvicorn.error", "uvicorn.access", "service", "service.registry"} <= loggers
+    expected = {"uvicorn.error", "uvicorn.access", "service", "service.segmentation.registry"}
+    assert expected <= loggers
     assert any(r["message"].startswith("Finished server process") for r in records)
 
     access = [r for r in records if r["logger"] == "uvicorn.access"]

@@ -25,7 +25,6 @@ from tests.test_default_models import synthetic_nuclei
 
 sk = import_serverkit()
 from imaging_server_kit.core.errors import (  # noqa: E402  (after the offline import above)
-    AlgorithmRuntimeError,
     AlgorithmServerError,
     InvalidAlgorithmParametersError,
 )
@@ -99,14 +98,18 @@ def test_a_z_stack_is_segmented_plane_by_plane(server: LiveServer, frame: np.nda
 
 
 def test_bad_input_gets_a_clear_error(server: LiveServer, frame: np.ndarray) -> None:
+    """Server Kit's client raises on the service's 4xx with the service's message: 422 for a
+    bad parameter or image, 413 (before decoding) for one over the pixel limit."""
     client = sk.Client(f"{server.url}/serverkit")
-    with pytest.raises(InvalidAlgorithmParametersError, match="threshold"):
+    with pytest.raises(InvalidAlgorithmParametersError, match="threshold") as bad:
         client.run(frame, algorithm="nuclei", threshold=1.5)
-    with pytest.raises(AlgorithmRuntimeError, match="NaN or infinite"):
+    assert bad.value.status_code == 422
+    with pytest.raises(InvalidAlgorithmParametersError, match="NaN or infinite"):
         client.run(np.full((20, 20), np.nan, np.float32), algorithm="nuclei")
-    with pytest.raises(AlgorithmRuntimeError, match="at most 4,000,000 pixels"):
+    with pytest.raises(AlgorithmServerError, match="at most 4,000,000 pixels") as big:
         client.run(np.zeros((2100, 2000), np.uint8), algorithm="nuclei")
-    with pytest.raises(AlgorithmRuntimeError, match="2 or more dimensions"):
+    assert big.value.status_code == 413
+    with pytest.raises(InvalidAlgorithmParametersError, match="2 or more dimensions"):
         client.run(np.zeros(50, np.uint8), algorithm="nuclei")
     # The service carries on.
     assert client.run(frame, algorithm="nuclei").layers[0].data.shape == frame.shape

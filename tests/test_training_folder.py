@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from service.registry import find_model_files
+from service.segmentation.registry import find_model_files
 from tests.conftest import decode_png, running_app, tiff_bytes
 from training.cli import main
 from training.data import Pair, split_random

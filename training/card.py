@@ -195,7 +195,7 @@ segtrain release {preset}      # train + evaluate + export to models/{meta.name}
 
 Whole test frames, segmented by the exported ONNX model in ONNX Runtime through the service's own
 tiling and stitching (`service.inference.pipeline.predict_mask`, tile {meta.tile_size}, overlap
-0.25, Gaussian blending), scored with `service.inference.metrics.score_segmentation` over all
+0.25, Gaussian blending), scored with `service.inference.scores.score_segmentation` over all
 pixels of the test frames:
 
 {metrics_table(onnx_scores, meta.classes)}

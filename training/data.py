@@ -23,8 +23,8 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
-from service.images import decode_image, to_channels
 from service.inference.labels import labels_to_classes
+from service.segmentation.images import decode_image, to_channels
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 
-from service.inference.metrics import get_stats, scores_from_stats, total_stats
 from service.inference.modelmeta import ModelMetadata
 from service.inference.normalize import normalize_image
 from service.inference.pipeline import predict_mask
+from service.inference.scores import get_stats, scores_from_stats, total_stats
 from training.boundary import BoundaryBias, boundary_bias, edge_level
 from training.data import MaskMode, Pair, mask_to_classes, read_image, read_mask
 

@@ -7,18 +7,21 @@ models load and the 404 for an unknown or failed model are answered here, the sa
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
-from collections.abc import Callable
+import threading
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request
 
+from service.api.problems import ApiError, ErrorCode
 from service.core.config import Settings
-from service.core.errors import ApiError, ErrorCode
-from service.core.gate import InferenceGate
-from service.core.metrics import ServiceMetrics
-from service.core.resources import MemoryBudget
-from service.registry import ModelRegistry, SegmentationModel
+from service.core.telemetry import ServiceMetrics
+from service.segmentation.jobs import JobStore
+from service.segmentation.registry import ModelRegistry, SegmentationModel
+from service.segmentation.runner import Runner
 
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
@@ -34,14 +37,45 @@ def _app_state(attribute: str) -> Callable[[Request], Any]:
 
 
 # The app's settings (those it was created with, not re-read from the environment), its
-# loaded models, its Prometheus metrics and its admission control (count and memory).
+# loaded models, its Prometheus metrics, the runner that admits and runs every segmentation
+# (workers and memory), and its background jobs.
 app_settings = _app_state("settings")
 SettingsDep = Annotated[Settings, Depends(app_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(_app_state("registry"))]
 MetricsDep = Annotated[ServiceMetrics, Depends(_app_state("metrics"))]
-GateDep = Annotated[InferenceGate, Depends(_app_state("gate"))]
-# The memory requests are admitted against (None: no budget known, nothing checked).
-MemoryBudgetDep = Annotated[MemoryBudget | None, Depends(_app_state("memory_budget"))]
+RunnerDep = Annotated[Runner, Depends(_app_state("runner"))]
+JobStoreDep = Annotated[JobStore, Depends(_app_state("jobs"))]
+
+
+async def _watch_disconnect(request: Request, gone: threading.Event) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+
+
+@contextlib.asynccontextmanager
+async def watch_disconnect(request: Request) -> AsyncIterator[threading.Event]:
+    """An event set when the client disconnects before its answer is sent: the work it asked
+    for stops at its next tile batch instead of holding a worker for nobody. Enter it once the
+    request's body has been read: what ``receive`` gives after that is the disconnect."""
+    gone = threading.Event()
+    watcher = asyncio.create_task(_watch_disconnect(request, gone))
+    try:
+        yield gone
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+async def client_gone(request: Request) -> AsyncIterator[threading.Event]:
+    """:func:`watch_disconnect` for a route whose body FastAPI reads (form fields and files),
+    which it has done before dependencies run."""
+    async with watch_disconnect(request) as gone:
+        yield gone
+
+
+ClientGoneDep = Annotated[threading.Event, Depends(client_gone)]
 
 
 def lookup_model(registry: ModelRegistry, settings: Settings, name: str) -> SegmentationModel:

@@ -15,16 +15,12 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import error_response
-from service.api.routes.jobs import JOBS_PATH
-from service.api.routes.preview import PREVIEW_PATH
-from service.api.routes.segment import SEGMENT_PATH
+from service.api.paths import JOBS_PATH, PREVIEW_PATH, SEGMENT_PATH
+from service.api.problems import ApiError, ErrorCode, error_response
 from service.core.config import Settings
-from service.core.errors import ApiError, ErrorCode
 from service.core.gate import InferenceGate
 from service.core.logs import request_id_var, start_request
 from service.core.resources import (
@@ -37,20 +33,33 @@ from service.core.resources import (
 
 log = logging.getLogger("service")
 
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
-
-class RequestIdMiddleware:
-    """Gives every request an ID (the client's ``X-Request-ID`` if sane), puts it on every log
-    line and on the response, and starts the record of fields its access line reports."""
+class HttpMiddleware:
+    """An ASGI middleware for HTTP requests (:meth:`handle`); anything else, the lifespan,
+    passes straight through."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "http":
+            await self.handle(scope, receive, send)
+        else:
             await self.app(scope, receive, send)
-            return
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer, or pass on to ``self.app``, one HTTP request."""
+        await self.app(scope, receive, send)
+
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class RequestIdMiddleware(HttpMiddleware):
+    """Gives every request an ID (the client's ``X-Request-ID`` if sane), puts it on every log
+    line and on the response, and starts the record of fields its access line reports."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         rid = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
@@ -68,34 +77,29 @@ class RequestIdMiddleware:
             request_id_var.reset(token)
 
 
-class EarlyOverloadMiddleware:
+class EarlyOverloadMiddleware(HttpMiddleware):
     """Refuses ``POST /segment``, ``/jobs`` and ``/preview`` with 503 before the upload is read
     when no place is free, so a saturated service answers in milliseconds instead of receiving
     gigabytes it will not use."""
 
     def __init__(self, app: ASGIApp, gate: InferenceGate, retry_after: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.gate = gate
         self.retry_after = retry_after
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
+            scope["method"] == "POST"
             and scope["path"].rstrip("/") in (SEGMENT_PATH, JOBS_PATH, PREVIEW_PATH)
             and self.gate.saturated
         ):
-            app_state = scope.get("app").state  # type: ignore[union-attr]
-            app_state.metrics.rejected.inc()
-            rid = scope.get("state", {}).get("request_id", "-")
             err = ApiError(
-                503, ErrorCode.OVERLOADED, f"the service is busy; retry in {self.retry_after} s"
+                503,
+                ErrorCode.OVERLOADED,
+                f"the service is busy; retry in {self.retry_after} s",
+                headers={"Retry-After": str(self.retry_after)},
             )
-            log.info("POST %s -> 503 %s", scope["path"], err.message)
-            response = JSONResponse(
-                err.body(rid), status_code=503, headers={"Retry-After": str(self.retry_after)}
-            )
-            await response(scope, receive, send)
+            await error_response(Request(scope, receive), err)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -111,7 +115,7 @@ def _upload_too_large(limit: int) -> str:
 class UploadRefused(StarletteHTTPException):
     """A refusal raised from inside ``receive`` while the body streams in. FastAPI passes
     HTTP exceptions through its form parsing (anything else becomes a 400), and
-    :mod:`service.api.errors` answers it with ``code``."""
+    :mod:`service.api.problems` answers it with ``code``."""
 
     def __init__(
         self, status: int, code: ErrorCode, detail: str, headers: dict[str, str] | None = None
@@ -168,7 +172,7 @@ def _has_body(headers: dict[bytes, bytes]) -> tuple[bool, int | None]:
     return b"chunked" in headers.get(b"transfer-encoding", b"").lower(), None
 
 
-class UploadGuardMiddleware:
+class UploadGuardMiddleware(HttpMiddleware):
     """Bounds every request body before and while it streams in, so that uploads are budgets
     the service admits against rather than surprises:
 
@@ -186,14 +190,12 @@ class UploadGuardMiddleware:
     """
 
     def __init__(self, app: ASGIApp, policy: UploadPolicy, spool: SpoolBudget) -> None:
-        self.app = app
+        super().__init__(app)
         self.policy = policy
         self.spool = spool
         self.arriving = 0  # uploads whose bodies are still coming in
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, err: ApiError) -> None:
-        if err.code is ErrorCode.OVERLOADED:
-            scope["app"].state.metrics.rejected.inc()
         response = error_response(Request(scope, receive), err)
         await response(scope, receive, send)
 
@@ -226,10 +228,7 @@ class UploadGuardMiddleware:
             headers={"Retry-After": str(self.policy.retry_after)},
         )
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         has_body, declared = _has_body(dict(scope["headers"]))
         if not has_body:
             await self.app(scope, receive, send)

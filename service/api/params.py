@@ -11,9 +11,9 @@ from typing import Annotated
 
 from fastapi import Depends, Query
 
-from service.api.deps import ModelDep, SettingsDep
+from service.api.deps import SettingsDep
 from service.inference.tiling import BlendMode
-from service.segmenter import SegmentParams
+from service.segmentation.usecase import SegmentParams
 
 
 @dataclass
@@ -26,7 +26,6 @@ class SegmentOptions:
 
 
 def segment_options(
-    model: ModelDep,
     settings: SettingsDep,
     threshold: Annotated[
         float | None, Query(gt=0.0, lt=1.0, description="Binary models: probability cut-off")
@@ -62,7 +61,7 @@ def segment_options(
         ),
     ] = None,
 ) -> SegmentOptions:
-    """The options, checked against the model (422 naming what does not apply)."""
+    """The options as sent (checked against the model when the request is planned)."""
     params = SegmentParams(
         threshold=threshold,
         overlap=settings.default_overlap if overlap is None else overlap,
@@ -71,7 +70,6 @@ def segment_options(
         class_name=class_name,
         diameter=diameter,
     )
-    params.check(model.name, model.meta)
     return SegmentOptions(params, per_class, channel)
 
 

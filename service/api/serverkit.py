@@ -12,31 +12,49 @@ here as through ``/segment``. Optional: needs the ``serverkit`` extra.
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import inspect
 import io
+import json
 import logging
+import math
 import sys
 import threading
 import types
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
+import msgpack
 import numpy as np
 import tifffile
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.deps import require_api_key
-from service.api.errors import error_response
+from service.api.deps import (
+    ApiKeyDep,
+    NamedModelDep,
+    RunnerDep,
+    require_api_key,
+    watch_disconnect,
+)
+from service.api.problems import ApiError, ErrorCode, error_response
 from service.core.config import Settings
-from service.core.errors import ApiError, ErrorCode
-from service.core.gate import InferenceGate, OverloadedError
-from service.core.metrics import ServiceMetrics
 from service.inference.modelmeta import Task
 from service.inference.rescale import diameter_range
-from service.registry import ModelRegistry, SegmentationModel
-from service.segmenter import SegmentParams, segment
-from service.stacks import segment_stack, stack_layout
+from service.segmentation import usecase
+from service.segmentation.errors import (
+    InvalidImageError,
+    InvalidParameterError,
+    SegmentationInputError,
+)
+from service.segmentation.images import ImageHeader
+from service.segmentation.registry import ModelRegistry, SegmentationModel
+from service.segmentation.runner import Runner
+from service.segmentation.tiff import TiffLayout
+from service.segmentation.usecase import Plan, SegmentParams, Upload
 
 log = logging.getLogger("service")
 
@@ -67,112 +85,235 @@ def serverkit_available() -> bool:
     return importlib.util.find_spec("imaging_server_kit") is not None
 
 
-def _as_tiff(image: np.ndarray) -> bytes:
-    """An array from a Server Kit client as the lossless TIFF the service's decoder reads:
-    ``(H, W)`` grey, ``(H, W, 3|4)`` RGB(A), or ``(planes..., H, W)`` a stack."""
-    arr = np.ascontiguousarray(image)
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8)
-    rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4)
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, arr, photometric="rgb" if rgb else "minisblack")
-    return buf.getvalue()
+@dataclass(frozen=True)
+class Knob:
+    """One numeric parameter of an algorithm: the Server Kit widget and the bounds checked."""
+
+    label: str
+    description: str
+    default: float
+    low: float
+    high: float
+    step: float
 
 
-def segment_array(
-    model: SegmentationModel,
-    image: np.ndarray,
-    params: SegmentParams,
-    *,
-    settings: Settings,
-    gate: InferenceGate,
-    metrics: ServiceMetrics,
-) -> np.ndarray:
-    """The class-index mask of ``image`` (the same shape less any colour axis), through the
-    service's decoder, pipeline and admission gate."""
-    if not isinstance(image, np.ndarray) or image.ndim < 2:
-        shape = getattr(image, "shape", type(image).__name__)
-        raise ValueError(f"expected an image array of 2 or more dimensions, got {shape}")
-    params.check(model.name, model.meta)
-    data = _as_tiff(image)
-    layout = stack_layout(io.BytesIO(data))
-
-    def work() -> np.ndarray:
-        if layout is not None:
-            stack = segment_stack(
-                model, io.BytesIO(data), params, max_pixels=settings.max_image_pixels
-            )
-            metrics.record_segmentation(model.name, stack, len(data))
-            return stack.mask.reshape(*layout.plane_shape, layout.height, layout.width)
-        result = segment(model, io.BytesIO(data), params, max_pixels=settings.max_image_pixels)
-        metrics.record_segmentation(model.name, result, len(data))
-        return result.mask
-
-    try:
-        return gate.submit(work).result()
-    except OverloadedError:
-        metrics.rejected.inc()
-        raise RuntimeError(
-            f"the service is busy ({gate.limit} requests admitted); try again in "
-            f"{settings.retry_after_seconds} s"
-        ) from None
-
-
-def model_algorithm(
-    model: SegmentationModel, settings: Settings, gate: InferenceGate, metrics: ServiceMetrics
-) -> Any:
-    """One model as a Server Kit ``Algorithm``: an image in, a mask (labels layer) out, with
-    the model's threshold (binary models), the tile overlap and, for a model with a training
-    scale, the objects' diameter as parameters."""
-    sk = import_serverkit()
+def knobs(model: SegmentationModel, settings: Settings) -> dict[str, Knob]:
+    """The parameters a model takes here: the threshold (binary models), the tile overlap and,
+    for a model with a training scale, the objects' diameter."""
     meta = model.meta
-    binary = meta.task is Task.BINARY
-    parameters: dict[str, Any] = {
-        "image": sk.Image(description="Grey or RGB image, 2-D or a Z/T stack (plane by plane)")
-    }
-    if binary:
-        parameters["threshold"] = sk.Float(
-            name="Threshold",
-            description="Probability cut-off of the foreground class",
-            default=float(meta.threshold),
-            min=0.01,
-            max=0.99,
-            step=0.01,
-        )
-    parameters["overlap"] = sk.Float(
-        name="Tile overlap",
-        description="Fraction of the tile side shared by neighbouring tiles",
-        default=float(settings.default_overlap),
-        min=0.0,
-        max=0.75,
-        step=0.05,
-    )
+    found: dict[str, Knob] = {}
+    if meta.task is Task.BINARY:
+        found["threshold"] = Knob(
+            "Threshold", "Probability cut-off of the foreground class",
+            float(meta.threshold), 0.01, 0.99, 0.01,
+        )  # fmt: skip
+    found["overlap"] = Knob(
+        "Tile overlap", "Fraction of the tile side shared by neighbouring tiles",
+        float(settings.default_overlap), 0.0, 0.75, 0.05,
+    )  # fmt: skip
     diameters = diameter_range(meta)
     if diameters is not None:
         assert meta.object_diameter is not None
         trained = float(meta.object_diameter)
-        parameters["diameter"] = sk.Float(
-            name="Object diameter (px)",
-            description=f"The objects' diameter in pixels in this image; the model was "
-            f"trained on {trained:g} px objects and the image is rescaled by {trained:g} / "
-            "diameter (the default: as it is)",
-            default=trained,
-            min=diameters[0],
-            max=diameters[1],
-            step=0.5,
+        found["diameter"] = Knob(
+            "Object diameter (px)",
+            f"The objects' diameter in pixels in this image; the model was trained on "
+            f"{trained:g} px objects and the image is rescaled by {trained:g} / diameter (the "
+            "default: as it is)",
+            trained, diameters[0], diameters[1], 0.5,
+        )  # fmt: skip
+    return found
+
+
+def segment_params(
+    model: SegmentationModel, settings: Settings, values: dict[str, Any]
+) -> SegmentParams:
+    """The request's parameters, each checked against its bounds (422 naming it)."""
+    checked: dict[str, float] = {}
+    for name, knob in knobs(model, settings).items():
+        value = values.get(name, knob.default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidParameterError(f"{name}: expected a number, got {value!r}")
+        if not knob.low <= value <= knob.high:
+            raise InvalidParameterError(
+                f"{name}: must be between {knob.low:g} and {knob.high:g}, got {value:g}"
+            )
+        checked[name] = float(value)
+    return SegmentParams(
+        threshold=checked.get("threshold"),
+        overlap=checked["overlap"],
+        batch_size=settings.tile_batch_size,
+        diameter=checked.get("diameter"),
+    )
+
+
+# Names for the leading axes of an array, which say nothing about what they are: each one is
+# segmented plane by plane (distinct letters, none of them Y, X, C or S).
+PLANE_AXES = "QRTUVWZ"
+
+
+def array_header(data: bytes) -> ImageHeader:
+    """How the service reads the TIFF of a Server Kit image array, from its header alone: by
+    the array's shape, as napari does: ``(H, W)`` grey, ``(H, W, 3|4)`` RGB(A), ``(planes...,
+    H, W)`` a stack segmented plane by plane (whatever photometric tag the client's tifffile
+    wrote)."""
+    try:
+        with tifffile.TiffFile(io.BytesIO(data), name="image.tif") as tif:
+            if len(tif.series) != 1:
+                raise InvalidImageError(
+                    f"the image is a TIFF of {len(tif.series)} images; send one array"
+                )
+            series = tif.series[0]
+            shape, dtype = tuple(int(n) for n in series.shape), np.dtype(series.dtype)
+    except SegmentationInputError:
+        raise
+    except Exception as exc:  # tifffile raises many types for damaged files
+        raise InvalidImageError(f"the image is not a readable TIFF array ({exc})") from None
+    if len(shape) < 2:
+        raise InvalidImageError(f"expected an image array of 2 or more dimensions, got {shape}")
+    rgb = len(shape) == 3 and shape[-1] in (3, 4)
+    if len(shape) - 2 > len(PLANE_AXES):
+        raise InvalidImageError(
+            f"expected at most {len(PLANE_AXES)} plane axes before Y and X, got shape {shape}"
+        )
+    axes = "YXS" if rgb else PLANE_AXES[: len(shape) - 2] + "YX"
+    layout = TiffLayout(axes=axes, shape=shape, dtype=dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    channels = shape[-1] if rgb else 1
+    return ImageHeader(
+        "TIFF", layout.width, layout.height, channels, nbytes, len(data), layout.planes, layout
+    )
+
+
+def parse_process_body(body: bytes) -> tuple[bytes, dict[str, Any]]:
+    """The image's TIFF bytes and the scalar parameters of a Server Kit ``/process`` body (a
+    JSON list of serialized layers); nothing is decoded but base64 and JSON, and a malformed
+    body is a 422 that says what was expected."""
+    try:
+        layers = json.loads(body)
+    except ValueError:
+        raise InvalidParameterError(
+            "the body is not JSON: expected Server Kit's list of serialized layers"
+        ) from None
+    if not isinstance(layers, list) or not all(
+        isinstance(layer, dict) and isinstance(layer.get("name"), str) for layer in layers
+    ):
+        raise InvalidParameterError("expected Server Kit's list of layers, each with a name")
+    image, values = None, {}
+    for layer in layers:
+        data = layer.get("data")
+        if layer.get("kind") == "image":
+            if not isinstance(data, str):
+                raise InvalidImageError("the image layer carries no base64 TIFF data")
+            try:
+                image = base64.b64decode(data, validate=True)
+            except ValueError:
+                raise InvalidImageError("the image layer's data is not base64") from None
+        elif data is None or isinstance(data, int | float | str | bool):
+            values[layer["name"]] = data
+        else:
+            raise InvalidParameterError(f"{layer['name']}: expected a number")
+    if image is None:
+        raise InvalidImageError("no image layer: send the image to segment")
+    return image, values
+
+
+def as_tiff(image: np.ndarray) -> bytes:
+    """An array as the lossless TIFF a Server Kit client sends (what an in-process caller of
+    the algorithm hands over goes the same way as an HTTP one)."""
+    arr = np.ascontiguousarray(image)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr)
+    return buf.getvalue()
+
+
+def mask_shape(header: ImageHeader) -> tuple[int, ...]:
+    """The mask's shape for an array read by :func:`array_header`: its own, less any colour
+    axis."""
+    layout = header.layout
+    assert layout is not None
+    return tuple(n for axis, n in zip(layout.axes, layout.shape, strict=True) if axis != "S")
+
+
+def plan_array(
+    model: SegmentationModel, settings: Settings, image: bytes, values: dict[str, Any]
+) -> tuple[Plan, Upload]:
+    """The use case's plan for a Server Kit array: the parameters checked, the header read
+    from the TIFF's tags, every limit applied; nothing decoded. The plan's memory counts the
+    image's TIFF, which the request holds besides what ``/segment`` holds."""
+    params = segment_params(model, settings, values)
+    header = array_header(image)
+    upload = Upload(io.BytesIO(image), header=header)
+    plan = usecase.plan(model, upload, params, max_pixels=settings.max_image_pixels)
+    return replace(plan, memory=plan.memory + len(image)), upload
+
+
+def mask_layer(segmentation: usecase.Segmentation, shape: Sequence[int]) -> Any:
+    """The mask as the Server Kit Mask layer its clients show (the array's shape)."""
+    sk = import_serverkit()
+    mask = segmentation.mask.reshape(tuple(shape))
+    return sk.Mask(mask, name=f"{segmentation.model.name} mask")
+
+
+def segment_frames(segmentation: usecase.Segmentation, shape: Sequence[int]) -> bytes:
+    """The answer Server Kit's clients read: one Mask layer, msgpack-framed."""
+    sk = import_serverkit()
+    from imaging_server_kit.remote.stack_serializer import StackSerializer
+
+    stack = sk.Stack(layers=[mask_layer(segmentation, shape)])
+    return b"".join(msgpack.packb(frame) for frame in StackSerializer.serialize(stack))
+
+
+def process_router(settings: Settings) -> APIRouter:
+    """``POST {prefix}/{model}/process``, Server Kit's run route, answered by the service: the
+    same plan, limits, admission and errors as ``/segment`` (413/422 before anything is
+    decoded, 503 + ``Retry-After`` when busy, the service's error body), decoding on a
+    worker, never on the event loop."""
+    router = APIRouter(tags=["serverkit"], dependencies=[ApiKeyDep])
+
+    @router.post(f"{settings.serverkit_prefix}/{{name}}/process", include_in_schema=False)
+    async def process(request: Request, model: NamedModelDep, runner: RunnerDep) -> Response:
+        """Segment a Server Kit image array with the model it names."""
+        image, values = await run_in_threadpool(parse_process_body, await request.body())
+        plan, upload = await run_in_threadpool(plan_array, model, settings, image, values)
+        shape = mask_shape(plan.image)
+        async with watch_disconnect(request) as gone:
+            frames = await runner.segment(
+                plan, upload, lambda done: segment_frames(done, shape), cancel=gone
+            )
+        return Response(content=frames, media_type="application/msgpack")
+
+    return router
+
+
+def model_algorithm(model: SegmentationModel, settings: Settings, runner: Runner) -> Any:
+    """One model as a Server Kit ``Algorithm``: its listing, parameter schema and widgets
+    (served by Server Kit's app), and a ``run`` for in-process callers that takes the same
+    path as :func:`process_router`'s HTTP route."""
+    sk = import_serverkit()
+    meta = model.meta
+    parameters: dict[str, Any] = {
+        "image": sk.Image(description="Grey or RGB image, 2-D or a Z/T stack (plane by plane)")
+    }
+    for name, knob in knobs(model, settings).items():
+        parameters[name] = sk.Float(
+            name=knob.label,
+            description=knob.description,
+            default=knob.default,
+            min=knob.low,
+            max=knob.high,
+            step=knob.step,
         )
 
-    def run(**values: Any) -> Any:
-        params = SegmentParams(
-            threshold=values.get("threshold"),
-            overlap=values["overlap"],
-            batch_size=settings.tile_batch_size,
-            diameter=values.get("diameter"),
-        )
-        mask = segment_array(
-            model, values["image"], params, settings=settings, gate=gate, metrics=metrics
-        )
-        return sk.Mask(mask, name=f"{model.name} mask")
+    def run(image: Any, **values: Any) -> Any:
+        if not isinstance(image, np.ndarray):
+            raise InvalidImageError(f"expected an image array, got {type(image).__name__}")
+        plan, upload = plan_array(model, settings, as_tiff(image), values)
+        shape = mask_shape(plan.image)
+        future = runner.submit_segmentation(plan, upload, lambda done: mask_layer(done, shape))
+        return future.result()
 
     # Server Kit reads an algorithm's parameters from its function's signature: this model's.
     run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
@@ -206,7 +347,7 @@ class ServerKitMount:
         state = self.parent.state
         registry: ModelRegistry = state.registry
         algorithms = [
-            model_algorithm(model, self.settings, state.gate, state.metrics)
+            model_algorithm(model, self.settings, state.runner)
             for _, model in sorted(registry.models.items())
         ]
         built: ASGIApp = AlgorithmApp(algorithms, name="segmentation-service").app
@@ -252,5 +393,7 @@ def mount_serverkit(app: FastAPI, settings: Settings) -> bool:
             prefix,
         )
         return False
+    # The run route first: it answers before the mount, whose other routes are Server Kit's.
+    app.include_router(process_router(settings))
     app.mount(prefix, ServerKitMount(app, settings))
     return True

@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     upload_grace_s: float = Field(
         10.0, ge=0, description="Seconds an upload may take before min_upload_rate applies"
     )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest time a request line and headers may take to arrive; then 408",
+    )
     max_image_pixels: int = Field(16384 * 16384, ge=1, description="Width x height limit")
     api_key: SecretStr | None = Field(None, description="When set, /segment and /models need it")
     metrics_require_key: bool = False

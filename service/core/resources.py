@@ -2,7 +2,7 @@
 
 Memory: the budget is ``SEG_MEMORY_BUDGET`` or else the cgroup's memory limit (a container's
 ``--memory``), less what the process holds once its models are loaded. Each request's cost is
-estimated before its image is decoded (:func:`service.segmenter.request_memory`); at most
+estimated before its image is decoded (:func:`service.segmentation.memory.request_memory`); at most
 ``workers`` requests run at once, so what must fit is the sum of the ``workers`` largest costs
 admitted. A request that could not fit even alone is refused for good (413), one that cannot fit
 beside those already admitted is refused for now (503).

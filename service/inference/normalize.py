@@ -34,19 +34,27 @@ class IntensityStats:
         return out
 
 
+def histogram(values: np.ndarray, bins: int) -> np.ndarray:
+    """``np.bincount`` of a non-negative integer array, first ``bins`` counts (int64), summed
+    over row chunks: bincount converts its input to int64 first (8 bytes per pixel, 2 GiB for
+    a 16384^2 image), so at most ~HIST_CHUNK_PIXELS pixels are converted at a time."""
+    counts = np.zeros(bins, np.int64)
+    if values.size == 0:
+        return counts
+    row_pixels = max(1, values.size // max(1, values.shape[0]))
+    rows = max(1, HIST_CHUNK_PIXELS // row_pixels)
+    for start in range(0, values.shape[0], rows):
+        counts += np.bincount(values[start : start + rows].ravel(), minlength=bins)[:bins]
+    return counts
+
+
 def _percentiles_of_channel(channel: np.ndarray, qs: tuple[float, float]) -> tuple[float, float]:
     """Percentiles ``qs`` (0-100) of one channel without a full-size float copy."""
     if channel.dtype == np.bool_:
         channel = channel.view(np.uint8)
     if channel.dtype in (np.uint8, np.uint16):
-        # np.bincount converts its input to int64 first (8 bytes per pixel: 2 GiB for a
-        # 16384^2 image), so the histogram is summed over row chunks of ~HIST_CHUNK_PIXELS pixels.
         bins = 1 << (8 * channel.dtype.itemsize) if channel.size else 1
-        counts = np.zeros(bins, np.int64)
-        row_pixels = max(1, channel.size // max(1, channel.shape[0]))
-        rows = max(1, HIST_CHUNK_PIXELS // row_pixels)
-        for start in range(0, channel.shape[0], rows):
-            counts += np.bincount(channel[start : start + rows].ravel(), minlength=bins)
+        counts = histogram(channel, bins)
         cdf = np.cumsum(counts, dtype=np.int64)
         total = int(cdf[-1])
         out = []

@@ -12,7 +12,7 @@ import numpy as np
 
 from service.inference.modelmeta import ModelMetadata, Task
 from service.inference.normalize import compute_intensity_stats
-from service.inference.rescale import StripResampler, plan_scale, resize_image
+from service.inference.rescale import ScalePlan, StripResampler, plan_scale, resize_image
 from service.inference.tiling import BlendMode, Predictor, Reducer, sliding_window_inference
 
 
@@ -40,6 +40,7 @@ def predict_mask(
     threshold: float | None = None,
     overlapped: bool = False,
     diameter: float | None = None,
+    scale: ScalePlan | None = None,
 ) -> np.ndarray:
     """Segment a whole ``(H, W[, C])`` image into a ``(H, W)`` uint8 class-index mask.
 
@@ -55,7 +56,8 @@ def predict_mask(
     factor outside 0.1..10) and tiled at that size; the blended probabilities are resampled
     back to the exact ``(H, W)`` strip by strip, then thresholded or arg-maxed. The intensity
     statistics are always those of the original image. Factors within 1 +- 0.05 skip the
-    resampling: the mask is then bit-identical to one without ``diameter``.
+    resampling: the mask is then bit-identical to one without ``diameter``. A caller that has
+    planned the rescaling already (the service, once per request) passes its ``scale``.
     """
     image = as_hwc(image)
     if image.shape[2] != meta.channels:
@@ -65,13 +67,13 @@ def predict_mask(
     stats = compute_intensity_stats(image, meta.normalization)
     reduce = make_reducer(meta, threshold)
     out_rows = None
-    if diameter is not None:
-        plan = plan_scale(meta, diameter, image.shape[0], image.shape[1])
-        if plan.resampled:
-            scaled = (plan.scaled_height, plan.scaled_width)
-            image = resize_image(image, scaled)
-            reduce = StripResampler(scaled, (plan.height, plan.width), reduce)
-            out_rows = plan.height
+    if scale is None and diameter is not None:
+        scale = plan_scale(meta, diameter, image.shape[0], image.shape[1])
+    if scale is not None and scale.resampled:
+        scaled = (scale.scaled_height, scale.scaled_width)
+        image = resize_image(image, scaled)
+        reduce = StripResampler(scaled, (scale.height, scale.width), reduce)
+        out_rows = scale.height
     return sliding_window_inference(
         image,
         roi_size=meta.tile_size,

@@ -42,14 +42,15 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics as ray_metrics
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
+from service.api.middleware import HttpMiddleware
 from service.core.config import Settings, settings_from_env
-from service.core.metrics import BATCH_BUCKETS, ServiceMetrics, merge_expositions
-from service.exceptions import ModelUnavailableError
+from service.core.telemetry import BATCH_BUCKETS, ServiceMetrics, merge_expositions
 from service.inference.modelmeta import ModelMetadata
 from service.main import create_app
-from service.registry import (
+from service.segmentation.errors import ModelUnavailableError
+from service.segmentation.registry import (
     LoadedModel,
     ModelRegistry,
     find_model_files,
@@ -303,7 +304,8 @@ class MetricsHub:
 @dataclass
 class RemoteModel:
     """A model deployment seen from the ingress: the same interface as a local
-    :class:`~service.registry.LoadedModel`, so the pipeline does not know the difference."""
+    :class:`~service.segmentation.registry.LoadedModel`, so the pipeline does not know the
+    difference."""
 
     report: ModelReport
     handle: DeploymentHandle
@@ -377,7 +379,7 @@ class RemoteModel:
         )
 
 
-class ProxyRequestIdMiddleware:
+class ProxyRequestIdMiddleware(HttpMiddleware):
     """One ``X-Request-ID`` per response, as the standalone service sends.
 
     Serve's proxy already passes the request ID it answers with in the request's
@@ -387,13 +389,7 @@ class ProxyRequestIdMiddleware:
     error body's ID is always among the headers.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         proxy_id = dict(scope["headers"]).get(b"x-request-id")
 
         async def send_once(message: Message) -> None:

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from service.api.deps import ApiKeyDep, NamedModelDep, RegistryDep, SettingsDep
-from service.core.errors import error_responses
+from service.api.problems import error_responses
 
 router = APIRouter(
     tags=["models"],

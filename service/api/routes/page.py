@@ -15,7 +15,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse, HTMLResponse
 
 from service.api.deps import SettingsDep
-from service.core.errors import ApiError, ErrorCode
+from service.api.problems import ApiError, ErrorCode
 
 WEB = Path(__file__).resolve().parents[2] / "web"
 ASSETS = {"app.js": "text/javascript", "app.css": "text/css"}

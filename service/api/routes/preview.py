@@ -1,6 +1,7 @@
 """``POST /preview``: an 8-bit, contrast-stretched PNG of an uploaded image, for people to look
 at (the page at ``/`` shows it beside the mask overlay; browsers read neither TIFF nor the
-range of 16-bit images). Same decoder, limits and admission as ``/segment``."""
+range of 16-bit images). Same decoder, limits and admission (workers and memory) as
+``/segment``."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import ApiKeyDep, GateDep, MetricsDep, SettingsDep
-from service.core.errors import ApiError, ErrorCode, error_responses
-from service.core.gate import OverloadedError
-from service.preview import preview_png
-
-PREVIEW_PATH = "/preview"
+from service.api.deps import ApiKeyDep, RunnerDep, SettingsDep
+from service.api.paths import PREVIEW_PATH
+from service.api.problems import error_responses
+from service.core.resources import mib
+from service.segmentation.preview import plan_preview, preview_png
 
 router = APIRouter(tags=["preview"], dependencies=[ApiKeyDep])
 
@@ -27,7 +28,7 @@ router = APIRouter(tags=["preview"], dependencies=[ApiKeyDep])
         **error_responses(
             {
                 401: "API key required",
-                413: "Upload or image over the size limit",
+                413: "Upload or image over the size limit, or more memory than the service has",
                 415: "Not a PNG, JPEG or TIFF",
                 422: "Unusable image or parameter",
                 503: "Saturated; retry after `Retry-After` seconds",
@@ -37,8 +38,7 @@ router = APIRouter(tags=["preview"], dependencies=[ApiKeyDep])
 )
 async def preview_image(
     settings: SettingsDep,
-    metrics: MetricsDep,
-    gate: GateDep,
+    runner: RunnerDep,
     image: Annotated[UploadFile, File(description="PNG, JPEG or TIFF")],
     max_side: Annotated[int, Query(ge=16, le=4096, description="Longest side, pixels")] = 1024,
     channel: Annotated[
@@ -46,22 +46,13 @@ async def preview_image(
     ] = None,
 ) -> Response:
     """Preview an image: contrast-stretched to 8 bits, at most ``max_side`` pixels a side."""
-    try:
-        png, width, height = await gate.run(
-            lambda: preview_png(
-                image.file,
-                max_pixels=settings.max_image_pixels,
-                max_side=max_side,
-                channel=channel,
-            )
-        )
-    except OverloadedError:
-        metrics.rejected.inc()
-        raise ApiError(
-            503,
-            ErrorCode.OVERLOADED,
-            f"the service is busy; retry in {settings.retry_after_seconds} s",
-            headers={"Retry-After": str(settings.retry_after_seconds)},
-        ) from None
+    plan = await run_in_threadpool(
+        plan_preview, image.file, max_pixels=settings.max_image_pixels, channel=channel
+    )
+    header = plan.header
+    what = f"previewing this {header.width}x{header.height} image ({mib(header.nbytes)} decoded)"
+    png, width, height = await runner.call(
+        lambda: preview_png(image.file, plan, max_side=max_side), memory=plan.memory, what=what
+    )
     headers = {"X-Image-Width": str(width), "X-Image-Height": str(height)}
     return Response(content=png, media_type="image/png", headers=headers)

@@ -2,36 +2,35 @@
 kept for a bounded time.
 
 A job is one ``/segment`` request whose answer is fetched later: it is admitted by the same
-:class:`~service.core.gate.InferenceGate` (the same workers and waiting room), reports its
-progress between tile batches, and can be cancelled there. The store is bounded three ways:
-jobs kept at once, bytes their results hold (reserved when a job is admitted, from the image's
-header, so a result never has to be dropped to make room), and a time to live after a job
-finishes. A result is removed only when its TTL is over or its owner deletes it; when the store
-is full, new jobs are refused (503) rather than older results evicted.
+:class:`~service.segmentation.runner.Runner` (the same workers, waiting room and memory budget),
+reports its progress between tile batches, and can be cancelled there. The store is bounded
+three ways: jobs kept at once, bytes their results hold (reserved when a job is admitted, from
+the image's header, so a result never has to be dropped to make room; given back as soon as a
+job fails or is cancelled), and a time to live after a job finishes. A result is removed only
+when its TTL is over or its owner deletes it; when the store is full, new jobs are refused
+(busy) rather than older results evicted.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
-from service.core.errors import ApiError
+from service.segmentation.errors import (
+    ImageTooLargeError,
+    SegmentationCancelledError,
+    SegmentationInputError,
+    ServiceBusyError,
+)
+from service.segmentation.usecase import PackedSegmentation
 
-# A PNG of an H x W uint8 mask is at most its raw rows (one filter byte each) plus deflate's
-# stored-block framing (5 bytes per 64 KiB) and the chunks around them.
-_PNG_SLACK = 64 << 10
-
-
-def png_bound(height: int, width: int) -> int:
-    """An upper bound on the bytes of a mask PNG of ``height`` x ``width`` pixels."""
-    raw = height * (width + 1)
-    return raw + raw // 8192 + _PNG_SLACK
+log = logging.getLogger(__name__)
 
 
 class JobState(StrEnum):
@@ -49,37 +48,6 @@ class JobState(StrEnum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
-class JobCancelledError(Exception):
-    """Raised into a running job's worker between tile batches once it was cancelled."""
-
-
-class JobStoreFullError(Exception):
-    """No room for another job; ``retry_after`` is when the oldest result expires."""
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
-
-
-@dataclass
-class JobResult:
-    """What a succeeded job answers: the mask (PNG, or a multi-page TIFF for a stack),
-    per-class PNGs, the headers and the JSON document (without the encoded masks, which are
-    added when it is sent)."""
-
-    mask: bytes
-    stack: bool
-    class_masks: dict[str, bytes] | None
-    headers: dict[str, str]
-    document: dict[str, Any]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held (the masks; the rest is small)."""
-        return len(self.mask) + sum(len(p) for p in (self.class_masks or {}).values())
-
-
 @dataclass
 class Job:
     """One background segmentation."""
@@ -88,6 +56,7 @@ class Job:
     model: str
     request_id: str
     reserved_bytes: int
+    per_class: bool = False  # its JSON answer carries one PNG per class
     created: float = field(default_factory=time.time)
     state: JobState = JobState.QUEUED
     tiles_done: int = 0
@@ -95,9 +64,9 @@ class Job:
     started: float | None = None
     inference_started: float | None = None
     finished: float | None = None
-    result: JobResult | None = None
-    error: ApiError | None = None
-    future: Future[None] | None = None
+    result: PackedSegmentation | None = None
+    error: Exception | None = None  # a SegmentationInputError, or what broke unexpectedly
+    future: Future[PackedSegmentation] | None = None
     on_finish: Callable[[], None] | None = None
     _cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -109,7 +78,7 @@ class Job:
     def report(self, done: int, total: int) -> None:
         """The segmenter's progress hook: count tiles, or stop here when cancelled."""
         if self._cancel.is_set():
-            raise JobCancelledError
+            raise SegmentationCancelledError
         now = time.monotonic()
         if self.inference_started is None:
             self.inference_started = now
@@ -141,8 +110,12 @@ class JobStore:
             return len(self._jobs)
 
     def _held_bytes(self) -> int:
+        """Results kept, and the reservations of jobs still waiting or running (a failed or
+        cancelled job holds nothing)."""
         return sum(
-            j.result.nbytes if j.result is not None else j.reserved_bytes
+            j.result.nbytes
+            if j.result is not None
+            else (0 if j.state.finished else j.reserved_bytes)
             for j in self._jobs.values()
         )
 
@@ -177,26 +150,34 @@ class JobStore:
         soonest = min((e for e in ends if e is not None), default=None)
         return 5 if soonest is None else max(1, int(soonest - time.time()) + 1)
 
-    def admit(self, model: str, request_id: str, reserved_bytes: int) -> Job:
+    def admit(
+        self, model: str, request_id: str, reserved_bytes: int, per_class: bool = False
+    ) -> Job:
         """A new queued job holding ``reserved_bytes`` of the result budget, or
-        :class:`JobStoreFullError` when the count or the bytes would go over their limit."""
+        :class:`ServiceBusyError` when the count or the bytes would go over their limit."""
+        if reserved_bytes > self.max_bytes:
+            raise ImageTooLargeError(
+                f"this image's mask may take {reserved_bytes:,} bytes, more than the job store "
+                f"keeps in all ({self.max_bytes:,}, setting SEG_MAX_JOB_RESULT_BYTES): send it "
+                "to /segment, or a smaller image"
+            )
         with self._lock:
             self._purge()
             if len(self._jobs) >= self.max_jobs:
-                raise JobStoreFullError(
+                raise ServiceBusyError(
                     f"{len(self._jobs)} jobs are kept (the limit, setting SEG_MAX_JOBS); fetch "
                     "and DELETE finished ones, or retry when the oldest result expires",
                     self._retry_after(),
                 )
             held = self._held_bytes()
             if held + reserved_bytes > self.max_bytes:
-                raise JobStoreFullError(
+                raise ServiceBusyError(
                     f"job results hold {held:,} bytes and this image's mask may take "
                     f"{reserved_bytes:,}; the limit is {self.max_bytes:,} (setting "
                     "SEG_MAX_JOB_RESULT_BYTES): fetch and DELETE finished jobs, or retry later",
                     self._retry_after(),
                 )
-            job = Job(uuid.uuid4().hex, model, request_id, reserved_bytes)
+            job = Job(uuid.uuid4().hex, model, request_id, reserved_bytes, per_class)
             self._jobs[job.id] = job
             return job
 
@@ -211,31 +192,33 @@ class JobStore:
         with self._lock:
             self._jobs.pop(job.id, None)
 
-    def start(self, job: Job) -> bool:
-        """A worker takes the job; False if it was cancelled while it waited."""
+    def begin(self, job: Job) -> None:
+        """A worker takes the job; :class:`SegmentationCancelledError` if it was cancelled while it
+        waited."""
         with self._lock:
             if job.cancel_requested or job.state is not JobState.QUEUED:
-                return False
+                raise SegmentationCancelledError
             job.state = JobState.RUNNING
             job.started = time.time()
-            return True
 
     def _finish(self, job: Job, state: JobState) -> None:
+        if job.state.finished:
+            return
         job.state = state
         job.finished = time.time()
         callback, job.on_finish = job.on_finish, None
         if callback is not None:
             callback()
 
-    def succeed(self, job: Job, result: JobResult) -> None:
+    def succeed(self, job: Job, result: PackedSegmentation) -> None:
         """Keep the result (its bytes replace the reservation) until the TTL."""
         with self._lock:
             job.result = result
             job.tiles_done = job.tiles_total or job.tiles_done
             self._finish(job, JobState.SUCCEEDED)
 
-    def fail(self, job: Job, error: ApiError) -> None:
-        """The job ended with ``error`` (what ``/segment`` would have answered)."""
+    def fail(self, job: Job, error: Exception) -> None:
+        """The job ended with ``error`` (``/segment`` would have answered its refusal)."""
         with self._lock:
             job.error = error
             self._finish(job, JobState.FAILED)
@@ -247,13 +230,28 @@ class JobStore:
             if job.state.finished:
                 return
             job._cancel.set()
-            if job.state is JobState.QUEUED and (job.future is None or job.future.cancel()):
-                self._finish(job, JobState.CANCELLED)
+            queued = job.state is JobState.QUEUED
+        # Outside the lock: cancelling the future runs its done callbacks (:meth:`settle`) here.
+        if queued and (job.future is None or job.future.cancel()):
+            self.cancelled(job)  # idempotent, whether or not settle got there first
 
     def cancelled(self, job: Job) -> None:
         """The worker stopped at a cancellation."""
         with self._lock:
             self._finish(job, JobState.CANCELLED)
+
+    def settle(self, job: Job, future: Future[PackedSegmentation]) -> None:
+        """The job's work is over (a done callback of its future): keep its result, or say
+        why there is none."""
+        try:
+            self.succeed(job, future.result())
+        except (CancelledError, SegmentationCancelledError):
+            self.cancelled(job)
+        except SegmentationInputError as exc:
+            self.fail(job, exc)
+        except Exception as exc:
+            log.error("job %s failed", job.id, exc_info=exc)
+            self.fail(job, exc)
 
     def cancel_all(self) -> None:
         """Stop every unfinished job (the service is shutting down)."""

@@ -7,8 +7,8 @@ are bounded: model names come from the model directory, reasons and stages from 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,13 +22,8 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.core.errors import ErrorCode
+from service.core.codes import ErrorCode
 from service.core.resources import MemoryBudget
-
-if TYPE_CHECKING:
-    from service.registry import ModelRegistry
-    from service.segmenter import SegmentResult
-    from service.stacks import StackResult
 
 # A 256x256 tile batch takes tens of milliseconds on a GPU and up to seconds on a CPU; a
 # gigapixel image minutes. Buckets span that range roughly geometrically.
@@ -68,79 +63,61 @@ class ServiceMetrics:
         # registry, since prometheus_client puts them on its global one only.
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
-        self.inference_seconds = Histogram(
+        histogram = partial(Histogram, registry=registry)
+        counter = partial(Counter, registry=registry)
+        gauge = partial(Gauge, registry=registry)
+        self.inference_seconds = histogram(
             "segment_inference_seconds",
             "Time in the model (all tile batches of one request).",
             ["model"],
             buckets=INFERENCE_BUCKETS,
-            registry=registry,
         )
-        self.stage_seconds = Histogram(
+        self.stage_seconds = histogram(
             "segment_stage_seconds",
             "Time per pipeline stage of a /segment request.",
             ["stage"],
             buckets=INFERENCE_BUCKETS,
-            registry=registry,
         )
-        self.tiles = Counter(
-            "segment_tiles_total", "Tiles run through the model.", ["model"], registry=registry
+        self.tiles = counter("segment_tiles_total", "Tiles run through the model.", ["model"])
+        self.pixels = counter("segment_pixels_total", "Image pixels segmented.", ["model"])
+        self.image_bytes = counter("segment_image_bytes_total", "Bytes of images received.")
+        self.tile_batch_size = histogram(
+            "segment_tile_batch_size", "Tiles per model call.", ["model"], buckets=BATCH_BUCKETS
         )
-        self.pixels = Counter(
-            "segment_pixels_total", "Image pixels segmented.", ["model"], registry=registry
-        )
-        self.image_bytes = Counter(
-            "segment_image_bytes_total", "Bytes of images received.", registry=registry
-        )
-        self.tile_batch_size = Histogram(
-            "segment_tile_batch_size",
-            "Tiles per model call.",
-            ["model"],
-            buckets=BATCH_BUCKETS,
-            registry=registry,
-        )
-        self.in_flight = Gauge(
+        self.in_flight = gauge(
             "segment_requests_in_flight",
             "Segmentation requests admitted (running or waiting for a worker).",
-            registry=registry,
         )
-        self.queued = Gauge(
+        self.queued = gauge(
             "segment_requests_queued",
             "Segmentation requests admitted and waiting for a worker (the queue's depth).",
-            registry=registry,
         )
-        self.rejected = Counter(
+        self.rejected = counter(
             "segment_requests_rejected_total",
             "Segmentation requests refused with 503 because the service was saturated.",
-            registry=registry,
         )
-        self.errors = Counter(
-            "segment_errors_total",
-            "Failed segmentation requests by reason.",
-            ["reason"],
-            registry=registry,
+        self.errors = counter(
+            "segment_errors_total", "Failed segmentation requests by reason.", ["reason"]
         )
         for reason in ERROR_REASONS:
             self.errors.labels(reason.value)
-        self.model_info = Gauge(
+        self.model_info = gauge(
             "segment_model_info",
             "Loaded models (value 1) with their version and the execution provider really used.",
             ["model", "version", "provider"],
-            registry=registry,
         )
-        self.models_ready = Gauge(
-            "segment_models_ready", "1 when every model is loaded and warmed up.", registry=registry
+        self.models_ready = gauge(
+            "segment_models_ready", "1 when every model is loaded and warmed up."
         )
-        self.memory_budget = Gauge(
+        self.memory_budget = gauge(
             "segment_memory_budget_bytes",
             "The memory budget (SEG_MEMORY_BUDGET or the cgroup limit): part=total, what the "
             "loaded models hold (models), and what is left for requests (requests).",
             ["part"],
-            registry=registry,
         )
-        self.memory_reserved = Gauge(
+        self.memory_reserved = gauge(
             "segment_memory_reserved_bytes",
             "Memory the admitted requests may hold at once, by their estimated costs.",
-            registry=registry,
         )
 
     def watch_jobs(self, kept: Callable[[], float], held_bytes: Callable[[], float]) -> None:
@@ -160,22 +137,23 @@ class ServiceMetrics:
         self.in_flight.set(admitted)
         self.queued.set(max(0, admitted - workers))
 
-    def record_models(self, registry: ModelRegistry) -> None:
-        """Once loading is over: each loaded model's info, and whether all of them loaded.
+    def record_models(self, loaded: Iterable[tuple[str, str, str]], all_loaded: bool) -> None:
+        """Once loading is over: each loaded model's (name, version, provider), and whether
+        all of them loaded.
 
         Each model's series start at 0 here rather than at its first request, so that rate()
         and increase() see that request (a series born with its first sample has no increase).
         """
-        for m in registry.models.values():
-            self.model_info.labels(m.name, m.meta.version, m.provider).set(1)
+        for name, version, provider in loaded:
+            self.model_info.labels(name, version, provider).set(1)
             for per_model in (
                 self.inference_seconds,
                 self.tiles,
                 self.pixels,
                 self.tile_batch_size,
             ):
-                per_model.labels(m.name)
-        self.models_ready.set(0 if registry.failed else 1)
+                per_model.labels(name)
+        self.models_ready.set(1 if all_loaded else 0)
 
     def record_memory_budget(self, budget: MemoryBudget) -> None:
         """The budget requests are admitted against, and a live view of what they reserve."""
@@ -185,17 +163,23 @@ class ServiceMetrics:
         self.memory_reserved.set_function(lambda: budget.reserved)
 
     def record_segmentation(
-        self, model: str, result: SegmentResult | StackResult, upload_bytes: int
+        self,
+        model: str,
+        timings: Mapping[str, float],
+        tiles: int,
+        pixels: int,
+        batches: Sequence[int],
+        upload_bytes: int,
     ) -> None:
-        """One answered ``/segment`` request: time per stage, tiles, pixels (every plane of a
-        stack), bytes, batches."""
-        self.inference_seconds.labels(model).observe(result.timings["infer"])
-        for stage, seconds in result.timings.items():
+        """One segmentation done, whichever entry point it came by: time per stage, tiles,
+        pixels (every plane of a stack), bytes received, tiles per model call."""
+        self.inference_seconds.labels(model).observe(timings["infer"])
+        for stage, seconds in timings.items():
             self.stage_seconds.labels(stage).observe(seconds)
-        self.tiles.labels(model).inc(result.tiles)
-        self.pixels.labels(model).inc(result.image.height * result.image.width)
+        self.tiles.labels(model).inc(tiles)
+        self.pixels.labels(model).inc(pixels)
         self.image_bytes.inc(upload_bytes)
-        for size in result.batches:
+        for size in batches:
             self.tile_batch_size.labels(model).observe(size)
 
     def record_error(self, code: ErrorCode) -> None:

@@ -310,22 +310,23 @@ def load_model(
     return model
 
 
-def load_registry(
-    registry: ModelRegistry,
-    model_dir: Path,
-    providers: list[str],
-    intra_op_threads: int,
-    warmup_batch: int,
-    cpu_arena: CpuArena = "on",
-    memory_budget: int | None = None,
-) -> ModelRegistry:
-    """Load every model; a broken one (or one over the ``memory_budget``) is logged at ERROR
-    and recorded, and the others still serve."""
-    usable = resolve_providers(providers)
+def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
+    """The standalone service's loader: every model of ``SEG_MODEL_DIR`` in this process. A
+    broken one (or one over the memory budget) is logged at ERROR and recorded, and the others
+    still serve."""
+    model_dir = settings.model_dir
+    usable = resolve_providers(settings.providers)
+    memory_budget = memory_budget_from(settings)[0]
     for name, path in find_model_files(model_dir).items():
         try:
             registry.models[name] = load_model(
-                name, path, usable, intra_op_threads, warmup_batch, cpu_arena, memory_budget
+                name,
+                path,
+                usable,
+                settings.intra_op_threads,
+                settings.tile_batch_size,
+                settings.cpu_memory_arena,
+                memory_budget,
             )
         except Exception as exc:  # one bad file must not take the other models down
             reason = f"{type(exc).__name__}: {exc}"
@@ -336,17 +337,3 @@ def load_registry(
         registry.failed["*"] = "no <name>/<version>/model.onnx found in the model directory"
         log.error("no models found in %s", model_dir)
     registry.ready.set()
-    return registry
-
-
-def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
-    """The standalone service's loader: every model of ``SEG_MODEL_DIR`` in this process."""
-    load_registry(
-        registry,
-        settings.model_dir,
-        settings.providers,
-        settings.intra_op_threads,
-        settings.tile_batch_size,
-        settings.cpu_memory_arena,
-        memory_budget_from(settings)[0],
-    )

@@ -1,7 +1,7 @@
 """Why a request's content cannot be segmented, said without HTTP.
 
 Decoding, channel matching, ground-truth reading and parameter checks raise these; the API maps
-each to a status and an error code (``service.api.errors``), and in-process callers (benchmarks,
+each to a status and an error code (``service.api.problems``), and in-process callers (benchmarks,
 scripts) get a plain exception with the same message meant for the person who sent the image.
 """
 
@@ -50,3 +50,19 @@ class ModelUnavailableError(Exception):
         super().__init__(message)
         self.message = message
         self.busy = busy
+
+
+class ServiceBusyError(Exception):
+    """The request is fine but cannot be taken now (workers, memory or result space are held by
+    other requests): the API answers 503 with ``Retry-After`` (``retry_after`` seconds when the
+    domain knows better than the service's default)."""
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class SegmentationCancelledError(Exception):
+    """Raised between two tile batches into a request that was cancelled (a job deleted, or a
+    client that went away): the work stops there and its worker is free again."""

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from service.exceptions import ImageTooLargeError, InvalidImageError, InvalidParameterError
+from service.segmentation.errors import ImageTooLargeError, InvalidImageError, InvalidParameterError
 
 NON_PLANE = "YXCS"
 SAMPLE_NAMES = ("red", "green", "blue", "alpha")

@@ -2,20 +2,28 @@
 
 Browsers show neither TIFF nor the range of a 16-bit microscope image (a HeLa frame looks
 black), so the service makes the preview: decoded by the service's own decoder (the same
-channel choice and limits as ``/segment``), contrast-stretched between the 0.5th and 99.5th
-percentiles, and shrunk to at most ``max_side`` pixels a side. A stack previews its first plane.
+channel choice, limits and memory admission as ``/segment``), contrast-stretched between the
+0.5th and 99.5th percentiles, and shrunk to at most ``max_side`` pixels a side. A stack previews
+its first plane.
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
-from service.images import decode_image
-from service.stacks import decode_stack, stack_layout
+from service.segmentation.images import (
+    ImageHeader,
+    check_pixels,
+    choose_channel,
+    decode,
+    probe,
+)
+from service.segmentation.memory import preview_memory
 
 PERCENTILES = (0.5, 99.5)
 _SAMPLE = 1 << 20  # pixels looked at for the percentiles
@@ -32,16 +40,26 @@ def stretch(pixels: np.ndarray) -> np.ndarray:
     return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
-def preview_png(
-    file: BinaryIO, *, max_pixels: int, max_side: int, channel: str | None = None
-) -> tuple[bytes, int, int]:
-    """The preview PNG and the image's full width and height."""
-    layout = stack_layout(file)
-    if layout is not None:
-        stack = decode_stack(file, max_pixels=max_pixels, channel=channel)
-        pixels = stack.planes[0]
-    else:
-        pixels = decode_image(file, max_pixels=max_pixels, channel=channel).pixels
+@dataclass(frozen=True)
+class PreviewPlan:
+    """An upload checked from its header for a preview, and what previewing it holds."""
+
+    header: ImageHeader
+    channel: int | None
+    memory: int
+
+
+def plan_preview(file: BinaryIO, *, max_pixels: int, channel: str | None = None) -> PreviewPlan:
+    """The header checked as ``/segment`` checks it (format, pixel limit, channel)."""
+    header = probe(file)
+    check_pixels(header, max_pixels)
+    index = choose_channel(header, channel, None)
+    return PreviewPlan(header, index, preview_memory(header))
+
+
+def preview_png(file: BinaryIO, plan: PreviewPlan, *, max_side: int) -> tuple[bytes, int, int]:
+    """The preview PNG of the (first) plane, and the image's full width and height."""
+    pixels = decode(file, plan.header, channel=plan.channel).planes[0]
     height, width = pixels.shape[:2]
     if pixels.shape[2] == 2 or pixels.shape[2] > 4:
         pixels = pixels[..., :1]

@@ -1,35 +1,72 @@
-"""Every failure as one JSON error body with a status, an :class:`ErrorCode` and the request ID.
+"""Every failure as one JSON error body (a "problem": status, :class:`ErrorCode`, a message a
+lab user can act on, and the request ID); no stack traces and no file paths ever reach a client.
 
-The domain's :class:`~service.exceptions.SegmentationInputError` subclasses are mapped to HTTP
-here and only here; so are FastAPI's validation errors, Starlette's HTTP errors and anything
-unexpected (a 500 that says nothing about the server but the request ID to quote).
+The domain's errors (:mod:`service.segmentation.errors`) are mapped to HTTP here and only here;
+so are FastAPI's validation errors, Starlette's HTTP errors and anything unexpected (a 500 that
+says nothing about the server but the request ID to quote). :class:`ErrorCode` is the one list
+of codes: the responses carry them and ``segment_errors_total`` counts by them.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.routes.segment import SEGMENT_PATH
-from service.core.errors import ApiError, ErrorCode
+from service.api.paths import SEGMENT_PATH
+from service.core.codes import ErrorCode
 from service.core.logs import request_id_var
-from service.core.metrics import ServiceMetrics
-from service.exceptions import (
+from service.core.telemetry import ServiceMetrics
+from service.segmentation.errors import (
     ImageTooLargeError,
     InvalidGroundTruthError,
     InvalidImageError,
     InvalidParameterError,
     ModelUnavailableError,
+    SegmentationCancelledError,
     SegmentationInputError,
+    ServiceBusyError,
     UnsupportedFormatError,
 )
 
 log = logging.getLogger("service")
+
+
+class ErrorBody(BaseModel):
+    """Every error answer (4xx and 5xx)."""
+
+    detail: str = Field(description="What went wrong, in plain language, and what to do")
+    code: ErrorCode = Field(description="Stable machine-readable reason, e.g. invalid_image")
+    request_id: str = Field(description="Also in the X-Request-ID header and the service log")
+
+
+def error_responses(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for error statuses, all with the :class:`ErrorBody` model."""
+    return {status: {"model": ErrorBody, "description": text} for status, text in described.items()}
+
+
+class ApiError(Exception):
+    """An error answered with ``status`` and a message meant for the person who sent the request."""
+
+    def __init__(
+        self, status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    def body(self, request_id: str) -> dict[str, Any]:
+        """JSON body of the error response."""
+        return {"detail": self.message, "code": self.code.value, "request_id": request_id}
+
 
 # Starlette's own errors (routing, multipart framing, the upload limit) by status.
 _STARLETTE_CODES = {
@@ -52,21 +89,39 @@ DOMAIN_ERRORS: dict[type[SegmentationInputError], tuple[int, ErrorCode]] = {
 }
 
 
-def api_error(exc: SegmentationInputError) -> ApiError:
-    """The HTTP answer to a domain refusal."""
-    status, code = next(v for cls, v in DOMAIN_ERRORS.items() if isinstance(exc, cls))
-    return ApiError(status, code, exc.message)
+def api_error(exc: Exception, retry_after: int) -> ApiError:
+    """The HTTP answer to what the domain raised (``retry_after``: the service's default
+    seconds for a 503): a refusal of the input, a busy service, a model being replaced, a
+    cancelled request; anything else is a 500 that says nothing but what to quote."""
+    if isinstance(exc, SegmentationInputError):
+        status, code = next(v for cls, v in DOMAIN_ERRORS.items() if isinstance(exc, cls))
+        return ApiError(status, code, exc.message)
+    if isinstance(exc, ServiceBusyError):
+        after = str(exc.retry_after or retry_after)
+        return ApiError(503, ErrorCode.OVERLOADED, exc.message, {"Retry-After": after})
+    if isinstance(exc, ModelUnavailableError):
+        # the model's queue is full (a rejection, like the gate's) or its process is replaced
+        code = ErrorCode.OVERLOADED if exc.busy else ErrorCode.MODEL_UNAVAILABLE
+        message = f"{exc.message}; retry in {retry_after} s"
+        return ApiError(503, code, message, {"Retry-After": str(retry_after)})
+    if isinstance(exc, SegmentationCancelledError):
+        # nginx's "client closed request": nobody reads it, but the access log says why
+        return ApiError(499, ErrorCode.CLIENT_CLOSED, "the client went away; the work stopped")
+    return ApiError(500, ErrorCode.INTERNAL, "internal error; quote the request ID")
 
 
 def error_response(request: Request, err: ApiError) -> JSONResponse:
-    """Log the error, count it when it answers ``/segment``, and build its JSON response."""
+    """Log the error, count it (a refusal to queue as a rejection, else by code when it answers
+    ``/segment``), and build its JSON response."""
     rid = getattr(request.state, "request_id", "-")
     if err.status >= 500 and err.code is not ErrorCode.OVERLOADED:
         log.warning("%s %s -> %d %s", request.method, request.url.path, err.status, err.message)
     else:
         log.info("%s %s -> %d %s", request.method, request.url.path, err.status, err.message)
     metrics: ServiceMetrics | None = getattr(request.app.state, "metrics", None)
-    if metrics is not None and request.url.path.rstrip("/") == SEGMENT_PATH:
+    if metrics is not None and err.code is ErrorCode.OVERLOADED:
+        metrics.rejected.inc()
+    elif metrics is not None and request.url.path.rstrip("/") == SEGMENT_PATH:
         metrics.record_error(err.code)
     return JSONResponse(err.body(rid), status_code=err.status, headers=err.headers)
 
@@ -92,26 +147,8 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, SegmentationInputError)
-    return error_response(request, api_error(exc))
-
-
-async def _model_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    """503 with ``Retry-After``: the model's queue is full (counted as a rejection, like the
-    admission gate's) or its process is being replaced (counted as an error)."""
-    assert isinstance(exc, ModelUnavailableError)
-    retry_after = str(request.app.state.settings.retry_after_seconds)
-    if exc.busy:
-        metrics: ServiceMetrics | None = getattr(request.app.state, "metrics", None)
-        if metrics is not None:
-            metrics.rejected.inc()
-    err = ApiError(
-        503,
-        ErrorCode.OVERLOADED if exc.busy else ErrorCode.MODEL_UNAVAILABLE,
-        f"{exc.message}; retry in {retry_after} s",
-        headers={"Retry-After": retry_after},
-    )
-    return error_response(request, err)
+    retry_after = request.app.state.settings.retry_after_seconds
+    return error_response(request, api_error(exc, retry_after))
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -181,8 +218,13 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def register_exception_handlers(app: FastAPI) -> None:
     """Answer every kind of failure with the service's error body."""
     app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(SegmentationInputError, _domain_error)
-    app.add_exception_handler(ModelUnavailableError, _model_unavailable)
+    for domain in (
+        SegmentationInputError,
+        ServiceBusyError,
+        ModelUnavailableError,
+        SegmentationCancelledError,
+    ):
+        app.add_exception_handler(domain, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,262 @@
+"""The JSON documents the API answers, and how each is built from a domain object: one
+:class:`~service.segmentation.usecase.Segmentation` gives ``SegmentResponse`` (a 2-D image) or
+``StackResponse`` (a stack), whether it is sent by ``/segment`` or by ``/jobs/{id}/result``.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from service.api.problems import ErrorCode
+from service.inference.modelmeta import Task
+from service.inference.rescale import ScalePlan
+from service.inference.scores import SegmentationScores
+from service.inference.tiling import BlendMode
+from service.segmentation.jobs import Job, JobState
+from service.segmentation.usecase import Segmentation
+
+
+class ImageInfo(BaseModel):
+    """What the uploaded file was."""
+
+    format: str
+    dtype: str
+    mode: str
+    width: int
+    height: int
+    channels: int
+    channel: str | None = None
+    physical_pixel_size: dict[str, float | str | None] | None = None
+
+
+class ScaleInfo(BaseModel):
+    """How the image was rescaled to the model's training scale (requests with ``diameter``)."""
+
+    diameter: float = Field(description="The objects' diameter in the image, as sent (pixels)")
+    model_diameter: float = Field(description="The model's training scale (object_diameter)")
+    factor: float = Field(description="model_diameter / diameter")
+    resampled: bool = Field(
+        description="False when the factor is within 1 +- 0.05 (or too small to change the "
+        "size): the image was segmented as it is"
+    )
+    width: int = Field(description="Width the model ran on (a stack: each plane's)")
+    height: int = Field(description="Height the model ran on")
+
+
+def attributes(source: object, names: str) -> dict[str, Any]:
+    """``source``'s attributes ``names`` (space-separated), for the fields of a document that
+    say them as they are."""
+    return {name: getattr(source, name) for name in names.split()}
+
+
+def scale_info(plan: ScalePlan | None) -> ScaleInfo | None:
+    """The ``scale`` part of a JSON answer."""
+    if plan is None:
+        return None
+    same = attributes(plan, "diameter model_diameter factor resampled")
+    return ScaleInfo(**same, width=plan.scaled_width, height=plan.scaled_height)
+
+
+class _Answer(BaseModel):
+    """What the JSON answers of 2-D images and stacks share."""
+
+    request_id: str
+    model: str
+    version: str
+    provider: str
+    classes: list[str]
+    threshold: float | None
+    overlap: float
+    blend: BlendMode
+    tiles: int
+    class_fractions: dict[str, float]
+    metrics: SegmentationScores | None = None
+    scale: ScaleInfo | None = None
+    timings_ms: dict[str, float]
+
+
+class SegmentResponse(_Answer):
+    """The JSON answer of ``POST /segment`` for a 2-D image."""
+
+    image: ImageInfo
+    mask_png: str
+    class_masks: dict[str, str] | None = None
+
+
+class PhysicalPixelSize(BaseModel):
+    """One pixel's size (and one Z step's) from the OME metadata."""
+
+    x: float | None
+    y: float | None
+    z: float | None
+    unit: str
+
+
+class StackInfo(BaseModel):
+    """What the uploaded stack was."""
+
+    format: str
+    dtype: str
+    axes: str
+    shape: list[int]
+    plane_axes: str
+    planes: int
+    width: int
+    height: int
+    channels: list[str]
+    channel: str | None
+    physical_pixel_size: PhysicalPixelSize | None
+
+
+class PlaneScores(BaseModel):
+    """One plane's position along the plane axes and its scores."""
+
+    index: dict[str, int]
+    metrics: SegmentationScores
+
+
+class StackResponse(_Answer):
+    """The JSON answer for a stack: the mask as a base64 multi-page TIFF, scores per plane and
+    over the whole stack."""
+
+    image: StackInfo
+    mask_tiff: str
+    planes: list[PlaneScores] | None = None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _common(segmentation: Segmentation, request_id: str) -> dict[str, object]:
+    model, params = segmentation.model, segmentation.params
+    meta = model.meta
+    total = max(sum(segmentation.class_counts), 1)
+    threshold = None
+    if meta.task is Task.BINARY:
+        threshold = meta.threshold if params.threshold is None else params.threshold
+    return {
+        "request_id": request_id,
+        "model": model.name,
+        "version": meta.version,
+        "provider": model.provider,
+        "classes": meta.classes,
+        "threshold": threshold,
+        "overlap": params.overlap,
+        "blend": params.blend,
+        "tiles": segmentation.tiles,
+        "class_fractions": {
+            c: n / total for c, n in zip(meta.classes, segmentation.class_counts, strict=True)
+        },
+        "metrics": segmentation.scores,
+        "scale": scale_info(segmentation.scale),
+        "timings_ms": segmentation.timings_ms(),
+    }
+
+
+def segment_document(
+    segmentation: Segmentation,
+    png: bytes,
+    class_masks: dict[str, bytes] | None,
+    request_id: str,
+) -> SegmentResponse:
+    """The JSON answer for a 2-D image: the mask as base64 PNG, per-class PNGs on request."""
+    image = segmentation.image
+    size = image.physical_size
+    return SegmentResponse(
+        **_common(segmentation, request_id),
+        image=ImageInfo(
+            **attributes(image, "format dtype mode width height channels channel"),
+            physical_pixel_size=None if size is None else size.as_dict(),
+        ),
+        mask_png=_b64(png),
+        class_masks=None
+        if class_masks is None
+        else {name: _b64(data) for name, data in class_masks.items()},
+    )
+
+
+def stack_document(segmentation: Segmentation, tiff: bytes, request_id: str) -> StackResponse:
+    """The JSON answer for a stack: the mask as a base64 multi-page TIFF, scores per plane."""
+    image = segmentation.image
+    layout = image.layout
+    assert layout is not None
+    size = layout.physical_size
+    planes = None
+    if segmentation.plane_scores is not None:
+        positions = np.ndindex(*layout.plane_shape)
+        axes = layout.plane_axes
+        planes = [
+            PlaneScores(index=dict(zip(axes, map(int, pos), strict=True)), metrics=s)
+            for pos, s in zip(positions, segmentation.plane_scores, strict=True)
+        ]
+    info = StackInfo(
+        **attributes(layout, "axes plane_axes planes width height channels"),
+        format=image.format,
+        dtype=str(layout.dtype),
+        shape=list(layout.shape),
+        channel=image.channel,
+        physical_pixel_size=None if size is None else PhysicalPixelSize(**size.as_dict()),
+    )
+    return StackResponse(
+        **_common(segmentation, request_id),
+        image=info,
+        mask_tiff=_b64(tiff),
+        planes=planes,
+    )
+
+
+class JobError(BaseModel):
+    """Why a job failed: what ``POST /segment`` would have answered."""
+
+    status: int
+    code: ErrorCode
+    detail: str
+
+
+class JobStatus(BaseModel):
+    """Where a job stands."""
+
+    id: str
+    state: JobState
+    model: str
+    request_id: str = Field(description="The ID of the POST that created the job")
+    tiles_done: int
+    tiles_total: int | None = Field(description="Known once the image is decoded")
+    progress: float | None = Field(description="tiles_done / tiles_total")
+    eta_seconds: float | None = Field(description="At the rate of the tiles done so far")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    expires_at: datetime | None = Field(description="When the result is deleted (TTL)")
+    error: JobError | None
+    status_url: str
+    result_url: str
+
+
+def _time(t: float | None) -> datetime | None:
+    return None if t is None else datetime.fromtimestamp(t, UTC)
+
+
+def job_status(
+    job: Job, expires_at: float | None, error: JobError | None, jobs_path: str
+) -> JobStatus:
+    """The status document of ``job``."""
+    total = job.tiles_total
+    return JobStatus(
+        **attributes(job, "id state model request_id tiles_done tiles_total"),
+        progress=None if not total else round(job.tiles_done / total, 4),
+        eta_seconds=job.eta_seconds(),
+        created_at=_time(job.created),
+        started_at=_time(job.started),
+        finished_at=_time(job.finished),
+        expires_at=_time(expires_at),
+        error=error,
+        status_url=f"{jobs_path}/{job.id}",
+        result_url=f"{jobs_path}/{job.id}/result",
+    )
