@@ -191,7 +191,7 @@ def parse_process_body(body: bytes) -> tuple[bytes, dict[str, Any]]:
     body is a 422 that says what was expected."""
     try:
         layers = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
         raise InvalidParameterError(
             "the body is not JSON: expected Server Kit's list of serialized layers"
         ) from None
