@@ -27,6 +27,7 @@ import tifffile
 
 from bench.live_server import LiveServer
 from tests.conftest import http_head, png_bytes, random_image, toy_server
+from tests.figures import record
 from tests.test_images import png_declaring
 from tests.test_reliability import abort
 
@@ -145,12 +146,24 @@ def test_serverkit_refuses_a_declared_giant_from_its_header(srv: LiveServer) -> 
     giant = serverkit_body(declared_tiff(40_000, 40_000))
     heavy = serverkit_body(declared_tiff(10_000, 10_000, np.float64))
     with healthz_watch(srv) as latencies, peak_growth(srv) as grew:
+        start = time.perf_counter()
         over_pixels = process(srv, giant)
         over_memory = process(srv, heavy)
+        answered_s = time.perf_counter() - start
     assert_refused(over_pixels, 413, "too_large", "40000x40000", "SEG_MAX_IMAGE_PIXELS")
     assert_refused(over_memory, 413, "too_large", "memory", "MiB")
     assert max(latencies) < HEALTHZ_STALL_S, max(latencies)
     assert grew[0] < 100, grew  # the bodies and their base64, not a decoded image
+    record(
+        "attack_serverkit_giant",
+        {
+            "body_mb": round(len(giant) / 1e6, 2),
+            "both_answered_s": round(answered_s, 3),
+            "healthz_slowest_s": round(max(latencies), 3),
+            "healthz_polls": len(latencies),
+            "rss_peak_growth_mib": round(grew[0], 1),
+        },
+    )
 
 
 @pytest.mark.parametrize(
@@ -276,6 +289,7 @@ def test_a_disconnected_client_stops_its_stack(srv: LiveServer, route: str) -> N
     # 380 x 121 tiles of the toy model take ~4.5 s on 2 cores (the code before the fix freed
     # the worker 3.1 s after the disconnect with 300 planes); stopped at once instead.
     assert freed_s < 2.0, freed_s
+    record(f"attack_disconnect_{route}", {"planes": PLANES, "freed_s": round(freed_s, 3)})
     small = png_bytes(random_image(30, 30))
     assert httpx.post(f"{srv.url}/segment", files={"image": small}, timeout=30).is_success
 
@@ -290,6 +304,7 @@ def test_preview_is_admitted_by_memory(srv: LiveServer) -> None:
         r = httpx.post(f"{srv.url}/preview", files={"image": ("big.tif", heavy)}, timeout=60)
     assert_refused(r, 413, "too_large", "memory", "MiB")
     assert grew[0] < 100, grew
+    record("attack_preview", {"rss_peak_growth_mib": round(grew[0], 1), "status": 413})
     small = httpx.post(f"{srv.url}/preview", files={"image": png_bytes(random_image(30, 30))})
     assert small.status_code == 200 and small.headers["content-type"] == "image/png"
 
@@ -306,6 +321,7 @@ def test_every_series_of_a_tiff_is_counted(srv: LiveServer) -> None:
     assert_refused(over_pixels, 413, "too_large", "200 planes")
     assert_refused(over_memory, 413, "too_large", "100 planes", "memory")
     assert grew[0] < 100, grew
+    record("attack_series", {"rss_peak_growth_mib": round(grew[0], 1)})
 
 
 # --- 4 and 5. the job store ---------------------------------------------------------------------
