@@ -173,19 +173,10 @@ def _wait_ready(url: str, timeout: float, expect: int = 200) -> None:
         time.sleep(0.5)
 
 
-@contextmanager
-def local_serve(
-    config: dict[str, Any], *, num_cpus: int = 4, ready_timeout: float = READY_TIMEOUT_S
-) -> Iterator[ServeApp]:
-    """Start Ray on this machine with ``num_cpus`` logical CPUs, deploy ``config`` (validated
-    by Ray's ``ServeDeploySchema``) as ``serve run`` does, wait for ``/readyz`` 200, and shut
-    both down afterwards."""
+def start_ray(num_cpus: int) -> None:
+    """Ray on this machine with ``num_cpus`` logical CPUs, in Serve's namespace."""
     import ray
-    from ray import serve
-    from ray.serve._private.api import serve_start
-    from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(config)
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
@@ -193,6 +184,41 @@ def local_serve(
         logging_level=logging.WARNING,
         log_to_driver=False,
     )
+
+
+def shutdown_serve(timeout: float = 120.0) -> None:
+    """Shut Serve down and wait until its controller and proxies are gone: serve.shutdown()
+    stops waiting after 30 s, and a Serve started while the old controller still shuts down
+    has its new proxy killed by that controller."""
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    deadline = time.monotonic() + timeout
+    while any(
+        a["name"].startswith("SERVE_") for a in ray.util.list_named_actors(all_namespaces=True)
+    ):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Serve still running {timeout:g} s after its shutdown")
+        time.sleep(0.2)
+
+
+@contextmanager
+def local_serve(
+    config: dict[str, Any], *, num_cpus: int = 4, ready_timeout: float = READY_TIMEOUT_S
+) -> Iterator[ServeApp]:
+    """Deploy ``config`` (validated by Ray's ``ServeDeploySchema``) as ``serve run`` does, wait
+    for ``/readyz`` 200, and shut Serve down afterwards. On the Ray this process already runs
+    (a test session's, started once by :func:`start_ray`) if there is one; otherwise Ray is
+    started here with ``num_cpus`` logical CPUs and shut down at the end."""
+    import ray
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        start_ray(num_cpus)
     try:
         client = serve_start(
             http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
@@ -203,6 +229,7 @@ def local_serve(
         yield ServeApp(url, config)
     finally:
         try:
-            serve.shutdown()
+            shutdown_serve()
         finally:
-            ray.shutdown()
+            if own_ray:
+                ray.shutdown()

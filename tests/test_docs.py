@@ -112,6 +112,7 @@ def render(chromium: str, url: str, profile: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_a_real_browser_renders_the_docs_offline(model_dir: Path, tmp_path: Path) -> None:
     chromium = _chromium()
     with toy_server(model_dir, tmp_path / "server") as srv:

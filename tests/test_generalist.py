@@ -206,6 +206,7 @@ def _disc_folder(root: Path, radius: float, n: int, seed: int) -> None:
         tifffile.imwrite(root / "masks" / f"im_{i:02d}.tif", labels)
 
 
+@pytest.mark.slow
 def test_several_sources_train_together_and_a_held_out_one_is_reported_apart(
     tmp_path: Path,
 ) -> None:

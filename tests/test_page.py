@@ -125,6 +125,7 @@ def lab_files(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_segmenting_in_a_real_browser(model_dir: Path, tmp_path: Path) -> None:
     path = chromium()
     image, truth, mask = lab_files(tmp_path)
@@ -151,6 +152,7 @@ def test_segmenting_in_a_real_browser(model_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_the_page_with_an_api_key(model_dir: Path, tmp_path: Path) -> None:
     path = chromium()
     image, truth, mask = lab_files(tmp_path)
@@ -170,6 +172,7 @@ def test_the_page_with_an_api_key(model_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_the_page_rescales_to_the_models_scale_when_given_a_diameter(tmp_path: Path) -> None:
     """A model that carries its training scale gets a diameter field; the run reports the
     rescaling; a model without one shows no field."""

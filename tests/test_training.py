@@ -155,6 +155,7 @@ def _make_disk_data(root: Path, n: int = 4, shape: tuple[int, int] = (72, 100)) 
             tifffile.imwrite(root / "masks" / f"frame_{i:03d}.tif", labels)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("mode", "classes"),
     [("binary", ["background", "nucleus"]), ("3class", ["background", "interior", "boundary"])],

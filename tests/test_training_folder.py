@@ -153,6 +153,7 @@ def test_dot_folders_in_the_model_directory_are_not_models(tmp_path: Path) -> No
 # --- one command, end to end ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_release_a_model_from_a_folder_and_serve_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
