@@ -141,3 +141,66 @@ def test_the_client_and_the_service_know_nothing_of_each_other() -> None:
         if name.split(".")[0] == "segment_client"
     }
     assert not wrong, sorted(wrong)
+
+
+def project_modules(layers: tuple[str, ...] = ("service", "training")) -> dict[str, Path]:
+    """Every module of ``layers`` by its dotted name (a package by its ``__init__``)."""
+    found = {}
+    for layer in layers:
+        for path in sources(layer):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            found[name] = path
+    return found
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Which project modules each module imports (``from pkg import mod`` counts as
+    importing ``pkg.mod``), lazy imports included."""
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for imported in imported_modules(path, package):
+            if imported in modules:
+                targets.add(imported)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets |= {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+        graph[name] = targets - {name}
+    return graph
+
+
+def test_no_two_modules_import_each_other() -> None:
+    """No import cycle in the service or the training pipeline (issue 25 found
+    training.architectures and training.config importing each other)."""
+    graph = import_graph(project_modules())
+    cycles = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join([*path[path.index(nxt) :], nxt]))
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, cycles
+
+
+def test_telemetry_and_the_core_know_nothing_of_the_domain() -> None:
+    """service.core (settings, gate, budgets, telemetry) is below the domain: metrics are
+    recorded by the use case or the API with plain values, never looked up from below."""
+    wrong = {
+        f"{path.relative_to(REPO)} imports {name}"
+        for path in sources("service/core")
+        for name in imported_modules(path)
+        if name.startswith("service.") and not name.startswith("service.core")
+    }
+    assert not wrong, sorted(wrong)

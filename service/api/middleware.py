@@ -78,21 +78,29 @@ class RequestIdMiddleware(HttpMiddleware):
 
 
 class EarlyOverloadMiddleware(HttpMiddleware):
-    """Refuses ``POST /segment``, ``/jobs`` and ``/preview`` with 503 before the upload is read
-    when no place is free, so a saturated service answers in milliseconds instead of receiving
-    gigabytes it will not use."""
+    """Refuses the uploads that run a model (``POST /segment``, ``/jobs``, ``/preview`` and
+    Server Kit's ``{prefix}/{model}/process``) with 503 before they are read when no place is
+    free, so a saturated service answers in milliseconds instead of receiving gigabytes it
+    will not use."""
 
-    def __init__(self, app: ASGIApp, gate: InferenceGate, retry_after: int) -> None:
+    def __init__(
+        self, app: ASGIApp, gate: InferenceGate, retry_after: int, serverkit_prefix: str = ""
+    ) -> None:
         super().__init__(app)
         self.gate = gate
         self.retry_after = retry_after
+        self.serverkit_prefix = serverkit_prefix
+
+    def runs_a_model(self, path: str) -> bool:
+        """Whether a POST to ``path`` is work for the gate."""
+        path = path.rstrip("/")
+        if path in (SEGMENT_PATH, JOBS_PATH, PREVIEW_PATH):
+            return True
+        prefix = self.serverkit_prefix
+        return bool(prefix) and path.startswith(f"{prefix}/") and path.endswith("/process")
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["method"] == "POST"
-            and scope["path"].rstrip("/") in (SEGMENT_PATH, JOBS_PATH, PREVIEW_PATH)
-            and self.gate.saturated
-        ):
+        if scope["method"] == "POST" and self.gate.saturated and self.runs_a_model(scope["path"]):
             err = ApiError(
                 503,
                 ErrorCode.OVERLOADED,
@@ -305,7 +313,12 @@ class UploadGuardMiddleware(HttpMiddleware):
 
 def add_middlewares(app: FastAPI, settings: Settings, gate: InferenceGate) -> None:
     """Install the middlewares; the last added runs first, so request IDs wrap everything."""
-    app.add_middleware(EarlyOverloadMiddleware, gate=gate, retry_after=settings.retry_after_seconds)
+    app.add_middleware(
+        EarlyOverloadMiddleware,
+        gate=gate,
+        retry_after=settings.retry_after_seconds,
+        serverkit_prefix=settings.serverkit_prefix,
+    )
     app.add_middleware(
         UploadGuardMiddleware,
         policy=UploadPolicy.from_settings(settings),
