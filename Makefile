@@ -31,7 +31,7 @@ serve: install-serve
 # The tests run on xdist workers, each test or group of tests (tests/conftest.py) on one. Most
 # tests wait on servers, containers and Ray rather than compute, so more workers than cores pay.
 TEST_WORKERS ?= 3
-XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 # The fast tier: unit and API tests (in-process apps and local uvicorns), no containers, Ray,
 # Chromium, training or data sets.
 FAST := not slow and not containers and not ray and not browser

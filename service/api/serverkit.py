@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import msgpack
 import numpy as np
 import tifffile
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -260,6 +259,7 @@ def mask_layer(segmentation: usecase.Segmentation, shape: Sequence[int]) -> Any:
 def segment_frames(segmentation: usecase.Segmentation, shape: Sequence[int]) -> bytes:
     """The answer Server Kit's clients read: one Mask layer, msgpack-framed."""
     sk = import_serverkit()
+    import msgpack  # with the serverkit extra, like Server Kit itself
     from imaging_server_kit.remote.stack_serializer import StackSerializer
 
     stack = sk.Stack(layers=[mask_layer(segmentation, shape)])
