@@ -21,10 +21,9 @@ start one that writes to its read-only root:
    concurrent uploads that do not fit get 503 (never 400) and those that fit succeed, also
    when SEG_SPOOL_BUDGET promises more space than the disk has;
 6. the `gpu` target builds (its ldd check proves the CUDA provider's libraries resolve) and, with
-   no GPU, serves on the CPU and says so. Its build (~2.5 min) starts with the module's first
-   test and runs in the background beside the others; it needs ~13 GB of free disk while it
-   builds (a 2.9 GB image, removed afterwards), which CI affords; SEG_TEST_GPU_IMAGE=0 leaves
-   it out of a local run (never under CI=true).
+   no GPU, serves on the CPU and says so. Its build (~2.5 min) runs last; it needs ~13 GB of
+   free disk while it builds (a 2.9 GB image, removed afterwards), which CI affords;
+   SEG_TEST_GPU_IMAGE=0 leaves it out of a local run (never under CI=true).
 
 Machine specifics stay out of the Dockerfile: the machine's pip configuration (indexes, wheel
 folders, certificate bundle) is mounted into the build's RUN steps with `podman build -v`, and
@@ -349,13 +348,13 @@ def image_size_mb(tag: str) -> float:
 GPU_TEST = "test_gpu_image_builds_and_serves_on_the_cpu_loudly"
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def gpu_build(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Build | None]:
-    """The `gpu` target's build, started in the background before this module's first test (an
-    autouse fixture comes first), so that it runs while the cpu image is built and tested; its
-    test waits for it at the end. None when the gpu test is not to run."""
+    """The `gpu` target's build, for its test (the module's last). Not in the background beside
+    the cpu image's tests: on 2 cores, beside the other xdist workers, it starved them (a 408
+    upload, a stop past its grace period). None when the gpu test is not to run."""
     if os.environ.get(GPU_FLAG) == "0" or not any(
         item.name == GPU_TEST for item in request.session.items
     ):
