@@ -46,6 +46,27 @@ class Normalization(BaseModel):
         return self
 
 
+class Instances(BaseModel):
+    """How a model's output separates touching objects into instances (``output=labels``).
+
+    Binary models emit a second sigmoid channel, the probability of an object's core (its
+    interior, away from any edge it shares with a neighbour): cores above ``seed_threshold``
+    seed a watershed that grows them over the foreground mask. Multiclass models name the
+    class that seeds (e.g. ``interior``); every non-background class is foreground.
+    Objects smaller than ``min_area_fraction`` of a typical object at the training scale
+    (a disc of ``object_diameter``) are specks and dropped.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field("seeded-watershed", pattern="^seeded-watershed$")
+    seed_channel: int = Field(
+        1, ge=1, description="Output channel (binary) or class index (multiclass) of the cores."
+    )
+    seed_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    min_area_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+
+
 class ModelMetadata(BaseModel):
     """Everything the service needs to serve a model, and what a person needs to trust it."""
 
@@ -76,6 +97,9 @@ class ModelMetadata(BaseModel):
     label_values: list[int] | None = Field(
         None, description="Pixel value of each class in the training masks, if not 0..K-1."
     )
+    instances: Instances | None = Field(
+        None, description="Set when the model separates touching objects (output=labels)."
+    )
     architecture: str = "unet"
     description: str = ""
     training_data: str = ""
@@ -101,6 +125,12 @@ class ModelMetadata(BaseModel):
             )
         if self.label_values is not None and len(self.label_values) != len(self.classes):
             raise ValueError("label_values needs one value per class")
+        if self.instances is not None:
+            seed = self.instances.seed_channel
+            if self.task is Task.BINARY and seed != 1:
+                raise ValueError(f"a binary model's cores are output channel 1, got {seed}")
+            if self.task is Task.MULTICLASS and seed >= self.num_classes:
+                raise ValueError(f"seed class {seed} is not one of the {self.num_classes} classes")
         return self
 
     @property
@@ -110,8 +140,11 @@ class ModelMetadata(BaseModel):
 
     @property
     def output_channels(self) -> int:
-        """Channels the network emits: 1 (sigmoid) for binary, one per class (softmax) otherwise."""
-        return 1 if self.task is Task.BINARY else self.num_classes
+        """Channels the network emits: 1 sigmoid for binary (2 with instances: foreground and
+        cores), one softmax channel per class otherwise."""
+        if self.task is Task.BINARY:
+            return 1 if self.instances is None else 2
+        return self.num_classes
 
     def to_props(self) -> dict[str, str]:
         """Flatten to ONNX ``metadata_props``: strings only, structured values as JSON."""
