@@ -8,18 +8,37 @@ With a ``diameter`` the image is first rescaled to the model's training scale
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
+from service.inference.instances import codes_from_classes, label_instances, speck_area
 from service.inference.modelmeta import ModelMetadata, Task
 from service.inference.normalize import compute_intensity_stats
 from service.inference.rescale import ScalePlan, StripResampler, plan_scale, resize_image
 from service.inference.tiling import BlendMode, Predictor, Reducer, sliding_window_inference
 
 
-def make_reducer(meta: ModelMetadata, threshold: float | None = None) -> Reducer:
-    """Probability strip ``(rows, W, K)`` to a uint8 class-index strip ``(rows, W)``."""
+def make_reducer(
+    meta: ModelMetadata, threshold: float | None = None, *, cores: bool = False
+) -> Reducer:
+    """Probability strip ``(rows, W, K)`` to a uint8 class-index strip ``(rows, W)``; with
+    ``cores`` (a binary model that gives instances) to instance codes: 0 background,
+    1 foreground, 2 foreground that is an object's core (:mod:`service.inference.instances`)."""
     if meta.task is Task.BINARY:
         thr = meta.threshold if threshold is None else threshold
+        if cores and meta.instances is not None:
+            seed = meta.instances.seed_threshold
+
+            def reduce(strip: np.ndarray) -> np.ndarray:
+                fg = strip[..., 0] >= thr
+                codes = fg.astype(np.uint8)
+                codes += fg & (strip[..., 1] >= seed)
+                return codes
+
+            return reduce
         return lambda strip: (strip[..., 0] >= thr).astype(np.uint8)
     return lambda strip: np.argmax(strip, axis=-1).astype(np.uint8)
 
@@ -41,6 +60,7 @@ def predict_mask(
     overlapped: bool = False,
     diameter: float | None = None,
     scale: ScalePlan | None = None,
+    cores: bool = False,
 ) -> np.ndarray:
     """Segment a whole ``(H, W[, C])`` image into a ``(H, W)`` uint8 class-index mask.
 
@@ -58,6 +78,9 @@ def predict_mask(
     statistics are always those of the original image. Factors within 1 +- 0.05 skip the
     resampling: the mask is then bit-identical to one without ``diameter``. A caller that has
     planned the rescaling already (the service, once per request) passes its ``scale``.
+
+    ``cores``: a binary model that gives instances answers instance codes (0 background,
+    1 foreground, 2 core) instead of 0/1 (see :func:`predict_instances`).
     """
     image = as_hwc(image)
     if image.shape[2] != meta.channels:
@@ -65,7 +88,7 @@ def predict_mask(
             f"model {meta.name!r} expects {meta.channels} channel(s), image has {image.shape[2]}"
         )
     stats = compute_intensity_stats(image, meta.normalization)
-    reduce = make_reducer(meta, threshold)
+    reduce = make_reducer(meta, threshold, cores=cores)
     out_rows = None
     if scale is None and diameter is not None:
         scale = plan_scale(meta, diameter, image.shape[0], image.shape[1])
@@ -86,3 +109,52 @@ def predict_mask(
         overlapped=overlapped,
         out_rows=out_rows,
     )
+
+
+@dataclass(frozen=True)
+class InstanceMasks:
+    """One plane's class-index mask and its instance labels (uint32, 0 background, 1..count)."""
+
+    mask: np.ndarray
+    labels: np.ndarray
+    count: int
+
+
+def object_diameter(meta: ModelMetadata, scale: ScalePlan | None) -> float | None:
+    """The objects' diameter in the image's pixels: the one a request gave (``diameter=``),
+    else the model's training scale (the image is taken to be at it)."""
+    return scale.diameter if scale is not None else meta.object_diameter
+
+
+def predict_instances(
+    image: np.ndarray,
+    meta: ModelMetadata,
+    predictor: Predictor,
+    *,
+    diameter: float | None = None,
+    scale: ScalePlan | None = None,
+    **options: Any,
+) -> InstanceMasks:
+    """:func:`predict_mask` and the instances of a model that gives them
+    (``meta.instances``): the seeded watershed of :func:`~service.inference.instances.label_instances`,
+    with the speck rule in the objects' size in this image (:func:`object_diameter`).
+    ``options`` are :func:`predict_mask`'s."""
+    spec = meta.instances
+    if spec is None:
+        raise ValueError(f"model {meta.name!r} does not give instances")
+    if scale is None and diameter is not None:
+        image = as_hwc(image)
+        scale = plan_scale(meta, diameter, image.shape[0], image.shape[1])
+    out = predict_mask(image, meta, predictor, scale=scale, cores=True, **options)
+    if meta.task is Task.BINARY:
+        codes = out
+    else:
+        codes = codes_from_classes(out, spec.seed_channel)
+    size = object_diameter(meta, scale)
+    halo = 64 if size is None else int(min(256, max(32, math.ceil(3 * size))))
+    labels, count = label_instances(
+        codes, min_area=speck_area(size, spec.min_area_fraction), halo=halo
+    )
+    if meta.task is Task.BINARY:
+        out = np.minimum(codes, 1, out=codes)  # codes to the 0/1 mask, in place
+    return InstanceMasks(out, labels, count)
