@@ -163,7 +163,9 @@ def label_instances(
     if codes.ndim != 2:
         raise ValueError(f"codes must be one (H, W) plane, got shape {codes.shape}")
     if codes.size and codes.max() > CORE:
-        raise ValueError(f"codes must be 0 (background), 1 (foreground) or 2 (core), got {codes.max()}")
+        raise ValueError(
+            f"codes must be 0 (background), 1 (foreground) or 2 (core), got {codes.max()}"
+        )
     rows = rows or strip_rows(codes.shape[1], halo)
     labels = np.zeros(codes.shape, np.uint32)
     next_id = _components(codes == CORE, labels, 1, rows)

@@ -136,8 +136,9 @@ def predict_instances(
     **options: Any,
 ) -> InstanceMasks:
     """:func:`predict_mask` and the instances of a model that gives them
-    (``meta.instances``): the seeded watershed of :func:`~service.inference.instances.label_instances`,
-    with the speck rule in the objects' size in this image (:func:`object_diameter`).
+    (``meta.instances``): the seeded watershed of
+    :func:`~service.inference.instances.label_instances`, with the speck rule in the
+    objects' size in this image (:func:`object_diameter`).
     ``options`` are :func:`predict_mask`'s."""
     spec = meta.instances
     if spec is None:
@@ -146,15 +147,13 @@ def predict_instances(
         image = as_hwc(image)
         scale = plan_scale(meta, diameter, image.shape[0], image.shape[1])
     out = predict_mask(image, meta, predictor, scale=scale, cores=True, **options)
-    if meta.task is Task.BINARY:
-        codes = out
-    else:
-        codes = codes_from_classes(out, spec.seed_channel)
+    binary = meta.task is Task.BINARY
+    codes = out if binary else codes_from_classes(out, spec.seed_channel)
     size = object_diameter(meta, scale)
     halo = 64 if size is None else int(min(256, max(32, math.ceil(3 * size))))
     labels, count = label_instances(
         codes, min_area=speck_area(size, spec.min_area_fraction), halo=halo
     )
-    if meta.task is Task.BINARY:
+    if binary:
         out = np.minimum(codes, 1, out=codes)  # codes to the 0/1 mask, in place
     return InstanceMasks(out, labels, count)
