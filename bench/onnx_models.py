@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from service.inference.modelmeta import ModelMetadata, Normalization, Task
+from service.inference.modelmeta import Instances, ModelMetadata, Normalization, Task
 
 
 def build_model(
@@ -30,19 +30,23 @@ def build_model(
     normalization: Normalization | None = None,
     label_values: list[int] | None = None,
     object_diameter: float | None = None,
+    instances: Instances | None = None,
+    version: str = "1",
 ) -> ModelMetadata:
     """Write a one-convolution model to ``path``: sigmoid for 2 classes, softmax otherwise.
 
     A binary model with ``kernel=1`` computes ``sigmoid(8 * (x - 0.5))`` pointwise on the
-    normalised intensity, so the expected mask of any image is known exactly.
+    normalised intensity, so the expected mask of any image is known exactly. With
+    ``instances`` it has a second channel, the cores: ``sigmoid(8 * (x - 0.75))`` (pixels of
+    at least 0.75 are an object's core).
     """
     classes = classes or ["background", "foreground"]
     binary = len(classes) == 2
-    k_out = 1 if binary else len(classes)
+    k_out = (2 if instances is not None else 1) if binary else len(classes)
     rng = np.random.default_rng(seed)
     if binary and kernel == 1:
-        w = np.full((1, channels, 1, 1), 8.0 / channels, np.float32)
-        b = np.array([-4.0], np.float32)
+        w = np.full((k_out, channels, 1, 1), 8.0 / channels, np.float32)
+        b = np.array([-4.0, -6.0][:k_out], np.float32)
     else:
         w = rng.normal(0, 1, (k_out, channels, kernel, kernel)).astype(np.float32)
         b = np.linspace(-1, 1, k_out).astype(np.float32)
@@ -68,7 +72,7 @@ def build_model(
     model.ir_version = 8
     meta = ModelMetadata(
         name=name,
-        version="1",
+        version=version,
         task=Task.BINARY if binary else Task.MULTICLASS,
         classes=classes,
         tile_size=tile_size,
@@ -78,6 +82,7 @@ def build_model(
         threshold=0.5,
         label_values=label_values,
         object_diameter=object_diameter,
+        instances=instances,
         architecture="test-conv",
         description="test model built by bench/onnx_models.py",
     )

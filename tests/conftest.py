@@ -24,6 +24,7 @@ from PIL import Image
 from bench.live_server import LiveServer, live_server
 from bench.onnx_models import build_model
 from service.core.config import Settings
+from service.inference.modelmeta import Instances
 from service.main import create_app
 
 MULTICLASS = ["background", "a", "b"]
@@ -158,8 +159,17 @@ def ray_cluster() -> Iterator[None]:
 
 def write_models(root: Path, *, corrupt: str | None = None) -> Path:
     """``toy`` (binary, tile 64), ``toy3`` (3 classes, kernel 3), ``toy3lv`` (3 classes trained
-    on mask values 0/128/255); ``corrupt`` names an extra model folder whose file is garbage."""
+    on mask values 0/128/255), ``toyobj`` (binary with instances: foreground from 0.5, cores
+    from 0.75 of the intensity; objects of 20 px); ``corrupt`` names an extra model folder
+    whose file is garbage."""
     build_model(root / "toy" / "1" / "model.onnx", name="toy", tile_size=64)
+    build_model(
+        root / "toyobj" / "1" / "model.onnx",
+        name="toyobj",
+        tile_size=64,
+        object_diameter=20.0,
+        instances=Instances(min_area_fraction=0.1),
+    )
     build_model(
         root / "toy3" / "1" / "model.onnx",
         name="toy3",

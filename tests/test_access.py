@@ -183,16 +183,18 @@ def test_a_version_folder_without_model_file_degrades_readiness_but_the_others_s
     models = write_models(tmp_path / "models")
     (models / "lost" / "3").mkdir(parents=True)  # deployed without its model.onnx
     (models / "lost" / "2").mkdir()
-    (models / "lost" / "2" / "model.onnx").write_bytes(b"")  # an older version is not used
+    (models / "lost" / "2" / "model.onnx").write_bytes(b"")  # an older version, empty
     with running_app(models, expect_ready=503) as client:
         body = client.get("/readyz").json()
         assert body["status"] == "degraded"
-        assert body["models"] == ["toy", "toy3", "toy3lv"]
-        assert body["failed"] == {"lost": "FileNotFoundError: model.onnx is missing in 3/"}
+        assert body["models"] == ["toy", "toy3", "toy3lv", "toyobj"]
+        assert body["failed"]["lost"] == "FileNotFoundError: model.onnx is missing in 3/"
+        assert set(body["failed"]) == {"lost", "lost@2"}  # every version is loaded
         listed = client.get("/models").json()
         assert listed["failed"] == body["failed"]
         assert str(models) not in str(listed)
         assert_error(post(client, png_bytes(GOOD), model="lost"), 404, "failed to load")
+        assert_error(post(client, png_bytes(GOOD), model="lost@2"), 404, "failed to load")
         assert_still_serves(client)
 
 

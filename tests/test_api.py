@@ -506,8 +506,11 @@ def test_models_lists_every_model_with_metadata_and_provider(client: TestClient)
         body = r.json()
         assert body["failed"] == {}
         by_name = {m["name"]: m for m in body["models"]}
-        assert set(by_name) == {"toy", "toy3", "toy3lv"}
+        assert set(by_name) == {"toy", "toy3", "toy3lv", "toyobj"}
+        assert {n for n, m in by_name.items() if m["instances"]} == {"toyobj"}
+        assert by_name["toyobj"]["metadata"]["instances"]["seed_channel"] == 1
         for name, model in by_name.items():
+            assert model["versions"] == ["1"]
             assert model["provider"] == "CPUExecutionProvider"
             assert model["providers"] == ["CPUExecutionProvider"]
             assert model["default"] is (name == "toy")
@@ -533,7 +536,11 @@ def test_health_readiness_and_docs(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")
     assert r.status_code == 200
-    assert r.json() == {"status": "ready", "models": ["toy", "toy3", "toy3lv"], "failed": {}}
+    assert r.json() == {
+        "status": "ready",
+        "models": ["toy", "toy3", "toy3lv", "toyobj"],
+        "failed": {},
+    }
     assert client.get("/docs").status_code == 200
     assert "/segment" in client.get("/openapi.json").json()["paths"]
 
@@ -559,13 +566,13 @@ def test_a_corrupt_model_degrades_readiness_but_the_others_serve(broken_model_di
         assert r.status_code == 503
         body = r.json()
         assert body["status"] == "degraded"
-        assert body["models"] == ["toy", "toy3", "toy3lv"]
+        assert body["models"] == ["toy", "toy3", "toy3lv", "toyobj"]
         assert set(body["failed"]) == {"broken"}
         assert str(broken_model_dir) not in r.text  # no server paths, even here
         models = client.get("/models").json()
         assert set(models["failed"]) == {"broken"}
         assert str(broken_model_dir) not in str(models)
-        assert {m["name"] for m in models["models"]} == {"toy", "toy3", "toy3lv"}
+        assert {m["name"] for m in models["models"]} == {"toy", "toy3", "toy3lv", "toyobj"}
         assert_still_serves(client)
         assert_error(post(client, png_bytes(GOOD), model="broken"), 404, "failed to load")
         info = metric_samples(client)

@@ -72,7 +72,7 @@ def test_an_array_comes_back_as_a_mask_with_scores_and_timings(server: LiveServe
     with SegmentClient(server.url) as client:
         result = client.segment(img, ground_truth=truth)
         models = client.models()
-    assert sorted(models) == ["toy", "toy3", "toy3lv"] and models["toy"]["default"]
+    assert sorted(models) == ["toy", "toy3", "toy3lv", "toyobj"] and models["toy"]["default"]
     assert result.mask.shape == (100, 140) and result.mask.dtype == np.uint8
     np.testing.assert_array_equal(result.mask, toy_truth(img))
     assert result.scores is not None

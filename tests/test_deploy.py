@@ -356,7 +356,7 @@ def test_real_prometheus_scrapes_the_real_service(model_dir: Path, tmp_path: Pat
                 for r in series(dict(panels)["Tiles/s by model"]) or []
             }
             # Every loaded model has a series from start-up; the one that worked shows it.
-            assert set(tiles_per_s) == {"toy", "toy3", "toy3lv"}
+            assert set(tiles_per_s) == {"toy", "toy3", "toy3lv", "toyobj"}
             assert tiles_per_s["toy"] > 0 and tiles_per_s["toy3"] == 0
 
             # The project's alert rules load and evaluate cleanly against the real series ...
@@ -383,5 +383,5 @@ def test_real_prometheus_scrapes_the_real_service(model_dir: Path, tmp_path: Pat
                 "SegmentModelNotOnGPU to be pending",
             )
             assert {a["labels"]["alertname"] for a in alerts} == {"SegmentModelNotOnGPU"}
-            assert {a["labels"]["model"] for a in alerts} == {"toy", "toy3", "toy3lv"}
+            assert {a["labels"]["model"] for a in alerts} == {"toy", "toy3", "toy3lv", "toyobj"}
             assert {a["state"] for a in alerts} == {"pending"}

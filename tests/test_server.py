@@ -53,7 +53,7 @@ def test_real_server_segments_and_reports_metrics(server: LiveServer) -> None:
         assert r.status_code == 415 and "GIF" in r.json()["detail"]
 
         names = {m["name"] for m in client.get("/models").json()["models"]}
-        assert names == {"toy", "toy3", "toy3lv"}
+        assert names == {"toy", "toy3", "toy3lv", "toyobj"}
 
         text = client.get("/metrics").text
     assert metric_sample(text, "segment_inference_seconds_count", model="toy") == 2

@@ -131,4 +131,6 @@ def test_the_mount_can_be_turned_off(make_client: Any) -> None:
     with make_client(serverkit_prefix="") as c:
         assert c.get("/serverkit/algorithms").status_code == 404
     with make_client() as c:
-        assert c.get("/serverkit/algorithms").json() == {"algorithms": ["toy", "toy3", "toy3lv"]}
+        assert c.get("/serverkit/algorithms").json() == {
+            "algorithms": ["toy", "toy3", "toy3lv", "toyobj"]
+        }

@@ -23,7 +23,7 @@ from service.segmentation.jobs import JobStore
 from service.segmentation.registry import ModelRegistry, SegmentationModel
 from service.segmentation.runner import Runner
 
-MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}(@[0-9]{1,9})?$"
 
 
 def _app_state(attribute: str) -> Callable[[Request], Any]:
@@ -92,6 +92,9 @@ def lookup_model(registry: ModelRegistry, settings: Settings, name: str) -> Segm
     if model is None:
         reason = registry.failed.get(name)
         detail = f"model {name!r} failed to load" if reason else f"no model named {name!r}"
+        base = name.partition("@")[0]
+        if not reason and base in registry.models:
+            detail += f"; versions of {base!r}: {registry.versions(base)}"
         raise ApiError(
             404, ErrorCode.UNKNOWN_MODEL, f"{detail}; available models: {sorted(registry.models)}"
         )
@@ -103,7 +106,11 @@ def model_from_query(
     settings: SettingsDep,
     model: Annotated[
         str | None,
-        Query(pattern=MODEL_NAME_PATTERN, description="Model name (default: the default model)"),
+        Query(
+            pattern=MODEL_NAME_PATTERN,
+            description="Model name (default: the default model), its newest version; "
+            "NAME@VERSION pins a version (GET /models lists them)",
+        ),
     ] = None,
 ) -> SegmentationModel:
     """The model a request names with ``?model=``, or the default model."""

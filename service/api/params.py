@@ -7,6 +7,7 @@ once keeps the two from drifting apart.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Annotated
 
 from fastapi import Depends, Query
@@ -14,6 +15,13 @@ from fastapi import Depends, Query
 from service.api.deps import SettingsDep
 from service.inference.tiling import BlendMode
 from service.segmentation.usecase import SegmentParams
+
+
+class Output(StrEnum):
+    """What the image file of an answer holds: the mask, or the objects' instance labels."""
+
+    MASK = "mask"
+    LABELS = "labels"
 
 
 @dataclass
@@ -60,6 +68,14 @@ def segment_options(
             "without a training scale refuse it",
         ),
     ] = None,
+    output: Annotated[
+        Output,
+        Query(
+            description="mask: the class mask; labels: the objects as instance labels (16-bit "
+            "PNG, or TIFF; 0 background, one id per object) and, in JSON, a table of the "
+            "objects. Models that separate touching objects list `instances` in GET /models",
+        ),
+    ] = Output.MASK,
 ) -> SegmentOptions:
     """The options as sent (checked against the model when the request is planned)."""
     params = SegmentParams(
@@ -69,6 +85,7 @@ def segment_options(
         batch_size=settings.tile_batch_size,
         class_name=class_name,
         diameter=diameter,
+        labels=output is Output.LABELS,
     )
     return SegmentOptions(params, per_class, channel)
 

@@ -12,7 +12,7 @@ from fastapi import Request
 
 from service.api.problems import ApiError, ErrorCode
 from service.api.schemas import segment_document, stack_document
-from service.segmentation.render import encode_class_masks, encode_mask
+from service.segmentation.render import encode_class_masks, encode_labels, encode_mask
 from service.segmentation.usecase import Segmentation
 
 
@@ -62,6 +62,11 @@ def answer_headers(segmentation: Segmentation) -> dict[str, str]:
         headers["X-Mean-Dice"] = f"{scores.mean_dice:.6f}"
     if scale is not None:
         headers["X-Segment-Scale"] = f"{scale.applied:.6g}"
+    found = segmentation.objects
+    if found is not None:
+        headers["X-Object-Count"] = str(sum(found.counts))
+        if found.scores is not None and found.scores.f1 is not None:
+            headers["X-Object-F1"] = f"{found.scores.f1:.6f}"
     return headers
 
 
@@ -79,17 +84,23 @@ def reply(
     segmentation: Segmentation, fmt: OutputFormat, request_id: str, *, per_class: bool = False
 ) -> Reply:
     """Encode ``segmentation`` in ``fmt`` (one class's mask with ``class_name``; with
-    ``per_class``, JSON carries each class's PNG too)."""
+    ``per_class``, JSON carries each class's PNG too; with output=labels the instance labels,
+    and in JSON the object table, beside the mask)."""
     meta = segmentation.model.meta
+    tiff = fmt is OutputFormat.TIFF
+    labels = encode_labels(segmentation, tiff=tiff) if segmentation.params.labels else None
+    if labels is not None and fmt is not OutputFormat.JSON:
+        return Reply(labels[0], labels[1], answer_headers(segmentation))
     class_index = segmentation.params.class_index(meta)
-    mask = encode_mask(segmentation, tiff=fmt is OutputFormat.TIFF, class_index=class_index)
+    mask = encode_mask(segmentation, tiff=tiff, class_index=class_index)
     if fmt is OutputFormat.JSON:
         if segmentation.stack:
-            body = stack_document(segmentation, mask, request_id).model_dump_json()
+            body = stack_document(segmentation, mask, request_id, labels).model_dump_json()
         else:
             masks = encode_class_masks(segmentation) if per_class else None
-            body = segment_document(segmentation, mask, masks, request_id).model_dump_json()
+            document = segment_document(segmentation, mask, masks, request_id, labels)
+            body = document.model_dump_json()
         return Reply(body.encode(), "application/json", answer_headers(segmentation))
-    tiff = fmt is OutputFormat.TIFF or segmentation.stack
+    tiff = tiff or segmentation.stack
     media_type = "image/tiff" if tiff else "image/png"
     return Reply(mask, media_type, answer_headers(segmentation))

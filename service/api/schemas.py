@@ -13,6 +13,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from service.api.problems import ErrorCode
+from service.inference.matching import ObjectScores
 from service.inference.modelmeta import Task
 from service.inference.rescale import ScalePlan
 from service.inference.scores import SegmentationScores
@@ -62,6 +63,43 @@ def scale_info(plan: ScalePlan | None) -> ScaleInfo | None:
     return ScaleInfo(**same, width=plan.scaled_width, height=plan.scaled_height)
 
 
+class ObjectMetrics(BaseModel):
+    """Object-level scores against an instance ground truth: predicted objects matched
+    one-to-one to true ones by IoU (``service.inference.matching``)."""
+
+    truth_objects: str = Field(
+        description="How the truth's objects were read: its instance labels, or the connected "
+        "components of a 0/1 (0/255) mask"
+    )
+    true_objects: int
+    predicted_objects: int
+    tp: int = Field(description="Matches at IoU >= 0.5")
+    fp: int
+    fn: int
+    precision: float | None
+    recall: float | None
+    f1: float | None = Field(description="At IoU 0.5")
+    mean_matched_iou: float | None
+    ap50: float | None = Field(description="TP / (TP + FP + FN) at IoU 0.5")
+    mean_ap: float | None = Field(description="The 2018 Data Science Bowl score: AP over 0.5:0.95")
+    ap: dict[str, float | None] = Field(description="AP at each IoU threshold")
+
+
+class ObjectRow(BaseModel):
+    """One object: its id in the labels image, and its measurements in pixels."""
+
+    id: int
+    area: int
+    centroid_y: float
+    centroid_x: float
+    bbox_top: int
+    bbox_left: int
+    bbox_bottom: int = Field(description="Exclusive")
+    bbox_right: int = Field(description="Exclusive")
+    equivalent_diameter: float = Field(description="Of the disc of the same area")
+    mean_intensity: float = Field(description="Of the segmented channel, as sent")
+
+
 class _Answer(BaseModel):
     """What the JSON answers of 2-D images and stacks share."""
 
@@ -76,6 +114,10 @@ class _Answer(BaseModel):
     tiles: int
     class_fractions: dict[str, float]
     metrics: SegmentationScores | None = None
+    object_count: int | None = Field(
+        None, description="Objects found (every plane), when they were labelled"
+    )
+    object_metrics: ObjectMetrics | None = None
     scale: ScaleInfo | None = None
     timings_ms: dict[str, float]
 
@@ -86,6 +128,13 @@ class SegmentResponse(_Answer):
     image: ImageInfo
     mask_png: str
     class_masks: dict[str, str] | None = None
+    labels_png: str | None = Field(
+        None, description="output=labels: the labels as a base64 16-bit PNG (0 background)"
+    )
+    labels_tiff: str | None = Field(
+        None, description="output=labels with over 65,535 objects: a base64 32-bit TIFF"
+    )
+    objects: list[ObjectRow] | None = Field(None, description="output=labels: one row per object")
 
 
 class PhysicalPixelSize(BaseModel):
@@ -118,6 +167,15 @@ class PlaneScores(BaseModel):
 
     index: dict[str, int]
     metrics: SegmentationScores
+    object_metrics: ObjectMetrics | None = None
+
+
+class PlaneObjects(BaseModel):
+    """One plane's position along the plane axes and its objects (ids restart per plane)."""
+
+    index: dict[str, int]
+    object_count: int
+    objects: list[ObjectRow]
 
 
 class StackResponse(_Answer):
@@ -127,10 +185,38 @@ class StackResponse(_Answer):
     image: StackInfo
     mask_tiff: str
     planes: list[PlaneScores] | None = None
+    labels_tiff: str | None = Field(
+        None, description="output=labels: the labels of each plane as a base64 TIFF"
+    )
+    plane_objects: list[PlaneObjects] | None = None
 
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def object_metrics(scores: ObjectScores | None, truth_objects: str | None) -> ObjectMetrics | None:
+    """The ``object_metrics`` of a JSON answer."""
+    if scores is None or truth_objects is None:
+        return None
+    return ObjectMetrics(truth_objects=truth_objects, **scores.as_dict())
+
+
+def _objects_common(segmentation: Segmentation) -> dict[str, object]:
+    found = segmentation.objects
+    if found is None:
+        return {}
+    return {
+        "object_count": sum(found.counts),
+        "object_metrics": object_metrics(found.scores, found.truth_objects),
+    }
+
+
+def _labels_fields(segmentation: Segmentation, labels: tuple[bytes, str] | None) -> dict[str, str]:
+    if labels is None:
+        return {}
+    data, media_type = labels
+    return {"labels_png" if media_type == "image/png" else "labels_tiff": _b64(data)}
 
 
 def _common(segmentation: Segmentation, request_id: str) -> dict[str, object]:
@@ -154,6 +240,7 @@ def _common(segmentation: Segmentation, request_id: str) -> dict[str, object]:
             c: n / total for c, n in zip(meta.classes, segmentation.class_counts, strict=True)
         },
         "metrics": segmentation.scores,
+        **_objects_common(segmentation),
         "scale": scale_info(segmentation.scale),
         "timings_ms": segmentation.timings_ms(),
     }
@@ -164,11 +251,19 @@ def segment_document(
     png: bytes,
     class_masks: dict[str, bytes] | None,
     request_id: str,
+    labels: tuple[bytes, str] | None = None,
 ) -> SegmentResponse:
-    """The JSON answer for a 2-D image: the mask as base64 PNG, per-class PNGs on request."""
+    """The JSON answer for a 2-D image: the mask as base64 PNG, per-class PNGs on request,
+    with ``labels`` (output=labels: the file and its media type) the labels and objects."""
     image = segmentation.image
     size = image.physical_size
+    found = segmentation.objects
+    rows = None
+    if labels is not None and found is not None:
+        rows = [ObjectRow(**row) for row in found.tables[0].rows()]
     return SegmentResponse(
+        **_labels_fields(segmentation, labels),
+        objects=rows,
         **_common(segmentation, request_id),
         image=ImageInfo(
             **attributes(image, "format dtype mode width height channels channel"),
@@ -181,19 +276,38 @@ def segment_document(
     )
 
 
-def stack_document(segmentation: Segmentation, tiff: bytes, request_id: str) -> StackResponse:
-    """The JSON answer for a stack: the mask as a base64 multi-page TIFF, scores per plane."""
+def stack_document(
+    segmentation: Segmentation,
+    tiff: bytes,
+    request_id: str,
+    labels: tuple[bytes, str] | None = None,
+) -> StackResponse:
+    """The JSON answer for a stack: the mask as a base64 multi-page TIFF, scores per plane;
+    with ``labels`` (output=labels) the labels TIFF and each plane's objects."""
     image = segmentation.image
     layout = image.layout
     assert layout is not None
     size = layout.physical_size
+    found = segmentation.objects
+    indices = [
+        dict(zip(layout.plane_axes, map(int, pos), strict=True))
+        for pos in np.ndindex(*layout.plane_shape)
+    ]
     planes = None
     if segmentation.plane_scores is not None:
-        positions = np.ndindex(*layout.plane_shape)
-        axes = layout.plane_axes
+        per_plane: list[ObjectScores | None] = [None] * len(indices)
+        if found is not None and found.plane_scores is not None:
+            per_plane = list(found.plane_scores)
+        truth_objects = found.truth_objects if found is not None else None
         planes = [
-            PlaneScores(index=dict(zip(axes, map(int, pos), strict=True)), metrics=s)
-            for pos, s in zip(positions, segmentation.plane_scores, strict=True)
+            PlaneScores(index=i, metrics=s, object_metrics=object_metrics(o, truth_objects))
+            for i, s, o in zip(indices, segmentation.plane_scores, per_plane, strict=True)
+        ]
+    plane_objects = None
+    if labels is not None and found is not None:
+        plane_objects = [
+            PlaneObjects(index=i, object_count=t.count, objects=[ObjectRow(**r) for r in t.rows()])
+            for i, t in zip(indices, found.tables, strict=True)
         ]
     info = StackInfo(
         **attributes(layout, "axes plane_axes planes width height channels"),
@@ -208,6 +322,8 @@ def stack_document(segmentation: Segmentation, tiff: bytes, request_id: str) -> 
         image=info,
         mask_tiff=_b64(tiff),
         planes=planes,
+        labels_tiff=None if labels is None else _b64(labels[0]),
+        plane_objects=plane_objects,
     )
 
 

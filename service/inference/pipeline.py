@@ -9,6 +9,7 @@ With a ``diameter`` the image is first rescaled to the model's training scale
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,7 @@ class InstanceMasks:
     mask: np.ndarray
     labels: np.ndarray
     count: int
+    seconds: float  # spent labelling (the watershed), after the model and stitching
 
 
 def object_diameter(meta: ModelMetadata, scale: ScalePlan | None) -> float | None:
@@ -149,6 +151,7 @@ def predict_instances(
     out = predict_mask(image, meta, predictor, scale=scale, cores=True, **options)
     binary = meta.task is Task.BINARY
     codes = out if binary else codes_from_classes(out, spec.seed_channel)
+    start = time.perf_counter()
     size = object_diameter(meta, scale)
     halo = 64 if size is None else int(min(256, max(32, math.ceil(3 * size))))
     labels, count = label_instances(
@@ -156,4 +159,4 @@ def predict_instances(
     )
     if binary:
         out = np.minimum(codes, 1, out=codes)  # codes to the 0/1 mask, in place
-    return InstanceMasks(out, labels, count)
+    return InstanceMasks(out, labels, count, time.perf_counter() - start)

@@ -4,6 +4,7 @@ decoded: the figure requests are admitted against (:class:`~service.core.resourc
 
 from __future__ import annotations
 
+from service.inference.instances import WINDOW_PIXELS
 from service.inference.modelmeta import ModelMetadata
 from service.inference.normalize import HIST_CHUNK_PIXELS
 from service.inference.rescale import ScalePlan, rescale_bytes
@@ -19,6 +20,7 @@ def request_memory(
     *,
     batch_bytes: int = 0,
     scale: ScalePlan | None = None,
+    instances: bool = False,
 ) -> int:
     """An upper bound of the memory :func:`~service.segmentation.usecase.run` plus encoding
     hold for this request on top of the idle process, from the headers alone: the larger of
@@ -27,6 +29,11 @@ def request_memory(
     With a ``scale`` (``diameter=``, planned once per request) the model runs on each plane
     rescaled: the tiler's strips are as wide as the rescaled plane, and the resampled plane and
     the resampling buffers (:func:`~service.inference.rescale.rescale_bytes`) come on top.
+
+    With ``instances`` the objects are labelled too: uint32 labels of every plane, one plane's
+    labels on their way in, the truth's objects (int64 at worst), and the labelling's
+    strip window (:data:`~service.inference.instances.WINDOW_PIXELS`: a feature transform,
+    component labels and masks).
 
     ``batch_bytes`` is ONNX Runtime's memory for one tile batch, measured at warm-up
     (``SegmentationModel.request_bytes``). Checked against the real process by
@@ -62,6 +69,11 @@ def request_memory(
         + 8 * HIST_CHUNK_PIXELS  # the int64 histogram counts of one chunk of rows
         + batch_bytes  # ONNX Runtime's buffers for one tile batch, measured
     )
+    if instances:
+        labelled = 4 * hw * image.planes + 4 * hw + 16 * WINDOW_PIXELS
+        if truth is not None:
+            labelled += 8 * hw * image.planes
+        inference += labelled + 4 * hw  # labels encoded: a 16/32-bit copy of one plane
     return max(decoding, inference)
 
 

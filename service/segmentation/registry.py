@@ -172,23 +172,42 @@ class ModelRegistry:
     models: dict[str, SegmentationModel] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     ready: threading.Event = field(default_factory=threading.Event)
+    # Earlier versions, pinned by requests as ``name@version`` (``models`` has the newest).
+    earlier: dict[str, SegmentationModel] = field(default_factory=dict)
 
     def get(self, name: str) -> SegmentationModel | None:
-        """The model called ``name``, if it loaded."""
-        return self.models.get(name)
+        """The model called ``name`` (its newest version), or ``name@version`` pinned, if it
+        loaded."""
+        base, _, version = name.partition("@")
+        model = self.models.get(base)
+        if not version:
+            return model
+        if name in self.earlier:
+            return self.earlier[name]
+        return model if model is not None and model.meta.version == version else None
+
+    def versions(self, name: str) -> list[str]:
+        """The loaded versions of model ``name``, oldest first."""
+        found = [m.meta.version for key, m in self.earlier.items() if key.split("@")[0] == name]
+        if name in self.models:
+            found.append(self.models[name].meta.version)
+        return sorted(found, key=lambda v: int(v) if v.isdigit() else 0)
+
+
+def find_model_versions(model_dir: Path) -> dict[str, dict[int, Path]]:
+    """Every ``<name>/<version>/model.onnx`` per model name, by version number."""
+    found: dict[str, dict[int, Path]] = {}
+    # Dot-folders are not models (segtrain release stages a new model in one until it is whole).
+    for name_dir in sorted(p for p in model_dir.iterdir() if p.is_dir() and p.name[0] != "."):
+        versions = [v for v in name_dir.iterdir() if v.is_dir() and v.name.isdigit()]
+        if versions:
+            found[name_dir.name] = {int(v.name): v / "model.onnx" for v in sorted(versions)}
+    return found
 
 
 def find_model_files(model_dir: Path) -> dict[str, Path]:
     """Newest ``<name>/<version>/model.onnx`` per model name (versions compared as numbers)."""
-    found: dict[str, Path] = {}
-    # Dot-folders are not models (segtrain release stages a new model in one until it is whole).
-    for name_dir in sorted(p for p in model_dir.iterdir() if p.is_dir() and p.name[0] != "."):
-        versions = [v for v in name_dir.iterdir() if v.is_dir() and v.name.isdigit()]
-        if not versions:
-            continue
-        newest = max(versions, key=lambda v: int(v.name))
-        found[name_dir.name] = newest / "model.onnx"
-    return found
+    return {name: v[max(v)] for name, v in find_model_versions(model_dir).items()}
 
 
 def resolve_providers(requested: list[str]) -> list[str]:
@@ -311,28 +330,38 @@ def load_model(
 
 
 def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
-    """The standalone service's loader: every model of ``SEG_MODEL_DIR`` in this process. A
+    """The standalone service's loader: every version of every model of ``SEG_MODEL_DIR`` in
+    this process (the newest serves ``model=NAME``, the others ``model=NAME@VERSION``). A
     broken one (or one over the memory budget) is logged at ERROR and recorded, and the others
     still serve."""
     model_dir = settings.model_dir
     usable = resolve_providers(settings.providers)
     memory_budget = memory_budget_from(settings)[0]
-    for name, path in find_model_files(model_dir).items():
-        try:
-            registry.models[name] = load_model(
-                name,
-                path,
-                usable,
-                settings.intra_op_threads,
-                settings.tile_batch_size,
-                settings.cpu_memory_arena,
-                memory_budget,
-            )
-        except Exception as exc:  # one bad file must not take the other models down
-            reason = f"{type(exc).__name__}: {exc}"
-            log.error("model %s could not be loaded from %s: %s", name, path, reason)
-            # /readyz and /models show the reason to anyone: no server paths in it.
-            registry.failed[name] = reason.replace(str(model_dir), "<model_dir>")
+    for name, versions in find_model_versions(model_dir).items():
+        newest = max(versions)
+        for version in sorted(versions, reverse=True):  # the newest first: it matters most
+            path = versions[version]
+            key = name if version == newest else f"{name}@{version}"
+            try:
+                model = load_model(
+                    name,
+                    path,
+                    usable,
+                    settings.intra_op_threads,
+                    settings.tile_batch_size,
+                    settings.cpu_memory_arena,
+                    memory_budget,
+                )
+            except Exception as exc:  # one bad file must not take the other models down
+                reason = f"{type(exc).__name__}: {exc}"
+                log.error("model %s could not be loaded from %s: %s", key, path, reason)
+                # /readyz and /models show the reason to anyone: no server paths in it.
+                registry.failed[key] = reason.replace(str(model_dir), "<model_dir>")
+                continue
+            if version == newest:
+                registry.models[name] = model
+            else:
+                registry.earlier[key] = model
     if not registry.models and not registry.failed:
         registry.failed["*"] = "no <name>/<version>/model.onnx found in the model directory"
         log.error("no models found in %s", model_dir)

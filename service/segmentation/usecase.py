@@ -21,14 +21,17 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
+from scipy import ndimage
 
+from service.inference.instances import ObjectTable, object_table
 from service.inference.labels import LabelError, labels_to_classes
+from service.inference.matching import ObjectScores, image_counts, object_scores
 from service.inference.modelmeta import ModelMetadata, Task
 from service.inference.normalize import histogram
-from service.inference.pipeline import predict_mask
+from service.inference.pipeline import predict_instances, predict_mask
 from service.inference.rescale import ScaleError, ScalePlan, plan_scale, scale_factor
 from service.inference.scores import (
     SegmentationScores,
@@ -70,10 +73,20 @@ class SegmentParams:
     batch_size: int = 8
     class_name: str | None = None  # answer this class's 0/255 mask instead of all classes
     diameter: float | None = None  # the objects' diameter in pixels: rescale to the model's
+    labels: bool = False  # answer instance labels (output=labels) instead of the mask
 
     def check(self, name: str, meta: ModelMetadata) -> None:
         """An :class:`InvalidParameterError` when a choice does not apply to the model served as
         ``name``."""
+        if self.labels and meta.instances is None:
+            raise InvalidParameterError(
+                f"output=labels needs a model that separates touching objects; {name!r} gives "
+                "a mask only (GET /models lists each model's `instances`)"
+            )
+        if self.labels and self.class_name is not None:
+            raise InvalidParameterError(
+                "class_name picks one class's mask; it does not apply to output=labels"
+            )
         if self.diameter is not None:
             try:
                 scale_factor(meta, self.diameter, name)
@@ -92,6 +105,13 @@ class SegmentParams:
     def class_index(self, meta: ModelMetadata) -> int | None:
         """The index of ``class_name`` among the model's classes (None: every class)."""
         return None if self.class_name is None else meta.classes.index(self.class_name)
+
+    def instances(self, meta: ModelMetadata, truth: bool) -> bool:
+        """Whether the request's objects are labelled: asked for (``labels``), or to score
+        them against a ground truth with a binary model that gives instances."""
+        if meta.instances is None:
+            return False
+        return self.labels or (truth and meta.task is Task.BINARY)
 
 
 @dataclass(frozen=True)
@@ -130,6 +150,11 @@ class Plan:
     def stack(self) -> bool:
         """Several planes (a Z/T stack), whose mask is a multi-page TIFF."""
         return self.image.planes > 1
+
+    @property
+    def instances(self) -> bool:
+        """Whether the objects are labelled (asked for, or scored against the truth)."""
+        return self.params.instances(self.model.meta, self.truth is not None)
 
     @property
     def upload_bytes(self) -> int:
@@ -234,7 +259,13 @@ def plan(
         _check_truth_shape(header, truth)
     tiles = header.planes * count_tiles(height, width, meta.tile_size, params.overlap)
     memory = request_memory(
-        meta, header, params.batch_size, truth, batch_bytes=model.request_bytes, scale=scale
+        meta,
+        header,
+        params.batch_size,
+        truth,
+        batch_bytes=model.request_bytes,
+        scale=scale,
+        instances=params.instances(meta, truth is not None),
     )
     return Plan(model, params, header, channel, truth, scale, tiles, memory)
 
@@ -255,6 +286,7 @@ class Segmentation:
     batches: list[int]
     timings: dict[str, float] = field(default_factory=dict)
     scale: ScalePlan | None = None
+    objects: Objects | None = None  # the instances, when they were labelled
 
     @property
     def stack(self) -> bool:
@@ -271,36 +303,65 @@ class Segmentation:
         return {k: round(v * 1000.0, 3) for k, v in self.timings.items()}
 
     def pack(self) -> PackedSegmentation:
-        """The segmentation with its mask compressed, to be kept (a job's result)."""
+        """The segmentation with its mask (and labels) compressed, to be kept (a job's
+        result)."""
         data = zlib.compress(np.ascontiguousarray(self.mask).tobytes(), 1)
+        labels = None
         kept = replace(self, mask=np.empty((0,), np.uint8))
-        return PackedSegmentation(kept, data, self.mask.shape)
+        if self.objects is not None:
+            labels = zlib.compress(np.ascontiguousarray(self.objects.labels).tobytes(), 1)
+            kept.objects = replace(self.objects, labels=np.empty((0,), np.uint32))
+        return PackedSegmentation(kept, data, self.mask.shape, labels)
+
+
+@dataclass
+class Objects:
+    """The instances of every plane: labels ``(N, H, W)`` uint32 (0 background, ids 1..count
+    per plane), each plane's object table, and with a ground truth the object-level scores
+    (the whole image's, and a stack's plane by plane)."""
+
+    labels: np.ndarray
+    tables: list[ObjectTable]
+    scores: ObjectScores | None = None
+    plane_scores: list[ObjectScores] | None = None
+    truth_objects: str | None = None  # how the truth's objects were read
+
+    @property
+    def counts(self) -> list[int]:
+        """Objects per plane."""
+        return [t.count for t in self.tables]
 
 
 @dataclass(frozen=True)
 class PackedSegmentation:
-    """A kept :class:`Segmentation`: its mask as zlib-compressed bytes (a mask is mostly runs
-    of equal values), unpacked when it is rendered."""
+    """A kept :class:`Segmentation`: its mask (and labels) as zlib-compressed bytes (a mask
+    is mostly runs of equal values), unpacked when it is rendered."""
 
     summary: Segmentation
     data: bytes
     shape: tuple[int, ...]
+    labels: bytes | None = None
 
     @property
     def nbytes(self) -> int:
         """Bytes held."""
-        return len(self.data)
+        return len(self.data) + (len(self.labels) if self.labels is not None else 0)
 
     def unpack(self) -> Segmentation:
         """The segmentation with its mask."""
         mask = np.frombuffer(zlib.decompress(self.data), np.uint8).reshape(self.shape)
-        return replace(self.summary, mask=mask, timings=dict(self.summary.timings))
+        out = replace(self.summary, mask=mask, timings=dict(self.summary.timings))
+        if self.labels is not None and out.objects is not None:
+            labels = np.frombuffer(zlib.decompress(self.labels), np.uint32).reshape(self.shape)
+            out.objects = replace(out.objects, labels=labels)
+        return out
 
 
-def packed_bound(pixels: int) -> int:
-    """An upper bound on :attr:`PackedSegmentation.nbytes` for a mask of ``pixels``: zlib's
-    stored blocks (5 bytes per 16 KiB at worst) and its header."""
-    return pixels + pixels // 16384 * 5 + 1024
+def packed_bound(pixels: int, labels: bool = False) -> int:
+    """An upper bound on :attr:`PackedSegmentation.nbytes` for a mask of ``pixels`` (and its
+    uint32 labels): zlib's stored blocks (5 bytes per 16 KiB at worst) and its header."""
+    raw = pixels * (5 if labels else 1)
+    return raw + raw // 16384 * 5 + 2048
 
 
 @dataclass
@@ -336,9 +397,8 @@ def overlap_host_work(model: SegmentationModel) -> bool:
     return model.provider != "CPUExecutionProvider"
 
 
-def _truth_classes(truth: np.ndarray, meta: ModelMetadata) -> np.ndarray:
-    """A decoded ground-truth plane ``(H, W, C)`` as a class-index map (the rule of
-    :func:`~service.inference.labels.labels_to_classes`), or an
+def _truth_plane(truth: np.ndarray) -> np.ndarray:
+    """A decoded ground-truth plane ``(H, W, C)`` as ``(H, W)`` whole-number labels, or an
     :class:`InvalidGroundTruthError` that says what was expected."""
     if truth.shape[2] != 1:
         if (
@@ -358,6 +418,12 @@ def _truth_classes(truth: np.ndarray, meta: ModelMetadata) -> np.ndarray:
         labels = labels.astype(np.int64)
     if labels.size and labels.min() < 0:
         raise InvalidGroundTruthError("ground truth has negative labels")
+    return labels
+
+
+def _truth_classes(labels: np.ndarray, meta: ModelMetadata) -> np.ndarray:
+    """Ground-truth labels as a class-index map (the rule of
+    :func:`~service.inference.labels.labels_to_classes`)."""
     try:
         return labels_to_classes(
             labels, meta.classes, binary=meta.task is Task.BINARY, label_values=meta.label_values
@@ -366,37 +432,79 @@ def _truth_classes(truth: np.ndarray, meta: ModelMetadata) -> np.ndarray:
         raise InvalidGroundTruthError(f"ground truth has {exc}") from None
 
 
+def _truth_objects(labels: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The truth's objects: its labels when it has two or more (instance labels), else the
+    connected components of its foreground (a 0/1 or 0/255 mask); and whether it was labels."""
+    positive = np.unique(labels)
+    if np.count_nonzero(positive) >= 2:
+        return labels, True
+    components, _ = ndimage.label(labels > 0)
+    return components, False
+
+
+def _intensity(channels: np.ndarray) -> np.ndarray:
+    """The ``(H, W)`` intensity objects are measured on: what the model saw, before
+    normalisation (the mean of its channels for a multi-channel model)."""
+    return channels[..., 0] if channels.shape[2] == 1 else channels.mean(axis=-1)
+
+
+def _score_objects(found: Objects, truths: list[tuple[np.ndarray, bool]]) -> None:
+    """Match each plane's objects to its truth's, and score (``found`` gets the scores)."""
+    counts = [image_counts(t, p) for (t, _), p in zip(truths, found.labels, strict=True)]
+    found.scores = object_scores(counts)
+    if len(counts) > 1:
+        found.plane_scores = [object_scores([c]) for c in counts]
+    found.truth_objects = (
+        "instance labels" if any(k for _, k in truths) else "connected components of the mask"
+    )
+
+
 def run(plan: Plan, upload: Upload, progress: ProgressHook | None = None) -> Segmentation:
-    """Segment every plane of the planned upload; score it when a ground truth came with it."""
+    """Segment every plane of the planned upload; label its objects when asked (or to score
+    them); score it when a ground truth came with it."""
     model, params, meta = plan.model, plan.params, plan.model.meta
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     decoded = decode(upload.image, plan.image, channel=plan.channel)
-    truth = None
+    instances = params.instances(meta, upload.truth is not None)
+    truth = truth_objects = None
     if upload.truth is not None and plan.truth is not None:
-        # Decoded labels are freed as soon as their class maps are made.
-        labels = decode(upload.truth, plan.truth, what="ground truth", labels=True).planes
-        truth = np.stack([_truth_classes(p, meta) for p in labels])
-        del labels
+        # Decoded labels are freed as soon as their class maps (and objects) are made.
+        planes = [
+            _truth_plane(p)
+            for p in decode(upload.truth, plan.truth, what="ground truth", labels=True).planes
+        ]
+        truth = np.stack([_truth_classes(p, meta) for p in planes])
+        if instances:
+            truth_objects = [_truth_objects(p) for p in planes]
+        del planes
     t1 = time.perf_counter()
     timings["decode"] = t1 - t0
 
     timed = _TimedModel(model, plan.tiles, progress)
     n, h, w = decoded.planes.shape[:3]
     mask = np.empty((n, h, w), np.uint8)
+    found = Objects(np.empty((n, h, w), np.uint32), []) if instances else None
+    labelling = 0.0
+    options: dict[str, Any] = {
+        "batch_size": params.batch_size,
+        "overlap": params.overlap,
+        "mode": params.blend,
+        "threshold": params.threshold,
+        "overlapped": overlap_host_work(model),
+        "scale": plan.scale,
+    }
     try:
         for i, plane in enumerate(decoded.planes):
-            mask[i] = predict_mask(
-                to_channels(plane, meta.channels),
-                meta,
-                timed,
-                batch_size=params.batch_size,
-                overlap=params.overlap,
-                mode=params.blend,
-                threshold=params.threshold,
-                overlapped=overlap_host_work(model),
-                scale=plan.scale,
-            )
+            channels = to_channels(plane, meta.channels)
+            if found is None:
+                mask[i] = predict_mask(channels, meta, timed, **options)
+                continue
+            got = predict_instances(channels, meta, timed, **options)
+            mask[i], found.labels[i] = got.mask, got.labels
+            start = time.perf_counter()
+            found.tables.append(object_table(got.labels, got.count, _intensity(channels)))
+            labelling += got.seconds + time.perf_counter() - start
     finally:  # also when the request is cancelled between two tile batches
         start = time.perf_counter()
         model.release_memory()
@@ -404,12 +512,16 @@ def run(plan: Plan, upload: Upload, progress: ProgressHook | None = None) -> Seg
     t2 = time.perf_counter()
     timings["infer"] = timed.seconds
     # tiling, normalising, blending, thresholding, and resampling with a diameter
-    timings["stitch"] = (t2 - t1) - timed.seconds
+    timings["stitch"] = (t2 - t1) - timed.seconds - labelling
+    if found is not None:
+        timings["instances"] = labelling
     scores = plane_scores = None
     if truth is not None:
         stats = [get_stats(m, t, meta.num_classes) for m, t in zip(mask, truth, strict=True)]
         scores = scores_from_stats(total_stats(stats), meta.classes)
         plane_scores = [scores_from_stats(s, meta.classes) for s in stats] if n > 1 else None
+    if found is not None and truth_objects is not None:
+        _score_objects(found, truth_objects)
     k = meta.num_classes
     counts = [int(c) for c in histogram(mask.reshape(-1, w), k)]
     timings["score"] = time.perf_counter() - t2
@@ -425,6 +537,7 @@ def run(plan: Plan, upload: Upload, progress: ProgressHook | None = None) -> Seg
         batches=timed.batches,
         timings=timings,
         scale=plan.scale,
+        objects=found if params.labels or truth_objects is not None else None,
     )
 
 

@@ -148,7 +148,7 @@ async def create_job(
         usecase.plan, model, upload, options.params, max_pixels=settings.max_image_pixels
     )
     runner.check_fits(plan)  # every 413 before the store's 503
-    bound = usecase.packed_bound(plan.image.planes * plan.image.pixels)
+    bound = usecase.packed_bound(plan.image.planes * plan.image.pixels, plan.instances)
     job = store.admit(model.name, request.state.request_id, bound, options.per_class)
     start(store, runner, job, plan, kept_upload(image, ground_truth, options.channel))
     log_fields(model=model.name, bytes=plan.upload_bytes)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from service.api.deps import ApiKeyDep, NamedModelDep, RegistryDep, SettingsDep
 from service.api.problems import error_responses
+from service.core.config import Settings
+from service.segmentation.registry import ModelRegistry, SegmentationModel
 
 router = APIRouter(
     tags=["models"],
@@ -25,6 +27,14 @@ class ModelInfo(BaseModel):
     default: bool
     provider: str
     providers: list[str]
+    versions: list[str] = Field(
+        description="Loaded versions, oldest first: `model=NAME@VERSION` pins one; "
+        "`model=NAME` is the newest"
+    )
+    instances: bool = Field(
+        description="Separates touching objects: takes output=labels, and scores objects "
+        "against an instance ground truth"
+    )
     input: dict[str, str]
     output: dict[str, str]
     metadata: dict[str, Any]
@@ -37,16 +47,23 @@ class ModelList(BaseModel):
     failed: dict[str, str]
 
 
+def _info(model: SegmentationModel, registry: ModelRegistry, settings: Settings) -> ModelInfo:
+    return ModelInfo(
+        **model.describe(),
+        # the newest version is the default's (a pinned earlier one is not)
+        default=model.name == settings.default_model and registry.models.get(model.name) is model,
+        versions=registry.versions(model.name),
+        instances=model.meta.instances is not None,
+    )
+
+
 @router.get("/models", response_model=ModelList)
 @router.get("/v1/models", response_model=ModelList, include_in_schema=False)
 def list_models(registry: RegistryDep, settings: SettingsDep) -> ModelList:
     """Every loaded model with classes, tile size, channels, normalisation, threshold, version
     and provider."""
     return ModelList(
-        models=[
-            ModelInfo(default=name == settings.default_model, **m.describe())
-            for name, m in sorted(registry.models.items())
-        ],
+        models=[_info(m, registry, settings) for _, m in sorted(registry.models.items())],
         failed=dict(registry.failed),
     )
 
@@ -59,6 +76,6 @@ def list_models(registry: RegistryDep, settings: SettingsDep) -> ModelList:
     ),
 )
 @router.get("/v1/models/{name}", response_model=ModelInfo, include_in_schema=False)
-def get_model(model: NamedModelDep, settings: SettingsDep) -> ModelInfo:
-    """One model's description."""
-    return ModelInfo(default=model.name == settings.default_model, **model.describe())
+def get_model(model: NamedModelDep, registry: RegistryDep, settings: SettingsDep) -> ModelInfo:
+    """One model's description (``NAME@VERSION``: that version's)."""
+    return _info(model, registry, settings)
