@@ -108,6 +108,12 @@ class TrainConfig:
     # Folders never trained on, only evaluated: whole sources kept out as a cross-source test.
     held_out: list[str] = field(default_factory=list)
     augmentation: Augmentation = field(default_factory=Augmentation)
+    # A 3-class (background / interior / boundary) network exported as a binary model with
+    # instances: the export's head turns the softmax into [1 - p_background, p_interior], the
+    # metadata says classes background/nucleus and seeds a watershed from the second channel.
+    binary_instances: bool = False
+    # Instances smaller than this fraction of a disc of the training scale's diameter are specks.
+    speck_fraction: float = 0.1
 
     @property
     def normalization(self) -> Normalization:
