@@ -244,7 +244,7 @@ def test_several_sources_train_together_and_a_held_out_one_is_reported_apart(
     # A model folder that ships its Keras weights gets the new checkpoint beside the ONNX file.
     (tmp_path / "models" / "multi" / "keras").mkdir(parents=True)
     export_run(run_dir, tmp_path / "models", "1")
-    shipped = tmp_path / "models" / "multi" / "keras" / "model.keras"
+    shipped = tmp_path / "models" / "multi" / "1" / "keras" / "model.keras"
     assert shipped.is_file() and shipped.stat().st_size > 0
     with zipfile.ZipFile(shipped) as archive:  # weights only: not compiled, no optimizer state
         assert not json.loads(archive.read("config.json")).get("compile_config")

@@ -197,9 +197,10 @@ def test_smoke_train_export_parity_and_serve(tmp_path: Path, mode: str, classes:
     config_pbtxt = (model_dir / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in config_pbtxt
     assert "dims: [ 32, 32, 1 ]" in config_pbtxt
-    assert (model_dir / "README.md").is_file()
-    assert (model_dir / "training_curves.png").is_file()
-    assert (model_dir / "test_frame_003.png").is_file()
+    assert (model_dir / "README.md").is_file() and (model_dir / "1" / "README.md").is_file()
+    assert (model_dir / "1" / "training_curves.png").is_file()
+    assert (model_dir / "1" / "test_frame_003.png").is_file()
+    assert "](1/test_frame_003.png)" in (model_dir / "README.md").read_text()
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert set(report["onnx"]["aggregate"]["iou"]) == set(classes)
 
@@ -225,6 +226,106 @@ def test_smoke_train_export_parity_and_serve(tmp_path: Path, mode: str, classes:
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         served = np.asarray(decode_png(r.content))
         assert np.array_equal(served, mask * 255 if mode == "binary" else mask)
+
+
+def _tiny_3class(data: Path, **fields: object) -> TrainConfig:
+    return TrainConfig(
+        name="inst",
+        data_dir=str(data),
+        mask_mode="3class",
+        classes=["background", "interior", "boundary"],
+        boundary_width=1,
+        tile_size=32,
+        options=ArchOptions(depth=2, base_filters=4, max_filters=8),
+        batch_size=4,
+        epochs=1,
+        steps_per_epoch=2,
+        val_fraction=0.25,
+        test_fraction=0.25,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.slow
+def test_binary_instances_export_and_immutable_versions(tmp_path: Path) -> None:
+    """A 3-class network exported as a binary model with instances: 2 channels
+    [1 - p_background, p_interior] from the graph itself (parity on both), object scores in its
+    metadata; a second release is version 2 and leaves version 1's bytes as they were."""
+    from training.evaluate import keras_predictor, onnx_predictor
+    from training.export import ort_predictor, served_model
+    from training.release import export_run
+    from training.train import load_trained, train
+
+    data = tmp_path / "data"
+    _make_disk_data(data)
+    config = _tiny_3class(data, binary_instances=True, speck_fraction=0.2)
+    run_dir = tmp_path / "runs" / config.name
+    train(config, run_dir)
+    models = tmp_path / "models"
+    first = export_run(run_dir, models)
+    assert first["version"] == "1" and first["parity"] <= 1e-5
+    v1 = models / "inst" / "1"
+    proto = onnx.load(str(v1 / "model.onnx"))
+    meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+    assert meta.task.value == "binary" and meta.classes == ["background", "nucleus"]
+    assert meta.output_channels == 2 and meta.instances is not None
+    assert meta.instances.seed_channel == 1 and meta.instances.min_area_fraction == 0.2
+    assert {"f1", "ap50", "mean_ap", "mean_matched_iou"} <= set(meta.metrics["objects"])
+
+    # The head: the exported channels are 1 - p_background and p_interior of the softmax.
+    tiles = np.random.default_rng(0).random((2, 32, 32, 1), np.float32)
+    net = load_trained(run_dir)
+    softmax = np.asarray(net(tiles, training=False))
+    served = onnx_predictor(ort_predictor(v1 / "model.onnx"))(tiles)
+    np.testing.assert_allclose(served[..., 0], 1 - softmax[..., 0], atol=1e-5)
+    np.testing.assert_allclose(served[..., 1], softmax[..., 1], atol=1e-5)
+    head = keras_predictor(served_model(net, config))(tiles)
+    np.testing.assert_allclose(head, served, atol=1e-5)
+
+    # Versions are immutable: the next release is version 2, version 1 keeps its bytes and card.
+    before = {p.relative_to(v1): p.read_bytes() for p in v1.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match="immutable"):
+        export_run(run_dir, models, "1")
+    second = export_run(run_dir, models)
+    assert second["version"] == "2" and (models / "inst" / "2" / "model.onnx").is_file()
+    after = {p.relative_to(v1): p.read_bytes() for p in v1.rglob("*") if p.is_file()}
+    assert after == before
+    assert "(version 1)" in (v1 / "README.md").read_text()
+    root = (models / "inst" / "README.md").read_text()
+    assert "(version 2)" in root and "[1](1/README.md)" in root
+    assert sorted(p.name for p in models.iterdir()) == ["inst"]  # no staging left behind
+
+
+@pytest.mark.slow
+def test_a_release_keeps_the_card_and_weights_of_a_version_from_before_versioned_cards(
+    tmp_path: Path,
+) -> None:
+    """A model folder as version 1 of `nuclei` was committed (card, pictures and Keras weights
+    in the model folder): the next release moves them into version 1's folder, never touching
+    its ONNX file, and ships its own Keras weights in its own folder."""
+    from training.release import export_run
+    from training.train import train
+
+    data = tmp_path / "data"
+    _make_disk_data(data)
+    config = _tiny_3class(data)
+    run_dir = tmp_path / "runs" / config.name
+    train(config, run_dir)
+    model_dir = tmp_path / "models" / "inst"
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "keras").mkdir()
+    (model_dir / "1" / "model.onnx").write_bytes(b"version one")
+    (model_dir / "keras" / "model.keras").write_bytes(b"weights one")
+    (model_dir / "README.md").write_text("# `inst` (version 1)\n![a](test_a.png)\n")
+    (model_dir / "test_a.png").write_bytes(b"picture one")
+    assert export_run(run_dir, tmp_path / "models")["version"] == "2"
+    assert (model_dir / "1" / "model.onnx").read_bytes() == b"version one"
+    assert (model_dir / "1" / "README.md").read_text().startswith("# `inst` (version 1)")
+    assert (model_dir / "1" / "test_a.png").read_bytes() == b"picture one"
+    assert (model_dir / "1" / "keras" / "model.keras").read_bytes() == b"weights one"
+    assert (model_dir / "2" / "keras" / "model.keras").stat().st_size > 1000
+    assert not (model_dir / "keras").exists() and not list(model_dir.glob("*.png"))
+    assert "`2/keras/model.keras`" in (model_dir / "README.md").read_text()
 
 
 def test_parity_is_measured_against_float64_keras_and_catches_a_wrong_export() -> None:

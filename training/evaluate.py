@@ -16,9 +16,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 
+from service.inference.matching import MatchCounts, image_counts, object_scores
 from service.inference.modelmeta import ModelMetadata
 from service.inference.normalize import normalize_image
-from service.inference.pipeline import predict_mask
+from service.inference.pipeline import predict_instances, predict_mask
 from service.inference.scores import get_stats, scores_from_stats, total_stats
 from training.boundary import BoundaryBias, boundary_bias, edge_level
 from training.data import MaskMode, Pair, mask_to_classes, read_image, read_mask
@@ -53,7 +54,12 @@ def evaluate_images(
 
     Returns per-image scores and the aggregate over all pixels of all images (the per-image
     counts summed, so large images weigh by their size), and the same aggregate per source when
-    the pairs come from several. Binary models also get their edge placement
+    the pairs come from several. A model that gives instances (``meta.instances``) is run as
+    the service runs it for ``output=labels`` (:func:`predict_instances`: the seeded watershed
+    and its speck rule) and its objects are matched one-to-one to the mask's instance labels
+    (:mod:`service.inference.matching`): precision, recall and F1 at IoU 0.5, AP
+    (TP / (TP + FP + FN)) at IoU 0.5:0.95 and its mean, mean matched IoU, per image, per source
+    and over all (summed counts). Binary models also get their edge placement
     (:mod:`training.boundary`): per source, the matched objects' area ratio and signed edge
     distance, and where the labels put the edge in the intensity step. Writes one
     input/truth/prediction PNG per image to ``pictures_dir`` when given (the first
@@ -65,6 +71,7 @@ def evaluate_images(
     edges: dict[str, BoundaryBias] = {}
     levels: dict[str, list[float]] = {}
     total_seconds = 0.0
+    objects: dict[str, list[dict[float, MatchCounts]]] = {}
     for pair in pairs:
         image = read_image(pair.image)
         labels = read_mask(pair.mask)
@@ -75,12 +82,20 @@ def evaluate_images(
             boundary_width=boundary_width,
         )
         start = time.perf_counter()
-        pred = predict_mask(image, meta, predictor, **EVAL_SETTINGS)
+        if meta.instances is not None:
+            found = predict_instances(image, meta, predictor, **EVAL_SETTINGS)
+            pred = found.mask
+        else:
+            pred = predict_mask(image, meta, predictor, **EVAL_SETTINGS)
         seconds = time.perf_counter() - start
         stats.append(get_stats(pred, target, meta.num_classes))
         by_source.setdefault(pair.source, []).append(stats[-1])
         per_image[pair.key] = scores_from_stats(stats[-1], meta.classes).as_dict()
         per_image[pair.key]["seconds"] = round(seconds, 3)
+        if meta.instances is not None:
+            counts = image_counts(labels, found.labels)
+            objects.setdefault(pair.source, []).append(counts)
+            per_image[pair.key]["objects"] = _object_summary(object_scores([counts]).as_dict())
         if MaskMode(mask_mode) is MaskMode.BINARY:
             bias = boundary_bias(pred, labels)
             per_image[pair.key]["boundary"] = bias.as_dict()
@@ -108,12 +123,21 @@ def evaluate_images(
                 round(float(np.mean(levels[source])), 3) if levels.get(source) else None
             )
         sources[source] = entry
+        if source in objects:
+            entry["objects"] = object_scores(objects[source]).as_dict()
     if "" in edges:
         aggregate["boundary"] = sources[""]["boundary"]
+    if objects:
+        aggregate["objects"] = object_scores(c for cs in objects.values() for c in cs).as_dict()
     report = {"images": [p.key for p in pairs], "aggregate": aggregate, "per_image": per_image}
     if set(sources) != {""}:
         report["per_source"] = sources
     return report
+
+
+def _object_summary(scores: dict[str, Any]) -> dict[str, Any]:
+    """An image's object scores without the AP curve (kept per source and overall)."""
+    return {k: v for k, v in scores.items() if k != "ap"}
 
 
 def _display(image: np.ndarray, meta: ModelMetadata) -> np.ndarray:

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import tensorflow as tf
 import tf2onnx
 
-from service.inference.modelmeta import ModelMetadata
+from service.inference.modelmeta import Instances, ModelMetadata, Task
 from training.architectures import describe, options_for, tile_multiple
 from training.config import TrainConfig
 
@@ -45,6 +45,43 @@ def git_commit(repo: Path | None = None) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "uncommitted"
     return f"{head}-dirty" if dirty else head
+
+
+# What a ``binary_instances`` model serves: a binary mask and, beside it, the cores that seed
+# instances (the watershed grows them over the mask).
+SERVED_CLASSES = ["background", "nucleus"]
+
+
+@keras.saving.register_keras_serializable(package="segtrain")
+class ForegroundCore(keras.layers.Layer):
+    """A 3-class softmax (background, interior, boundary) as 2 channels:
+    ``[1 - p_background, p_interior]``, the foreground and the cores of a binary model with
+    instances. Part of the exported graph, so ONNX and Keras compute it alike."""
+
+    def call(self, probabilities: Any) -> Any:
+        """``(N, H, W, 3)`` softmax to ``(N, H, W, 2)``."""
+        foreground = 1.0 - probabilities[..., 0:1]
+        return keras.ops.concatenate([foreground, probabilities[..., 1:2]], axis=-1)
+
+    def compute_output_shape(self, input_shape: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The input's shape with 2 channels."""
+        return (*input_shape[:-1], 2)
+
+
+def served_model(model: keras.Model, config: TrainConfig) -> keras.Model:
+    """The network as it is exported: ``model`` itself, or, for a ``binary_instances`` config,
+    ``model`` with the :class:`ForegroundCore` head on its softmax."""
+    if not config.binary_instances:
+        return model
+    if model.outputs[0].shape[-1] != 3:
+        raise ValueError("binary_instances needs a 3-class (background/interior/boundary) net")
+    head = ForegroundCore(name="foreground_core")(model.outputs[0])
+    return keras.Model(model.inputs, head, name=model.name)
+
+
+def served_mask_mode(config: TrainConfig) -> str:
+    """The mask mode the exported model is scored in (binary for ``binary_instances``)."""
+    return "binary" if config.binary_instances else config.mask_mode
 
 
 def to_onnx(model: keras.Model, meta: ModelMetadata) -> onnx.ModelProto:
@@ -213,5 +250,14 @@ def model_metadata(config: TrainConfig, channels: int, **overrides: Any) -> Mode
         "description": config.description,
         "training_data": config.training_data,
     }
+    if config.binary_instances:
+        fields.update(
+            task=Task.BINARY,
+            classes=SERVED_CLASSES,
+            threshold=0.5,
+            instances=Instances(
+                seed_channel=1, seed_threshold=0.5, min_area_fraction=config.speck_fraction
+            ),
+        )
     fields.update(overrides)
     return ModelMetadata(**fields)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,10 +35,13 @@ from training.export import (
     git_commit,
     model_metadata,
     ort_predictor,
+    served_mask_mode,
+    served_model,
     set_metadata,
     to_onnx,
     write_model_repository,
 )
+from training.presets import TARGETS
 from training.train import load_trained
 
 log = logging.getLogger("segtrain")
@@ -64,6 +68,7 @@ def evaluate_models(
         predictors = {"onnx": onnx_predictor(session), **predictors}
     several = len(config.source_dirs) + len(config.held_out) > 1
     held_out = config.held_out_pairs()
+    mask_mode = served_mask_mode(config)
     report: dict[str, Any] = {}
     for kind, predictor in predictors.items():
         pictures = eval_dir if not report else None
@@ -73,11 +78,11 @@ def evaluate_models(
             "pictures_per_source": 2 if several else None,
         }
         report[kind] = evaluate_images(
-            config.splits()["test"], meta, predictor, config.mask_mode, **options
+            config.splits()["test"], meta, predictor, mask_mode, **options
         )
         if held_out:
             report[kind]["held_out"] = evaluate_images(
-                held_out, meta, predictor, config.mask_mode, **options
+                held_out, meta, predictor, mask_mode, **options
             )
     plot_history(run_dir / "history.csv", eval_dir / "training_curves.png")
     return report
@@ -86,12 +91,12 @@ def evaluate_models(
 KERAS_NOTE = """
 ## Keras weights
 
-`keras/model.keras` (Keras 3, saved without optimizer state) is the checkpoint this ONNX file
-was exported from (ONNX Runtime and Keras float32 differ by {parity:.1e} on real test tiles).
-The service never loads it (only numeric version folders are served, and `.dockerignore` keeps
-it out of the image); it is here so that the benchmark's tutorial-way baseline (`make bench`,
-`docs/benchmarks.md`) runs the very same weights in Keras on a fresh clone, where `runs/`
-(git-ignored) does not exist.
+`keras/model.keras` (Keras 3, saved without optimizer state; in this version's folder) is the
+checkpoint this ONNX file was exported from, with the same output head (ONNX Runtime and Keras
+float32 differ by {parity:.1e} on real test tiles). The service never loads it (it serves
+`model.onnx` alone, and `.dockerignore` keeps it out of the image); it is here so that the
+benchmark's tutorial-way baseline (`make bench`, `docs/benchmarks.md`) can run the very same
+weights in Keras on a fresh clone, where `runs/` (git-ignored) does not exist.
 """
 
 
@@ -100,7 +105,7 @@ def source_metrics(report: dict[str, Any]) -> dict[str, Any]:
     ``per_source`` for the training sources' test images, ``held_out`` for the sources never
     trained on."""
     out: dict[str, Any] = {}
-    keep = ("images", "iou", "dice", "boundary")
+    keep = ("images", "iou", "dice", "boundary", "objects")
     if "per_source" in report:
         out["per_source"] = {
             src: {k: v[k] for k in keep if k in v} for src, v in report["per_source"].items()
@@ -127,18 +132,53 @@ def evaluate_run(run_dir: Path, onnx_path: Path | None = None) -> dict[str, Any]
         config, summary["channels"], object_diameter=summary.get("object_diameter")
     )
     session = ort_predictor(onnx_path) if onnx_path is not None else None
-    report = evaluate_models(run_dir, config, meta, load_trained(run_dir), session)
+    model = served_model(load_trained(run_dir), config)
+    report = evaluate_models(run_dir, config, meta, model, session)
     write_report(report, run_dir / "eval" / "report.json")
     return report
 
 
-def export_run(run_dir: Path, models_dir: Path, version: str) -> dict[str, Any]:
+def versions(model_dir: Path) -> list[int]:
+    """The numeric version folders of a model, ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(v.name) for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit())
+
+
+def next_version(model_dir: Path) -> str:
+    """1 + the highest version folder of a model (1 for a new model)."""
+    return str(max(versions(model_dir), default=0) + 1)
+
+
+def _ships_keras(model_dir: Path) -> bool:
+    """Whether a model ships its Keras weights: a ``keras/`` folder at its root (before
+    versioned cards) or in any version folder."""
+    return (model_dir / "keras").is_dir() or any(
+        (model_dir / str(v) / "keras").is_dir() for v in versions(model_dir)
+    )
+
+
+def export_run(run_dir: Path, models_dir: Path, version: str | None = None) -> dict[str, Any]:
     """Export, check parity, evaluate the ONNX model, embed the metrics and write the card.
+
+    The release goes to ``models_dir/<name>/<version>/``: by default the next version (1 + the
+    highest that exists). Versions are immutable: a ``version`` that exists is refused, and
+    nothing in an earlier version's folder is rewritten.
 
     The ONNX model is evaluated before it is written: its test metrics are part of its own
     metadata. Changing metadata does not touch the weights, so parity holds for the final file.
     """
     config, summary = _run(run_dir)
+    model_dir = models_dir / config.name
+    if version is None:
+        version = next_version(model_dir)
+    if not version.isdigit() or int(version) < 1:
+        raise ValueError(f"a version is a positive integer, got {version!r}")
+    if (model_dir / version).exists():
+        raise FileExistsError(
+            f"{model_dir / version} exists: versions are immutable; release as version "
+            f"{next_version(model_dir)} (the default) instead"
+        )
     meta = model_metadata(
         config,
         summary["channels"],
@@ -147,7 +187,7 @@ def export_run(run_dir: Path, models_dir: Path, version: str) -> dict[str, Any]:
         # The training scale the service's diameter= rescales to (runs before it had none).
         object_diameter=summary.get("object_diameter"),
     )
-    model = load_trained(run_dir)
+    model = served_model(load_trained(run_dir), config)
     proto = to_onnx(model, meta)
     session = ort_predictor(proto)
     test = config.splits()["test"]
@@ -170,19 +210,21 @@ def export_run(run_dir: Path, models_dir: Path, version: str) -> dict[str, Any]:
     reports = evaluate_models(run_dir, config, meta, model, session)
     onnx_report, keras_report = reports["onnx"], reports["keras"]
     agg = onnx_report["aggregate"]
+    how = "predict_instances" if meta.instances is not None else "predict_mask"
     metrics = {
         "test_images": onnx_report["images"],
         "iou": agg["iou"],
         "dice": agg["dice"],
         "mean_iou": agg["mean_iou"],
         "mean_dice": agg["mean_dice"],
-        "evaluated_with": "onnxruntime + service.inference.pipeline.predict_mask "
+        "evaluated_with": f"onnxruntime + service.inference.pipeline.{how} "
         "(overlap 0.25, gaussian)",
         # ONNX Runtime vs the Keras network in float64 (training.export.Parity).
         "parity_max_abs_diff": parity.onnx_vs_exact,
         "parity_keras_float32_max_abs_diff": parity.keras_vs_exact,
         "training_wall_time_s": summary["wall_time_s"],
         "cpu_seconds_per_image": agg["seconds_per_image"],
+        **({"objects": agg["objects"]} if "objects" in agg else {}),
         **source_metrics(onnx_report),
     }
     meta = meta.model_copy(update={"metrics": metrics})
@@ -196,40 +238,77 @@ def export_run(run_dir: Path, models_dir: Path, version: str) -> dict[str, Any]:
         result = _write_release(
             staging, run_dir, config, summary, meta, proto, parity, onnx_report, keras_report
         )
-        if (models_dir / meta.name / "keras").is_dir():
+        staged_version = staging / meta.name / meta.version
+        if _ships_keras(model_dir):
             # A model that ships its Keras weights (the default: the benchmark's tutorial-way
-            # baseline runs them on a fresh clone, where runs/ does not exist) gets the new ones.
-            (staging / meta.name / "keras").mkdir()
+            # baseline runs them on a fresh clone, where runs/ does not exist) ships them with
+            # each version, in its folder.
+            (staged_version / "keras").mkdir()
             # A fresh functional model over the same layers: weights only, no optimizer state
             # (the checkpoint's Adam moments would triple the file).
             bare = keras.Model(model.inputs, model.outputs, name=model.name)
-            bare.save(staging / meta.name / "keras" / "model.keras")
-            with (staging / meta.name / "README.md").open("a") as card:
+            bare.save(staged_version / "keras" / "model.keras")
+            with (staged_version / "README.md").open("a") as card:
                 card.write(KERAS_NOTE.format(parity=parity.onnx_vs_keras))
-        _publish(staging / meta.name, models_dir / meta.name)
+        _publish(staging / meta.name, model_dir, meta.version)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    result["onnx"] = str(models_dir / meta.name / meta.version / "model.onnx")
+    result["onnx"] = str(model_dir / meta.version / "model.onnx")
+    result["version"] = meta.version
     log.info("exported %s", json.dumps(result, default=float))
     return result
 
 
-def _publish(staged: Path, target: Path) -> None:
-    """Move a staged model folder into the repository: its version folder replaces the same
-    version (other versions stay), its card, config and pictures replace the old ones (pictures
-    of an earlier release that this one does not draw go: the card shows only this one's)."""
+def _archive_root_card(target: Path) -> None:
+    """Before versioned cards, a model's card, pictures and Keras weights lay in its root
+    folder: move them into the folder of the version they describe (the highest), unless that
+    version has its own card already. Its ``model.onnx`` is never touched."""
+    existing = versions(target)
+    if not existing or not (target / "README.md").is_file():
+        return
+    old = target / str(existing[-1])
+    if (old / "README.md").exists():
+        return
+    os.replace(target / "README.md", old / "README.md")
+    for picture in target.glob("*.png"):
+        os.replace(picture, old / picture.name)
+    if (target / "keras").is_dir() and not (old / "keras").exists():
+        (target / "keras").rename(old / "keras")
+
+
+def root_card(card: str, version: str, earlier: list[int]) -> str:
+    """A version's card as the model folder's README: its relative links and the Keras path
+    pointing into the version folder, and a line on where the earlier versions' cards are."""
+    card = re.sub(r"\]\((?!https?:|/|#|\.\./)([^)]+)\)", rf"]({version}/\1)", card)
+    card = card.replace("`keras/model.keras`", f"`{version}/keras/model.keras`")
+    cards = ", ".join(f"[{v}]({v}/README.md)" for v in earlier)
+    note = (
+        f"The newest version, {version}, served by default (`model=NAME@N` pins a version); "
+        f"this card is also [{version}/README.md]({version}/README.md)."
+    )
+    if cards:
+        note += f" Earlier versions and their cards: {cards}."
+    title, _, rest = card.partition("\n")
+    return f"{title}\n\n{note}\n{rest}"
+
+
+def _publish(staged: Path, target: Path, version: str) -> None:
+    """Move a staged model folder into the repository: its version folder (model, card,
+    pictures, Keras weights) is added beside the others, never over one; the model folder's
+    ``config.pbtxt`` and ``README.md`` (the newest version's card, links into its folder)
+    are replaced."""
     target.mkdir(parents=True, exist_ok=True)
-    for old in target.glob("*.png"):
-        if not (staged / old.name).exists():
-            old.unlink()
-    for item in staged.iterdir():
-        destination = target / item.name
-        if item.is_dir():
-            if destination.exists():
-                shutil.rmtree(destination)
-            item.rename(destination)
-        else:
-            os.replace(item, destination)
+    destination = target / version
+    if destination.exists():
+        raise FileExistsError(f"{destination} exists: versions are immutable")
+    _archive_root_card(target)
+    if (target / "keras").is_dir() and not any((target / "keras").iterdir()):
+        (target / "keras").rmdir()  # an empty marker: this model ships its Keras weights
+    (staged / version).rename(destination)
+    os.replace(staged / "config.pbtxt", target / "config.pbtxt")
+    card = (destination / "README.md").read_text()
+    earlier = [v for v in versions(target) if str(v) != version]
+    (target / "README.md").write_text(root_card(card, version, earlier))
 
 
 def _write_release(
@@ -257,16 +336,17 @@ def _write_release(
         eval_dir / "report.json",
     )
 
-    model_dir = models_dir / meta.name
+    # The card and its pictures go in the version's folder, so each version keeps its own.
+    version_dir = models_dir / meta.name / meta.version
     pictures = []
     for png in sorted(eval_dir.glob("*.png")):
-        shutil.copy(png, model_dir / png.name)
+        shutil.copy(png, version_dir / png.name)
         pictures.append(png.name)
     # An optional note measured outside this run (e.g. the GPU speed-up, bench.training_speed).
     note = run_dir / "card_note.md"
     extra = "\n" + note.read_text() if note.exists() else ""
     write_card(
-        model_dir / "README.md",
+        version_dir / "README.md",
         meta,
         preset=config.name,
         summary=summary,
@@ -279,6 +359,7 @@ def _write_release(
         sources=[Path(d).name for d in config.source_dirs + config.held_out]
         if len(config.source_dirs) + len(config.held_out) > 1
         else None,
+        targets=TARGETS.get(config.name),
     )
     return {
         "onnx": str(onnx_path),
