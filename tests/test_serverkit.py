@@ -134,3 +134,28 @@ def test_the_mount_can_be_turned_off(make_client: Any) -> None:
         assert c.get("/serverkit/algorithms").json() == {
             "algorithms": ["toy", "toy3", "toy3lv", "toyobj"]
         }
+
+
+def test_a_model_with_instances_answers_its_objects(model_dir: Path, tmp_path: Path) -> None:
+    """``toyobj`` separates touching nuclei: the Server Kit client gets a Mask layer of
+    instance labels (napari shows it as a Labels layer), or the mask with output=mask."""
+    from tests.test_instances import CENTRES, nuclei_image
+
+    image, truth = nuclei_image(200, 200, CENTRES)
+    settings = {"intra_op_threads": "1"}
+    with live_server(model_dir, tmp_path / "work", settings, ready_timeout=READY_TIMEOUT_S) as srv:
+        client = sk.Client(f"{srv.url}/serverkit")
+        output = client.get_parameters("toyobj")["properties"]["output"]
+        assert output["default"] == "labels"
+        assert "output" not in client.get_parameters("toy")["properties"]
+        (layer,) = client.run(image, algorithm="toyobj").layers
+        assert layer.kind == "mask" and layer.name == "toyobj objects"
+        labels = np.asarray(layer.data)
+        assert labels.shape == image.shape and labels.max() == len(CENTRES)
+        assert labels[40, 40] != labels[40, 57] and labels[40, 40] and labels[40, 57]
+        for i in range(1, len(CENTRES) + 1):  # each true nucleus is one predicted object
+            assert len(np.unique(labels[truth == i])) == 1
+        mask = client.run(image, algorithm="toyobj", output="mask").layers[0].data
+        np.testing.assert_array_equal(np.asarray(mask).astype(bool), truth > 0)
+        with pytest.raises(InvalidAlgorithmParametersError, match="output"):
+            client.run(image, algorithm="toyobj", output="outlines")

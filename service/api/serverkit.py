@@ -124,6 +124,10 @@ def knobs(model: SegmentationModel, settings: Settings) -> dict[str, Knob]:
     return found
 
 
+# What a model that separates touching objects answers: its objects (the default) or its mask.
+OUTPUTS = ("labels", "mask")
+
+
 def segment_params(
     model: SegmentationModel, settings: Settings, values: dict[str, Any]
 ) -> SegmentParams:
@@ -138,11 +142,15 @@ def segment_params(
                 f"{name}: must be between {knob.low:g} and {knob.high:g}, got {value:g}"
             )
         checked[name] = float(value)
+    output = values.get("output", OUTPUTS[0] if model.meta.instances is not None else "mask")
+    if output not in OUTPUTS:
+        raise InvalidParameterError(f"output: expected one of {list(OUTPUTS)}, got {output!r}")
     return SegmentParams(
         threshold=checked.get("threshold"),
         overlap=checked["overlap"],
         batch_size=settings.tile_batch_size,
         diameter=checked.get("diameter"),
+        labels=output == "labels",
     )
 
 
@@ -250,10 +258,17 @@ def plan_array(
 
 
 def mask_layer(segmentation: usecase.Segmentation, shape: Sequence[int]) -> Any:
-    """The mask as the Server Kit Mask layer its clients show (the array's shape)."""
+    """The mask, or with output=labels the objects' instance labels, as the Server Kit Mask
+    layer its clients show (a Labels layer in napari), in the array's shape."""
     sk = import_serverkit()
-    mask = segmentation.mask.reshape(tuple(shape))
-    return sk.Mask(mask, name=f"{segmentation.model.name} mask")
+    name = segmentation.model.name
+    found = segmentation.objects
+    if segmentation.params.labels and found is not None:
+        labels = found.labels.reshape(tuple(shape))
+        if max(found.counts, default=0) <= np.iinfo(np.uint16).max:
+            labels = labels.astype(np.uint16)
+        return sk.Mask(labels, name=f"{name} objects", merger="instances")
+    return sk.Mask(segmentation.mask.reshape(tuple(shape)), name=f"{name} mask")
 
 
 def segment_frames(segmentation: usecase.Segmentation, shape: Sequence[int]) -> bytes:
@@ -305,6 +320,14 @@ def model_algorithm(model: SegmentationModel, settings: Settings, runner: Runner
             min=knob.low,
             max=knob.high,
             step=knob.step,
+        )
+    if meta.instances is not None:
+        parameters["output"] = sk.Choice(
+            name="Output",
+            description="labels: each object its own label (touching nuclei apart); mask: "
+            "the foreground mask",
+            items=list(OUTPUTS),
+            default=OUTPUTS[0],
         )
 
     def run(image: Any, **values: Any) -> Any:
