@@ -398,3 +398,54 @@ def test_stacks_are_written_as_multipage_tiffs(server: LiveServer, tmp_path: Pat
     assert status == 0, printed
     gfp = np.asarray(Image.open(out / "two_channels.ome.png"))
     np.testing.assert_array_equal(gfp, expected_toy_mask(cyx[1]))
+
+
+# --- instances ------------------------------------------------------------------------------
+
+
+def test_labels_and_the_object_table_come_back(server: LiveServer) -> None:
+    from tests.test_instances import CENTRES, nuclei_image
+
+    image, truth = nuclei_image(200, 200, CENTRES)
+    with SegmentClient(server.url) as client:
+        result = client.segment(image, model="toyobj", output="labels", ground_truth=truth)
+    assert result.labels is not None and result.labels.dtype == np.uint16
+    assert result.labels.max() == len(CENTRES) and result.objects is not None
+    assert [row["id"] for row in result.objects] == list(range(1, len(CENTRES) + 1))
+    assert result.object_scores is not None and result.object_scores["f1"] == 1.0
+    np.testing.assert_array_equal(result.mask, truth > 0)
+
+
+def test_the_command_writes_label_images_and_objects_csv(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    from tests.test_instances import CENTRES, nuclei_image
+
+    images, truths, out = tmp_path / "images", tmp_path / "truths", tmp_path / "out"
+    images.mkdir()
+    truths.mkdir()
+    for i in range(2):
+        image, truth = nuclei_image(200, 200, CENTRES[: 3 + i])
+        (images / f"well_{i}.png").write_bytes(png_bytes(image))
+        (truths / f"well_{i}.tif").write_bytes(tiff_bytes(truth.astype(np.uint16)))
+    args = [str(images), "--out", str(out), "--url", server.url, "--model", "toyobj"]
+    args += ["--output", "labels", "--truth-dir", str(truths)]
+    status, printed = run_cli(args)
+    assert status == 0, printed
+    assert "7 objects in" in printed
+    labels = np.asarray(Image.open(out / "well_1.labels.png"))
+    assert labels.max() == 4 and (out / "well_1.png").is_file()
+    with (out / "objects.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["image"], r["id"]) for r in rows][:4] == [
+        ("well_0", "1"), ("well_0", "2"), ("well_0", "3"), ("well_1", "1"),
+    ]  # fmt: skip
+    assert {"area", "centroid_x", "equivalent_diameter", "mean_intensity"} <= set(rows[0])
+    with (out / "metrics.csv").open() as f:
+        metrics = list(csv.DictReader(f))
+    assert metrics[0]["objects_f1"] == "1.000000"
+
+    # A resumed run keeps the skipped images' objects.
+    (out / "well_1.png").unlink()
+    status, printed = run_cli(args)
+    assert status == 0 and "7 objects in" in printed, printed

@@ -47,6 +47,8 @@ MASK_SUFFIXES = (".png", ".tif")
 TRUTH_SUFFIXES = ("", "_mask", "_masks", "_truth", "_gt", "_label", "_labels", "_seg")
 METRICS_CSV = "metrics.csv"
 METRICS_JSON = "metrics.json"
+OBJECTS_CSV = "objects.csv"
+LABELS_SUFFIX = ".labels"  # not a ground truth's name (_labels is, see TRUTH_SUFFIXES)
 # Images over this many pixels go through a job so that their tiles show progress.
 PROGRESS_ABOVE_PIXELS = 4_000_000
 EXIT_FAILED = 1
@@ -74,6 +76,7 @@ class Outcome:
     request_id: str | None = None
     scores: dict[str, Any] | None = None
     classes: list[str] = field(default_factory=list)
+    objects: list[dict[str, Any]] | None = None
 
 
 class UsageError(Exception):
@@ -204,6 +207,7 @@ def summarise_scores(outcomes: Sequence[Outcome]) -> dict[str, Any] | None:
             "mean_iou": o.scores["mean_iou"],
             "mean_dice": o.scores["mean_dice"],
             "pixels": o.scores.get("pixels"),
+            "objects": o.scores.get("objects"),
         }
         for o in scored
         if o.scores is not None
@@ -230,6 +234,10 @@ def summarise_scores(outcomes: Sequence[Outcome]) -> dict[str, Any] | None:
     return {"classes": classes, "images": images, "mean": mean, "pooled": pooled}
 
 
+# Object-level scores per image in metrics.csv (models that give instances, with a truth).
+OBJECT_COLUMNS = ("f1", "precision", "recall", "ap50", "mean_ap", "mean_matched_iou")
+
+
 def write_metrics(out_dir: Path, summary: dict[str, Any]) -> None:
     """``metrics.json`` (everything) and ``metrics.csv`` (one row per image, then the mean over
     images and the pooled scores)."""
@@ -237,10 +245,13 @@ def write_metrics(out_dir: Path, summary: dict[str, Any]) -> None:
     classes = summary["classes"]
     header = ["image", "truth", "mean_iou", "mean_dice"]
     header += [f"iou_{c}" for c in classes] + [f"dice_{c}" for c in classes]
+    header += [f"objects_{k}" for k in OBJECT_COLUMNS]
 
     def row(name: str, truth: str | None, scores: dict[str, Any]) -> list[str]:
         cells = [scores["mean_iou"], scores["mean_dice"]]
         cells += [scores["iou"].get(c) for c in classes] + [scores["dice"].get(c) for c in classes]
+        objects = scores.get("objects") or {}
+        cells += [objects.get(k) for k in OBJECT_COLUMNS]
         return [name, truth or ""] + ["" if v is None else f"{v:.6f}" for v in cells]
 
     lines = [row(i["image"], i["truth"], i) for i in summary["images"]]
@@ -253,6 +264,32 @@ def write_metrics(out_dir: Path, summary: dict[str, Any]) -> None:
         writer.writerow(header)
         writer.writerows(lines)
     os.replace(tmp, out_dir / METRICS_CSV)
+
+
+def write_objects(out_dir: Path, outcomes: Sequence[Outcome]) -> int:
+    """``objects.csv``: one row per object of every image labelled (output=labels), with the
+    image's name first; rows of images a resumed run skipped are kept from the earlier file.
+    Returns the rows written."""
+    path = out_dir / OBJECTS_CSV
+    skipped = {o.item.name for o in outcomes if o.status == "skipped"}
+    rows: list[dict[str, Any]] = []
+    try:
+        with path.open(newline="") as f:
+            rows += [r for r in csv.DictReader(f) if r.get("image") in skipped]
+    except OSError:
+        pass
+    for o in outcomes:
+        rows += [{"image": o.item.name, **r} for r in o.objects or []]
+    header: list[str] = []
+    for row in rows:
+        header += [k for k in row if k not in header]
+    tmp = out_dir / f".{OBJECTS_CSV}.part"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header or ["image"], restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return len(rows)
 
 
 def previous_scores(out_dir: Path) -> dict[str, dict[str, Any]]:
@@ -329,16 +366,24 @@ class Runner:
             )
         except ClientError as exc:
             return Outcome(item, "failed", reason=str(exc), code="client")
+        if result.labels is not None:  # before the mask: a resumed run skips by the mask
+            suffix = ".tif" if result.labels_format == "tiff" else ".png"
+            labels = self.out_dir / f"{item.name}{LABELS_SUFFIX}{suffix}"
+            write_atomically(labels, result.labels_bytes)
         suffix = ".tif" if result.mask_format == "tiff" else ".png"
         output = self.out_dir / f"{item.name}{suffix}"
         write_atomically(output, result.mask_bytes)
+        scores = result.scores
+        if scores is not None and result.object_scores is not None:
+            scores = {**scores, "objects": result.object_scores}
         return Outcome(
             item,
             "ok",
             output=output,
             request_id=result.request_id,
-            scores=result.scores,
+            scores=scores,
             classes=list(result.document.get("classes") or []),
+            objects=result.objects,
         )
 
 
@@ -374,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
         "scale (models with object_diameter)",
     )
     p.add_argument("--class-name", help="write this class's mask only")
+    p.add_argument(
+        "--output",
+        choices=("mask", "labels"),
+        help="labels: also write each image's objects as <name>.labels.png (16-bit; TIFF for "
+        f"stacks) and one row per object in {OBJECTS_CSV} (models that give instances)",
+    )
     p.add_argument("--channel", help="stacks with channels: a channel index or OME name")
     p.add_argument("--truth-dir", type=Path, help="ground truths, paired with images by name")
     p.add_argument("-r", "--recursive", action="store_true", help="look into sub-folders too")
@@ -400,6 +451,7 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
         "diameter": args.diameter,
         "class_name": args.class_name,
         "channel": args.channel,
+        "output": args.output,
     }
     return {k: v for k, v in params.items() if v is not None}
 
@@ -473,6 +525,9 @@ def run(argv: Sequence[str] | None = None, console: Console | None = None) -> in
     summary = summarise_scores(outcomes) if args.truth_dir is not None else None
     if summary is not None:
         write_metrics(out_dir, summary)
+    if args.output == "labels":
+        rows = write_objects(out_dir, outcomes)
+        err.print(f"{rows} objects in {out_dir / OBJECTS_CSV}")
     return report(outcomes, summary, out_dir, err)
 
 

@@ -104,11 +104,42 @@ class Segmentation:
     document: dict[str, Any] = field(repr=False)
     mask_bytes: bytes = field(repr=False, default=b"")
     mask_format: str = "png"
+    # output="labels": the objects' instance labels (0 background; ids restart per plane of a
+    # stack), the file they came in, and one row per object (a stack's with its plane index)
+    labels: np.ndarray | None = None
+    labels_bytes: bytes = field(repr=False, default=b"")
+    labels_format: str = "png"
+    objects: list[dict[str, Any]] | None = None
 
     @property
     def mean_iou(self) -> float | None:
         """Mean IoU over the classes present (``None`` without a ground truth)."""
         return None if self.scores is None else self.scores.get("mean_iou")
+
+    @property
+    def object_scores(self) -> dict[str, Any] | None:
+        """Object-level scores (F1, AP, ...) when the model gives instances and a ground truth
+        was sent."""
+        return self.document.get("object_metrics")
+
+
+def decode_labels(data: bytes) -> np.ndarray:
+    """A labels file the service sent (16-bit PNG, or TIFF) as its integer ids."""
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return np.asarray(tifffile.imread(io.BytesIO(data)))
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img).astype(np.uint16)
+
+
+def _object_rows(doc: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The object table of a JSON answer: a 2-D image's rows, or every plane's with the
+    plane's index along each plane axis."""
+    if doc.get("objects") is not None:
+        return list(doc["objects"])
+    planes = doc.get("plane_objects")
+    if planes is None:
+        return None
+    return [{**plane["index"], **row} for plane in planes for row in plane["objects"]]
 
 
 def decode_mask(data: bytes, *, binary: bool) -> np.ndarray:
@@ -336,6 +367,8 @@ class SegmentClient:
             raise ClientError(f"the answer carries no mask: keys {sorted(doc)}")
         data = base64.b64decode(encoded)
         binary = self._is_binary(class_name, doc)
+        labels_png, labels_tiff = doc.pop("labels_png", None), doc.pop("labels_tiff", None)
+        labels_bytes = base64.b64decode(labels_png or labels_tiff or "")
         return Segmentation(
             mask=decode_mask(data, binary=binary),
             scores=doc.get("metrics"),
@@ -344,6 +377,10 @@ class SegmentClient:
             document=doc,
             mask_bytes=data,
             mask_format=fmt,
+            labels=decode_labels(labels_bytes) if labels_bytes else None,
+            labels_bytes=labels_bytes,
+            labels_format="png" if labels_png else "tiff",
+            objects=_object_rows(doc),
         )
 
     def segment(
@@ -359,9 +396,11 @@ class SegmentClient:
         service's); score it against ``ground_truth`` when given.
 
         ``params`` are the service's query parameters: ``threshold``, ``overlap``, ``blend``,
-        ``class_name``, ``channel``, ``diameter``. With ``progress``, the image goes through a job
-        (``POST /jobs``) and ``progress`` is called with each :class:`JobStatus` polled, tiles
-        done out of the total and an ETA; otherwise one synchronous ``POST /segment``.
+        ``class_name``, ``channel``, ``diameter``, ``output`` ("labels": the objects' instance
+        labels and their table as well, from a model that gives instances). With ``progress``,
+        the image goes through a job (``POST /jobs``) and ``progress`` is called with each
+        :class:`JobStatus` polled, tiles done out of the total and an ETA; otherwise one
+        synchronous ``POST /segment``.
         """
         if progress is not None:
             job = self.submit(image, model=model, ground_truth=ground_truth, **params)
