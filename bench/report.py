@@ -309,6 +309,22 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {o['overlap']} | {o['tiles_per_frame']:.1f} | {o['s_per_frame']:.3f} | "
             f"{o['iou']['foreground']:.4f} | {o['iou']['mean']:.4f} |"
         )
+    inst = lv.get("instances")
+    if inst:
+        lines += [
+            "",
+            f"Instances (`output=labels`, `{inst['model']}`, version {inst['version']}): the "
+            "watershed and object table against the model's time in the same request "
+            "(target: at most 25 % at 2048²):",
+            "",
+            "| image | objects | infer s | instances s | instances / infer |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['image']} | {r['objects']} | {r['seconds']['infer']:.2f} | "
+            f"{r['seconds']['instances']:.2f} | {r['instances_over_infer']:.1%} |"
+            for r in inst["images"]
+        ]
     i8 = lv.get("int8")
     if i8:
         lines += [

@@ -17,6 +17,7 @@ on tiny inputs (the smoke test uses it).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -35,9 +36,10 @@ import numpy as np
 from bench import cases, flops, report, server
 from bench.images import BenchImage, load_images, synthetic
 from bench.live_server import REPO
+from service.core.config import REPO_MODELS
 from service.segmentation.images import ImageHeader
-from service.segmentation.registry import LoadedModel, load_model
-from service.segmentation.usecase import request_memory
+from service.segmentation.registry import LoadedModel, find_model_files, load_model
+from service.segmentation.usecase import SegmentParams, Upload, request_memory, segment
 
 MODEL = Path("models/nuclei/1/model.onnx")
 INT8_MODEL = Path("models/nuclei-int8/1/model.onnx")
@@ -312,6 +314,41 @@ def overlap_lever(
     return out
 
 
+def instance_lever(images: list[BenchImage], repeats: int) -> dict[str, Any] | None:
+    """What labelling the objects (``output=labels``) costs beside the model, with the newest
+    ``nuclei`` if it gives instances: the ``instances`` stage (watershed and object table)
+    against the ``infer`` stage of the same request, medians per image."""
+    path = find_model_files(REPO_MODELS)["nuclei"]
+    model = load_model("nuclei", path, CPU, 0, BATCH)
+    if model.meta.instances is None:
+        log(f"{path}: no instances; the instance case is left out")
+        return None
+    rows = []
+    for img in images:
+        stages: list[dict[str, float]] = []
+        for _ in range(repeats):
+            result = segment(
+                model,
+                Upload(io.BytesIO(img.tiff)),
+                SegmentParams(batch_size=BATCH, labels=True),
+                max_pixels=1 << 31,
+            )
+            stages.append(result.timings)
+            objects = result.objects
+        assert objects is not None
+        med = {k: median([s[k] for s in stages]) for k in ("infer", "instances", "stitch")}
+        rows.append(
+            {
+                "image": img.name,
+                "objects": sum(objects.counts),
+                "seconds": med,
+                "instances_over_infer": med["instances"] / med["infer"],
+            }
+        )
+        log(f"instances on {img.name}: {rows[-1]}")
+    return {"model": str(path), "version": model.meta.version, "images": rows}
+
+
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The load run with the median throughput."""
     return sorted(runs, key=lambda r: float(r["throughput_rps"]))[len(runs) // 2]
@@ -458,6 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     levers: dict[str, Any] = {"session": session_levers(MODEL, lever_tiles, repeats, args.quick)}
     levers["int8"] = int8_lever(frames, model, keras_model, repeats, q["pipeline"], lever_tiles)
     levers["overlap"] = overlap_lever(frames, model, 1 if args.quick else 2)
+    levers["instances"] = instance_lever(large, repeats)
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp_name:
         tmp = Path(tmp_name)
