@@ -38,6 +38,7 @@ from tests.conftest import (
     read_response,
     segment_files,
     segment_ok,
+    tiff_bytes,
     toy_server,
 )
 from tests.figures import record
@@ -316,3 +317,55 @@ def test_slow_drip_uploads_get_408_and_their_number_is_capped(
                 "next_request": 200,
             },
         )
+
+
+def test_labelling_objects_stays_within_its_estimate(model_dir: Path, tmp_path: Path) -> None:
+    """output=labels with an instance ground truth on a 3000² image of 5,625 nuclei: the
+    request's measured peak stays under the estimate it was admitted against (labels, object
+    table, the truth's objects, the watershed's strips)."""
+    side, cell = 3000, 40
+    yy, xx = np.mgrid[:cell, :cell]
+    d = np.hypot(yy - cell / 2, xx - cell / 2)
+    patch = np.choose((d < 15).astype(int) + (d < 11), [20, 160, 230]).astype(np.uint8)
+    image = np.tile(patch, (side // cell, side // cell))
+    ids = np.arange((side // cell) ** 2, dtype=np.uint16).reshape(side // cell, side // cell) + 1
+    truth = np.kron(ids, np.ones((cell, cell), np.uint16)) * np.tile(d < 15, (side // cell,) * 2)
+    files = {
+        "image": ("nuclei.png", png_bytes(image), "image/png"),
+        "ground_truth": ("truth.tif", tiff_bytes(truth.astype(np.uint16)), "image/tiff"),
+    }
+    with toy_server(model_dir, tmp_path, memory_budget="1GiB") as srv:
+        srv.reset_peak()
+        idle_kib = srv.status("VmRSS")
+        peak: dict[str, int] = {}
+
+        def watch() -> None:
+            while "done" not in peak:
+                reserved = srv.metric("segment_memory_reserved_bytes") or 0
+                peak["reserved"] = max(peak.get("reserved", 0), int(reserved))
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        r = httpx.post(
+            f"{srv.url}/segment",
+            files=files,
+            params={"model": "toyobj", "output": "labels", "format": "json"},
+            timeout=300,
+        )
+        peak["done"] = 1
+        watcher.join()
+        growth = (srv.status("VmHWM") - idle_kib) * 1024
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object_count"] == (side // cell) ** 2
+    assert body["object_metrics"]["f1"] == 1.0
+    assert 0 < growth <= peak["reserved"], (growth / MIB, peak["reserved"] / MIB)
+    record(
+        "labels_memory",
+        {
+            "image": f"{side}x{side} uint8, {body['object_count']} objects, instance truth",
+            "estimated_mib": round(peak["reserved"] / MIB),
+            "measured_peak_growth_mib": round(growth / MIB),
+        },
+    )
