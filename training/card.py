@@ -91,6 +91,24 @@ def sources_table(meta: ModelMetadata, splits: dict[str, list[str]]) -> str:
 
 
 SPLITS = ("train", "val", "test")
+# A source with more images than this in a split is summarised on the card, not listed.
+LISTED = 30
+
+
+def _split(keys: list[str]) -> str:
+    """A split's image keys as the card lists them: every key, except that a source with many
+    images is summarised (``bbbc038``'s are in ``data/bbbc038/manifest.csv``)."""
+    by_source: dict[str, list[str]] = {}
+    for key in keys:
+        by_source.setdefault(key.split("/")[0] if "/" in key else "", []).append(key)
+    parts: list[str] = []
+    for source, members in by_source.items():
+        if len(members) > LISTED and source:
+            where = f"data/{source}/manifest.csv" if source in IMPORTED else f"data/{source}"
+            parts.append(f"'{source}/': {len(members)} images (listed in `{where}`)")
+        else:
+            parts += [repr(k) for k in members]
+    return "[" + ", ".join(parts) + "]"
 
 
 def _credits(names: list[str]) -> str:
@@ -293,8 +311,8 @@ The data are fetched by `segtrain fetch-data` and never committed. The Cell Trac
 Challenge's reference labels are not perfect (`ERR_SEG`: a segmentation with errors, e.g. some
 nuclei at the image border are unlabelled), which caps the scores below.
 
-Split by frame (never by patch): train {splits.get("train", [])},
-validation {splits.get("val", [])}, held-out test {splits.get("test", [])}.
+Split by frame (never by patch): train {_split(splits.get("train", []))},
+validation {_split(splits.get("val", []))}, held-out test {_split(splits.get("test", []))}.
 
 ## Reproduce
 
