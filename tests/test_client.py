@@ -12,7 +12,9 @@ import ast
 import csv
 import io
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 import threading
@@ -29,6 +31,7 @@ from PIL import Image
 from rich.console import Console
 from segment_client import ClientError, SegmentClient, ServiceError
 from segment_client.cli import run as cli_run
+from segment_client.client import JobStatus
 
 from bench.live_server import LiveServer
 from tests.conftest import (
@@ -449,3 +452,43 @@ def test_the_command_writes_label_images_and_objects_csv(
     (out / "well_1.png").unlink()
     status, printed = run_cli(args)
     assert status == 0 and "7 objects in" in printed, printed
+
+
+def test_written_files_follow_the_umask_and_one_image_is_one_image(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    """Colleagues can read the masks: files follow the umask (027 gives 0640, not mkstemp's
+    0600), and the summary says "1 image"."""
+    image = tmp_path / "cell.png"
+    image.write_bytes(png_bytes(random_image(40, 40, seed=9)))
+    truth = tmp_path / "truths"
+    truth.mkdir()
+    (truth / "cell.png").write_bytes(png_bytes(toy_truth(random_image(40, 40, seed=9))))
+    out = tmp_path / "out"
+    old = os.umask(0o027)  # not the umask the client was imported under
+    try:
+        status, printed = run_cli(
+            [str(image), "--out", str(out), "--url", server.url, "--truth-dir", str(truth)]
+        )
+    finally:
+        os.umask(old)
+    assert status == 0, printed
+    assert "1 image: 1 segmented" in printed and "scores for 1 image with" in printed
+    for name in ("cell.png", "metrics.csv", "metrics.json"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o640, name
+
+
+def test_a_job_status_reads_as_one_line() -> None:
+    doc = {
+        "id": "abc",
+        "state": "running",
+        "tiles_done": 40,
+        "tiles_total": 121,
+        "eta_seconds": 12.4,
+        "error": None,
+    }
+    status = JobStatus.from_json(doc)
+    assert str(status) == "running, tiles 40/121 (33 %), ETA 12 s"
+    assert "raw" not in repr(status)
+    done = JobStatus.from_json({**doc, "state": "failed", "error": {"detail": "bad image"}})
+    assert str(done) == "failed, tiles 40/121 (33 %), bad image"

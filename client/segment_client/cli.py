@@ -167,14 +167,37 @@ def image_pixels(path: Path) -> int | None:
         return None
 
 
+def _umask() -> int:
+    """The process's umask, thread-safely where Linux tells it (``/proc/self/status``);
+    elsewhere as it was at import (setting it to read it is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _IMPORT_UMASK
+
+
+def _import_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_IMPORT_UMASK = _import_umask()
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` whole or not at all (a stopped run leaves no half mask that a
-    resumed run would take for done)."""
+    resumed run would take for done), with the permissions of any new file (the umask's: a
+    temporary file is private, 0600, until it is renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -456,6 +479,11 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
 
+def _count(n: int, noun: str) -> str:
+    """ "1 image", "2 images"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _fmt(value: float | None) -> str:
     if value is None or math.isnan(value):
         return "n/a"
@@ -527,7 +555,7 @@ def run(argv: Sequence[str] | None = None, console: Console | None = None) -> in
         write_metrics(out_dir, summary)
     if args.output == "labels":
         rows = write_objects(out_dir, outcomes)
-        err.print(f"{rows} objects in {out_dir / OBJECTS_CSV}")
+        err.print(f"{_count(rows, 'object')} in {out_dir / OBJECTS_CSV}")
     return report(outcomes, summary, out_dir, err)
 
 
@@ -539,16 +567,16 @@ def report(
     skipped = [o for o in outcomes if o.status == "skipped"]
     failed = [o for o in outcomes if o.status == "failed"]
     err.print(
-        f"{len(outcomes)} images: {len(ok)} segmented, {len(skipped)} skipped (mask already in "
-        f"{out_dir}), {len(failed)} failed"
+        f"{_count(len(outcomes), 'image')}: {len(ok)} segmented, {len(skipped)} skipped (mask "
+        f"already in {out_dir}), {len(failed)} failed"
     )
     if summary is not None:
         scored = len(summary["images"])
         mean = summary["mean"]
         err.print(
-            f"scores for {scored} images with a ground truth: mean IoU {_fmt(mean['mean_iou'])}, "
-            f"mean Dice {_fmt(mean['mean_dice'])} (per image and class in "
-            f"{out_dir / METRICS_CSV} and {out_dir / METRICS_JSON})"
+            f"scores for {_count(scored, 'image')} with a ground truth: mean IoU "
+            f"{_fmt(mean['mean_iou'])}, mean Dice {_fmt(mean['mean_dice'])} (per image and "
+            f"class in {out_dir / METRICS_CSV} and {out_dir / METRICS_JSON})"
         )
     for o in failed:
         rid = f" [request {o.request_id}]" if o.request_id else ""

@@ -66,7 +66,19 @@ class JobStatus:
     tiles_total: int | None
     eta_seconds: float | None
     error: dict[str, Any] | None
-    raw: dict[str, Any]
+    raw: dict[str, Any] = field(repr=False)
+
+    def __str__(self) -> str:
+        """One line for people (``progress=print``): "running, tiles 40/121 (33 %), ETA 12 s"."""
+        parts = [self.state]
+        if self.tiles_total:
+            share = 100 * self.tiles_done / self.tiles_total
+            parts.append(f"tiles {self.tiles_done}/{self.tiles_total} ({share:.0f} %)")
+        if self.eta_seconds is not None and not self.finished:
+            parts.append(f"ETA {self.eta_seconds:.0f} s")
+        if self.error:
+            parts.append(str(self.error.get("detail", "")))
+        return ", ".join(parts)
 
     @property
     def finished(self) -> bool:
