@@ -144,3 +144,24 @@ def test_json_logs_are_one_object_per_line_for_the_service_and_uvicorn(
     (line,) = [r for r in refused if r["logger"] == "uvicorn.access"]
     assert line["status"] == 415 and line["query"] == "model=toy" and "model" not in line
     assert any("GIF" in r["message"] for r in refused if r["logger"] == "service")
+
+
+def test_text_logs_carry_the_request_id_on_uvicorns_access_lines_too(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """The default text log: the access line of a request has its request ID, as the service's
+    own lines do (what the README promises for every line)."""
+    img = random_image(64, 64, seed=34)
+    with toy_server(model_dir, tmp_path, graceful_stop=True) as srv:
+        r = httpx.post(
+            f"{srv.url}/segment",
+            files=segment_files(png_bytes(img)),
+            headers={"X-Request-ID": "lab-42"},
+            timeout=30,
+        )
+        assert r.status_code == 200
+    lines = srv.log.read_text().splitlines()
+    access = [ln for ln in lines if " uvicorn.access " in ln and "POST /segment" in ln]
+    assert len(access) == 1 and "[lab-42]" in access[0], access
+    started = [ln for ln in lines if "Application startup complete" in ln]
+    assert started and " uvicorn.error [-] " in started[0], started

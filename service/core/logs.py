@@ -88,13 +88,13 @@ def _handler(fmt: LogFormat) -> logging.Handler:
 
 
 def configure_logging(level: str, fmt: LogFormat = "text") -> None:
-    """The service's log on stderr at ``level``; with ``json`` uvicorn's loggers too."""
+    """The service's log on stderr at ``level``, and uvicorn's through the same handler: every
+    line, uvicorn's access lines included, carries the request ID (``-`` outside a request)."""
     root = logging.getLogger("service")
     root.handlers[:] = [_handler(fmt)]
     root.setLevel(level.upper())
     root.propagate = False
-    if fmt == "json":
-        for name in _UVICORN_LOGGERS:
-            logger = logging.getLogger(name)
-            logger.handlers[:] = [_handler(fmt)]
-            logger.propagate = False
+    for name in _UVICORN_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [_handler(fmt)]
+        logger.propagate = False
