@@ -4,6 +4,8 @@ served with no other configuration."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +199,20 @@ def test_release_a_model_from_a_folder_and_serve_it(
         r = client.post("/segment", files={"image": ("c.tif", tiff_bytes(image))})
         assert r.status_code == 200, r.text
         assert np.asarray(decode_png(r.content)).shape == image.shape
+
+
+def test_segtrain_without_the_train_extra_says_which_extra_and_exits_2(tmp_path: Path) -> None:
+    """``make serve``'s install has no TensorFlow: a command that needs it says so in one line
+    (no traceback) and exits 2."""
+    script = (
+        "import sys; sys.modules['tensorflow'] = None\n"  # an install without the train extra
+        "from training.cli import main\n"
+        f"sys.exit(main(['train', 'nuclei', '--runs-dir', {str(tmp_path)!r}]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("segtrain: train needs the train extra"), done.stderr
+    assert "pip install -e '.[train,cpu]'" in lines[-1] and "Traceback" not in done.stderr

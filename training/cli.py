@@ -343,14 +343,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What the ``train`` extra brings (pyproject.toml); the serve install has none of it.
+TRAIN_EXTRA_MODULES = ("tensorflow", "keras", "tf2onnx", "onnx", "matplotlib", "skimage")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``segtrain``."""
+    """Entry point of ``segtrain``. In an install without the ``train`` extra (``make serve``'s),
+    a command that needs it says so in one line and exits 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        print(
+            f"segtrain: {args.command} needs the train extra ({exc.name} is not installed): "
+            "pip install -e '.[train,cpu]' (or `make install-dev`)",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":
