@@ -43,6 +43,7 @@ from training.export import (
 )
 from training.presets import TARGETS
 from training.train import load_trained
+from training.tuning import tune_instances
 
 log = logging.getLogger("segtrain")
 
@@ -207,6 +208,20 @@ def export_run(run_dir: Path, models_dir: Path, version: str | None = None) -> d
         parity.keras_vs_exact,
     )
 
+    tuned: dict[str, Any] = {}
+    if meta.instances is not None and meta.object_diameter is not None:
+        # The instance step's seed threshold and speck rule, chosen on the validation split.
+        val = config.splits()["val"]
+        instances, table = tune_instances(meta, onnx_predictor(session), val)
+        meta = meta.model_copy(update={"instances": instances})
+        (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+        (run_dir / "eval" / "instances_tuning.json").write_text(json.dumps(table, indent=2))
+        tuned = {
+            "instances_tuned_on": f"validation split, {len(val)} images",
+            "instances_validation_mean_f1": max(row["mean_f1"] for row in table),
+            "instances_validation_mean_f1_at_defaults": table[0]["mean_f1"],
+        }
+
     reports = evaluate_models(run_dir, config, meta, model, session)
     onnx_report, keras_report = reports["onnx"], reports["keras"]
     agg = onnx_report["aggregate"]
@@ -225,6 +240,7 @@ def export_run(run_dir: Path, models_dir: Path, version: str | None = None) -> d
         "training_wall_time_s": summary["wall_time_s"],
         "cpu_seconds_per_image": agg["seconds_per_image"],
         **({"objects": agg["objects"]} if "objects" in agg else {}),
+        **tuned,
         **source_metrics(onnx_report),
     }
     meta = meta.model_copy(update={"metrics": metrics})
