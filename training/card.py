@@ -248,6 +248,14 @@ Each source's test images (held-out sources: all of their images) through the sa
             f"`output=labels`; objects under {meta.instances.min_area_fraction:g} of a disc of "
             "the training scale's diameter are dropped as specks"
         )
+        tuned_on = meta.metrics.get("instances_tuned_on")
+        if tuned_on:
+            head += (
+                f" (both chosen on the {tuned_on} by mean per-source F1@0.5: "
+                f"{meta.metrics['instances_validation_mean_f1']:.4f}, against "
+                f"{meta.metrics['instances_validation_mean_f1_at_defaults']:.4f} at 0.5 and "
+                "0.1; `training.tuning`)"
+            )
     elif meta.output_channels > 1:
         head = f"{meta.output_channels}-channel softmax, argmax"
     objects = ""
