@@ -24,7 +24,7 @@ $(VENV)/.dev-installed: pyproject.toml client/pyproject.toml constraints.txt | $
 install-serve: $(VENV)/.serve-installed
 install-dev: $(VENV)/.dev-installed
 
-## Start the service on http://localhost:8000 with the bundled models (CPU; see README for GPU).
+## Start the service on http://localhost:8000 with the bundled models (CPU; see docs/deployment.md for the GPU).
 serve: install-serve
 	$(BIN)/segment-service
 
@@ -39,9 +39,16 @@ FAST := not slow and not containers and not ray and not browser
 ## Lint, type-check and run the whole test suite (all of it, CI's run).
 # The container tests run alone afterwards: beside the other workers on 2 cores, the containers
 # under test were starved (a 408 upload, a stop past its grace period), though each passes alone.
+# The gpu image's test is the exception: its build (~2 min) mostly copies and unpacks wheels,
+# so it runs beside the others, its output shown when they are done.
+GPU_IMAGE_TEST := test_gpu_image_builds_and_serves_on_the_cpu_loudly
 test: install-dev lint deploy-tools container-tools
-	$(BIN)/pytest $(XDIST) -m "not containers"
-	$(BIN)/pytest -m containers --durations=10
+	@log=$$(mktemp); \
+	$(BIN)/pytest -m containers -k $(GPU_IMAGE_TEST) -p no:cacheprovider >$$log 2>&1 & gpu=$$!; \
+	$(BIN)/pytest $(XDIST) -m "not containers"; others=$$?; \
+	wait $$gpu; gpu_image=$$?; cat $$log; rm -f $$log; \
+	$(BIN)/pytest -m containers -k "not $(GPU_IMAGE_TEST)" --durations=10; containers=$$?; \
+	exit $$(( others || gpu_image || containers ))
 
 ## The edit-test loop: unit and API tests only (a few minutes less than `make test`'s).
 check: install-dev

@@ -150,7 +150,7 @@ def test_text_logs_carry_the_request_id_on_uvicorns_access_lines_too(
     model_dir: Path, tmp_path: Path
 ) -> None:
     """The default text log: the access line of a request has its request ID, as the service's
-    own lines do (what the README promises for every line)."""
+    own lines do (what docs/operations.md promises for every line)."""
     img = random_image(64, 64, seed=34)
     with toy_server(model_dir, tmp_path, graceful_stop=True) as srv:
         r = httpx.post(

@@ -4,7 +4,7 @@ builders): ``deploy/grafana/dashboards/segment-service.json`` is this script's o
     python deploy/grafana/dashboard.py           # write the JSON
     python deploy/grafana/dashboard.py --check   # exit 1 if the JSON is not what this builds
 
-Each panel answers one operator's question (see the README, "Grafana"). Every query is run
+Each panel answers one operator's question (see docs/operations.md, "Grafana"). Every query is run
 against a real Prometheus scraping the real service in tests/test_deploy.py, so a panel whose
 query returns nothing fails CI.
 """

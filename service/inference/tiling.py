@@ -4,7 +4,7 @@ blend the outputs with a weight window and stitch them back without seams.
 Memory stays bounded for very large images: outputs are accumulated in a strip one tile high and
 the full width of the image, and each finished strip is handed to ``reduce`` (threshold, argmax)
 before the window moves on. With ``reduce`` the only full-size array is the reduced result (e.g.
-uint8); see ``docs`` in the README for the bound.
+uint8); see docs/design.md for the bound.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def iter_tile_batches(
 
 
 # Tile batches alive at once when the stages overlap: one being cut and prepared, one ready,
-# one in the predictor, one being blended (docs: the README's memory formula counts them).
+# one in the predictor, one being blended (docs/design.md: the memory formula counts them).
 BATCHES_IN_FLIGHT = 4
 
 

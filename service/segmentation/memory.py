@@ -24,7 +24,7 @@ def request_memory(
 ) -> int:
     """An upper bound of the memory :func:`~service.segmentation.usecase.run` plus encoding
     hold for this request on top of the idle process, from the headers alone: the larger of
-    its two peaks, decoding and inference (the README's formula, term by term).
+    its two peaks, decoding and inference (docs/design.md's formula, term by term).
 
     With a ``scale`` (``diameter=``, planned once per request) the model runs on each plane
     rescaled: the tiler's strips are as wide as the rescaled plane, and the resampled plane and
