@@ -16,6 +16,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from tests.conftest import BBBC038_ZIP as REAL_ZIP
 from training.bbbc038 import (
     COLOUR_SPREAD,
     import_bbbc038,
@@ -27,7 +28,6 @@ from training.bbbc038 import (
 from training.cli import main
 from training.config import TrainConfig
 
-REAL_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbbc038" / "stage1_train.zip"
 SHAPE = (40, 48)
 
 
