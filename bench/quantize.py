@@ -152,7 +152,7 @@ def write_card(fp32: ModelMetadata, int8: ModelMetadata, tiles: int, size: int) 
     ]
     text = f"""# `nuclei-int8` (version {int8.version})
 
-The default [`nuclei`](../nuclei/README.md) model (version {fp32.version}), statically quantized
+The default [`nuclei`](../nuclei/{fp32.version}/README.md) model (version {fp32.version}), statically quantized
 to INT8 with ONNX Runtime's tools. Opt-in: `POST /segment?model=nuclei-int8`. The fp32 `nuclei`
 stays the default model; nothing is replaced silently.
 
@@ -186,7 +186,7 @@ held-out one:
 |---|---|---|---|
 {chr(10).join(rows)}
 
-Data, licence and attribution: as for [`nuclei`](../nuclei/README.md).
+Data, licence and attribution: as for [`nuclei`](../nuclei/{fp32.version}/README.md).
 """
     (OUT / "README.md").write_text(text)
 
