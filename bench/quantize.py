@@ -152,9 +152,10 @@ def write_card(fp32: ModelMetadata, int8: ModelMetadata, tiles: int, size: int) 
     ]
     text = f"""# `nuclei-int8` (version {int8.version})
 
-The default [`nuclei`](../nuclei/{fp32.version}/README.md) model (version {fp32.version}), statically quantized
-to INT8 with ONNX Runtime's tools. Opt-in: `POST /segment?model=nuclei-int8`. The fp32 `nuclei`
-stays the default model; nothing is replaced silently.
+The default [`nuclei`](../nuclei/{fp32.version}/README.md) model (version {fp32.version}),
+statically quantized to INT8 with ONNX Runtime's tools. Opt-in:
+`POST /segment?model=nuclei-int8`. The fp32 `nuclei` stays the default model; nothing is
+replaced silently.
 
 - Same task, classes, tile ({fp32.tile_size}), normalisation (percentiles
   {fp32.normalization.low} / {fp32.normalization.high}), threshold ({fp32.threshold}), training
