@@ -68,8 +68,8 @@ def status_of(response: bytes) -> int:
 
 
 def test_the_estimate_is_the_documented_formula() -> None:
-    """docs/design.md: a 16384² 16-bit grey TIFF with a bundled U-Net (tile 256, batch 8) holds 512 +
-    256 + 256 + 96 + 32 + 32 MiB + ONNX Runtime's batch buffers at its inference peak."""
+    """docs/design.md: a 16384² 16-bit grey TIFF with a bundled U-Net (tile 256, batch 8)
+    holds 512 + 256 + 256 + 96 + 32 + 32 MiB + ONNX Runtime's batch buffers at its peak."""
     session = ort.InferenceSession(str(REPO_MODELS / "nuclei" / "1" / "model.onnx"))
     meta = ModelMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map))
     side = 16384

@@ -744,8 +744,8 @@ def test_compose_stack_with_podman_compose(cpu_image: str, prometheus_image: str
         return proc
 
     try:
-        # docs/deployment.md's CPU way. Docker Compose starts a named service although its profile is
-        # off; podman-compose (1.6) needs the profile, and starts only the services named.
+        # docs/deployment.md's CPU way. Docker Compose starts a named service although its
+        # profile is off; podman-compose (1.6) needs the profile, and starts only those named.
         run("--profile", "cpu", "up", "-d", "segment-cpu", "prometheus")
         service_url, prom_url = f"http://127.0.0.1:{seg_port}", f"http://127.0.0.1:{prom_port}"
 
