@@ -103,7 +103,7 @@ def check_result(page: Page, shot: np.ndarray, mask: np.ndarray, service_url: st
         "(() => { const a = document.getElementById('download');"
         " return {href: a.href, name: a.download}; })()"
     )
-    assert link["href"].startswith("blob:") and link["name"] == "cells_mask.png"
+    assert link["href"].startswith("blob:") and link["name"] == "cells.mask.png"
     downloaded = page.evaluate(
         "fetch(document.getElementById('download').href).then(r => r.arrayBuffer())"
         ".then(b => Array.from(new Uint8Array(b)))"
@@ -200,3 +200,58 @@ def test_the_page_rescales_to_the_models_scale_when_given_a_diameter(tmp_path: P
         page.evaluate(f"({select})('plain')")
         assert page.evaluate("document.getElementById('diameter-label').hidden")
         assert page.errors() == []
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_objects_are_counted_and_outlined_and_an_error_clears_the_result(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """A model that gives instances: the page counts the objects (with the F1 against a
+    ground truth) and outlines them. An error afterwards leaves nothing of that result on
+    screen; a chosen ground truth can be removed; the diameter's placeholder fits its box."""
+    from tests.test_instances import CENTRES, nuclei_image
+
+    img, labels = nuclei_image(200, 200, CENTRES)
+    image, truth = tmp_path / "nuclei.png", tmp_path / "nuclei_truth.tif"
+    image.write_bytes(png_bytes(img))
+    truth.write_bytes(tiff_bytes(labels.astype(np.uint16)))
+    with (
+        toy_server(model_dir, tmp_path / "server", default_model="toyobj") as srv,
+        browser(chromium(), tmp_path / "profile") as page,
+    ):
+        page.goto(f"{srv.url}/")
+        shot = run_page(page, srv.url, image, truth)
+        objects = page.evaluate("document.getElementById('objects').textContent")
+        assert objects == "5 objects (F1 1.000 against the ground truth)", objects
+        rect = page.rect("#overlay-view")
+        ys = (rect["y"] + (np.arange(200) + 0.5) * rect["height"] / 200).astype(int)
+        xs = (rect["x"] + (np.arange(200) + 0.5) * rect["width"] / 200).astype(int)
+        rgb = shot[np.ix_(ys, xs)].astype(int)
+        yellow = (rgb[..., 0] > 150) & (rgb[..., 1] > 150) & (rgb[..., 2] < 100)
+        # the outline between the two touching nuclei is drawn, their centres are not
+        assert yellow[35:46, 48].any() and not yellow[40, 40] and not yellow[40, 57]
+        assert "outlines" in page.evaluate("document.getElementById('legend').textContent")
+
+        page.evaluate("document.getElementById('truth-clear').click()")
+        assert page.evaluate("document.getElementById('truth-name').textContent") == "none"
+        assert page.evaluate("document.getElementById('truth-clear').hidden")
+
+        broken = tmp_path / "broken.png"
+        broken.write_bytes(png_bytes(img)[:100])
+        page.set_files("#image-input", broken)
+        page.evaluate("document.getElementById('run').click()")
+        page.wait_for("document.body.dataset.state === 'error'")
+        assert page.evaluate("document.getElementById('result').hidden")
+        assert page.evaluate("document.getElementById('objects').textContent") == ""
+        assert page.evaluate("document.getElementById('overlay-view').width") == 1
+        assert not page.evaluate("document.getElementById('download').hasAttribute('href')")
+
+        fits = (
+            "(() => { const i = document.getElementById('diameter');"
+            " const c = document.createElement('canvas').getContext('2d');"
+            " c.font = getComputedStyle(i).font;"
+            " return c.measureText(i.placeholder).width <= i.clientWidth; })()"
+        )
+        assert page.evaluate("document.getElementById('diameter').placeholder").endswith("px)")
+        assert page.evaluate(fits)

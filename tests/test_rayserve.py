@@ -245,6 +245,18 @@ def test_masks_and_scores_are_identical_to_the_standalone_service(
                 post(standalone.url, segment_files(image)).content
                 == post(ray_app.url, segment_files(image)).content
             )
+        # The objects too (the default model gives instances): same labels, table and scores.
+        image, truth = frames[TEST_FRAMES[0]]
+        query = {"format": "json", "output": "labels"}
+        alone = post(standalone.url, segment_files(image, truth), **query).json()
+        on_ray = post(ray_app.url, segment_files(image, truth), **query).json()
+        assert alone["labels_png"] == on_ray["labels_png"] and alone["object_count"] > 50
+        assert alone["objects"] == on_ray["objects"]
+        assert alone["object_metrics"] == on_ray["object_metrics"]
+        assert alone["object_metrics"]["f1"] > 0.8
+        # Ray serves each model's newest version; pinning an older one is the standalone's.
+        pinned = post(ray_app.url, segment_files(image), model=f"{MODEL}@1")
+        assert pinned.status_code == 404 and "versions of 'nuclei': ['2']" in pinned.text
 
 
 def test_tile_batches_of_concurrent_requests_share_model_calls(ray_app: ServeApp) -> None:

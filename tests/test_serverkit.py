@@ -77,12 +77,17 @@ def test_every_model_is_listed_with_its_parameters(server: LiveServer) -> None:
 
 def test_a_frame_gives_the_same_mask_as_segment(server: LiveServer, frame: np.ndarray) -> None:
     client = sk.Client(f"{server.url}/serverkit")
-    result = client.run(frame, algorithm="nuclei", threshold=0.4, overlap=0.5)
+    result = client.run(frame, algorithm="nuclei", threshold=0.4, overlap=0.5, output="mask")
     (layer,) = result.layers
     assert layer.kind == "mask" and layer.data.shape == frame.shape
     expected = segment_png(server, frame, threshold=0.4, overlap=0.5) > 0
     assert 0.02 < expected.mean() < 0.6  # nuclei were found, not everything
     np.testing.assert_array_equal(layer.data.astype(bool), expected)
+    # The default model gives instances: its objects by default, as /segment?output=labels.
+    (objects,) = client.run(frame, algorithm="nuclei", overlap=0.5).layers
+    labels = segment_png(server, frame, overlap=0.5, output="labels")
+    assert objects.name == "nuclei objects" and labels.max() > 5
+    np.testing.assert_array_equal(np.asarray(objects.data), labels)
 
     classes = client.run(frame, algorithm="nuclei-3class", overlap=0.25).layers[0].data
     np.testing.assert_array_equal(classes, segment_png(server, frame, model="nuclei-3class"))
@@ -92,7 +97,7 @@ def test_a_frame_gives_the_same_mask_as_segment(server: LiveServer, frame: np.nd
 def test_a_z_stack_is_segmented_plane_by_plane(server: LiveServer, frame: np.ndarray) -> None:
     stack = np.stack([frame, synthetic_nuclei(frame.shape, seed=4)])
     client = sk.Client(f"{server.url}/serverkit")
-    mask = client.run(stack, algorithm="nuclei").layers[0].data
+    mask = client.run(stack, algorithm="nuclei", output="mask").layers[0].data
     assert mask.shape == stack.shape
     np.testing.assert_array_equal(mask[1].astype(bool), segment_png(server, stack[1]) > 0)
 

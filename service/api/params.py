@@ -48,7 +48,13 @@ def segment_options(
     class_name: Annotated[
         str | None, Query(max_length=64, description="Return this class's 0/255 mask only")
     ] = None,
-    per_class: Annotated[bool, Query(description="JSON only: add one 0/255 PNG per class")] = False,
+    per_class: Annotated[
+        bool,
+        Query(
+            description="JSON only: add one 0/255 PNG per class (and with output=labels the "
+            "objects' outlines)"
+        ),
+    ] = False,
     channel: Annotated[
         str | None,
         Query(

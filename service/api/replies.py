@@ -12,7 +12,12 @@ from fastapi import Request
 
 from service.api.problems import ApiError, ErrorCode
 from service.api.schemas import segment_document, stack_document
-from service.segmentation.render import encode_class_masks, encode_labels, encode_mask
+from service.segmentation.render import (
+    encode_class_masks,
+    encode_labels,
+    encode_mask,
+    encode_outlines,
+)
 from service.segmentation.usecase import Segmentation
 
 
@@ -98,7 +103,8 @@ def reply(
             body = stack_document(segmentation, mask, request_id, labels).model_dump_json()
         else:
             masks = encode_class_masks(segmentation) if per_class else None
-            document = segment_document(segmentation, mask, masks, request_id, labels)
+            edges = encode_outlines(segmentation) if per_class and labels else None
+            document = segment_document(segmentation, mask, masks, request_id, labels, edges)
             body = document.model_dump_json()
         return Reply(body.encode(), "application/json", answer_headers(segmentation))
     tiff = tiff or segmentation.stack

@@ -135,6 +135,9 @@ class SegmentResponse(_Answer):
         None, description="output=labels with over 65,535 objects: a base64 32-bit TIFF"
     )
     objects: list[ObjectRow] | None = Field(None, description="output=labels: one row per object")
+    outlines_png: str | None = Field(
+        None, description="output=labels with per_class: the objects' outlines, a 0/255 PNG"
+    )
 
 
 class PhysicalPixelSize(BaseModel):
@@ -252,6 +255,7 @@ def segment_document(
     class_masks: dict[str, bytes] | None,
     request_id: str,
     labels: tuple[bytes, str] | None = None,
+    outlines: bytes | None = None,
 ) -> SegmentResponse:
     """The JSON answer for a 2-D image: the mask as base64 PNG, per-class PNGs on request,
     with ``labels`` (output=labels: the file and its media type) the labels and objects."""
@@ -264,6 +268,7 @@ def segment_document(
     return SegmentResponse(
         **_labels_fields(segmentation, labels),
         objects=rows,
+        outlines_png=None if outlines is None else _b64(outlines),
         **_common(segmentation, request_id),
         image=ImageInfo(
             **attributes(image, "format dtype mode width height channels channel"),

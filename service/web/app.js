@@ -4,6 +4,7 @@
 "use strict";
 
 // Overlay colours of classes 1, 2, ... (class 0, background, is left clear).
+const OUTLINE = [255, 255, 0]; // objects' outlines (models that give instances)
 const COLOURS = [
   [255, 0, 255],
   [255, 170, 0],
@@ -125,7 +126,28 @@ function updateButton() {
 function chooseFile(kind, file) {
   state[kind] = file || null;
   $(`${kind}-name`).textContent = file ? `${file.name} (${file.size.toLocaleString()} bytes)` : (kind === "image" ? "no image yet" : "none");
+  if (kind === "truth") $("truth-clear").hidden = !file;
+  if (kind === "image") clearResult();
   updateButton();
+}
+
+// Nothing of an earlier run stays on screen once another starts, fails, or the image changes.
+function clearResult() {
+  $("result").hidden = true;
+  for (const id of ["image-view", "overlay-view"]) {
+    const view = $(id);
+    view.width = 1;
+    view.height = 1;
+  }
+  $("legend").textContent = "";
+  $("summary").textContent = "";
+  $("objects").textContent = "";
+  $("scores").hidden = true;
+  $("scores").querySelector("tbody").textContent = "";
+  $("scores").querySelector("tfoot").textContent = "";
+  if (state.maskUrl) URL.revokeObjectURL(state.maskUrl);
+  state.maskUrl = null;
+  $("download").removeAttribute("href");
 }
 
 function wireDrop(zoneId, inputId, kind) {
@@ -184,6 +206,21 @@ async function colouredMask(doc) {
         out.data[i + 3] = 255;
       }
     }
+  }
+  if (doc.outlines_png) {
+    const img = await loadImage(`data:image/png;base64,${doc.outlines_png}`);
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+    ctx.drawImage(img, 0, 0);
+    const edge = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+    for (let i = 0; i < edge.length; i += 4) {
+      if (edge[i] > 127) {
+        out.data[i] = OUTLINE[0];
+        out.data[i + 1] = OUTLINE[1];
+        out.data[i + 2] = OUTLINE[2];
+        out.data[i + 3] = 255;
+      }
+    }
+    legend.push(["outlines", OUTLINE]);
   }
   ctx.putImageData(out, 0, 0);
   return { canvas, legend };
@@ -245,6 +282,7 @@ async function segment(event) {
   event.preventDefault();
   if (!state.image) return;
   $("run").disabled = true;
+  clearResult();
   setState("running", "Segmenting…");
   const params = new URLSearchParams({
     model: $("model").value,
@@ -254,6 +292,8 @@ async function segment(event) {
   });
   if (!$("threshold-label").hidden) params.set("threshold", $("threshold").value);
   if (!$("diameter-label").hidden && $("diameter").value) params.set("diameter", $("diameter").value);
+  // A model that separates touching objects: count them and draw their outlines.
+  if (state.models[$("model").value].instances) params.set("output", "labels");
   const form = new FormData();
   form.append("image", state.image);
   if (state.truth) form.append("ground_truth", state.truth);
@@ -284,9 +324,16 @@ async function segment(event) {
       ? `, rescaled ×${doc.scale.factor.toFixed(2)} to ${doc.scale.width}×${doc.scale.height}`
       : "";
     $("summary").textContent = ` — ${doc.model} v${doc.version}, ${doc.image.width}×${doc.image.height}${scaled}, ${doc.tiles} tiles, ${Math.round(ms)} ms on ${doc.provider}`;
+    if (doc.object_count !== null && doc.object_count !== undefined) {
+      const f1 = doc.object_metrics && doc.object_metrics.f1 !== null
+        ? ` (F1 ${doc.object_metrics.f1.toFixed(3)} against the ground truth)`
+        : "";
+      $("objects").textContent = `${doc.object_count} object${doc.object_count === 1 ? "" : "s"}${f1}`;
+    }
     $("result").hidden = false;
     setState("done", "");
   } catch (err) {
+    clearResult();
     setState("error", err.describe ? err.describe() : String(err), true);
   } finally {
     updateButton();
@@ -299,13 +346,18 @@ function offerDownload(bytes, type, suffix) {
   const link = $("download");
   link.href = state.maskUrl;
   const stem = state.image.name.replace(/\.[^.]+$/, "");
-  link.download = `${stem}_mask${suffix}`;
+  // Not "<image>_mask": segment-client and the like pair that name as the image's ground truth.
+  link.download = `${stem}.mask${suffix}`;
   link.textContent = `Download the mask (${suffix === ".png" ? "PNG" : "multi-page TIFF"})`;
 }
 
 function init() {
   wireDrop("drop", "image-input", "image");
   wireDrop("drop-truth", "truth-input", "truth");
+  $("truth-clear").addEventListener("click", () => {
+    $("truth-input").value = "";
+    chooseFile("truth", null);
+  });
   $("model").addEventListener("change", modelChanged);
   $("form").addEventListener("submit", segment);
   $("save-key").addEventListener("click", () => {
