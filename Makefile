@@ -39,16 +39,11 @@ FAST := not slow and not containers and not ray and not browser
 ## Lint, type-check and run the whole test suite (all of it, CI's run).
 # The container tests run alone afterwards: beside the other workers on 2 cores, the containers
 # under test were starved (a 408 upload, a stop past its grace period), though each passes alone.
-# The gpu image's test is the exception: its build (~2 min) mostly copies and unpacks wheels,
-# so it runs beside the others, its output shown when they are done.
-GPU_IMAGE_TEST := test_gpu_image_builds_and_serves_on_the_cpu_loudly
+# So is the gpu image's build: tried beside the other workers, it took 289 s instead of ~125 s
+# and the Ray tests failed (Serve's proxy actor killed under the load).
 test: install-dev lint deploy-tools container-tools
-	@log=$$(mktemp); \
-	$(BIN)/pytest -m containers -k $(GPU_IMAGE_TEST) -p no:cacheprovider >$$log 2>&1 & gpu=$$!; \
-	$(BIN)/pytest $(XDIST) -m "not containers"; others=$$?; \
-	wait $$gpu; gpu_image=$$?; cat $$log; rm -f $$log; \
-	$(BIN)/pytest -m containers -k "not $(GPU_IMAGE_TEST)" --durations=10; containers=$$?; \
-	exit $$(( others || gpu_image || containers ))
+	$(BIN)/pytest $(XDIST) -m "not containers"
+	$(BIN)/pytest -m containers --durations=10
 
 ## The edit-test loop: unit and API tests only (a few minutes less than `make test`'s).
 check: install-dev
