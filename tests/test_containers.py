@@ -855,10 +855,14 @@ def _metric(box: Container, name: str, **labels: str) -> float | None:
 def test_a_memory_limited_container_refuses_what_cannot_fit_and_stays_up(
     cpu_image: str, held_out_frame: np.ndarray
 ) -> None:
-    """`--memory 600m`: the budget comes from the cgroup; an image that needs more than that
+    """`--memory 600m` (newest model versions only): the budget comes from the cgroup; an image
+    that needs more than that
     gets 413 with the numbers, the container stays up and serves the next request. The same
     image with SEG_MEMORY_ADMISSION=false (the service before budgets) kills the container."""
     limit = [f"--memory={MEMORY_LIMIT_MIB}m", f"--memory-swap={MEMORY_LIMIT_MIB}m"]
+    # A small container serves each model's newest version only (every version: 250 MiB of
+    # models, which leaves too little for the frame below).
+    limit.append("--env=SEG_MODEL_VERSIONS=newest")
     with service_container(cpu_image, "memory", limit) as box:
         assert _metric(box, "segment_memory_budget_bytes", part="total") == MEMORY_LIMIT_MIB << 20
         capacity = _metric(box, "segment_memory_budget_bytes", part="requests")

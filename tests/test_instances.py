@@ -360,3 +360,14 @@ def test_instances_are_part_of_the_memory_estimate() -> None:
     plain = request_memory(meta, header, 8)
     labelled = request_memory(meta, header, 8, instances=True)
     assert labelled - plain >= 4 * 4096 * 4096  # the uint32 labels at least
+
+
+def test_a_small_service_loads_each_models_newest_version_only(tmp_path: Path) -> None:
+    root = write_models(tmp_path / "models")
+    build_model(root / "toyobj" / "2" / "model.onnx", name="toyobj", tile_size=64, version="2")
+    with running_app(root, model_versions="newest") as client:
+        listed = {m["name"]: m for m in client.get("/models").json()["models"]}
+        assert listed["toyobj"]["versions"] == ["2"]
+        image, _ = nuclei_image(64, 64, CENTRES[:1])
+        r = post(client, "model=toyobj@1", png_bytes(image))
+        assert r.status_code == 404 and "['2']" in r.json()["detail"]

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
         REPO_MODELS, description="Folder laid out as <name>/<version>/model.onnx"
     )
     default_model: str = Field("nuclei", description="Model used when a request names none")
+    model_versions: Literal["all", "newest"] = Field(
+        "all",
+        description="all: every version of every model is loaded (model=NAME@VERSION pins "
+        "one); newest: each model's newest version only (a small container's memory)",
+    )
     providers: list[str] = Field(
         ["CUDAExecutionProvider", "CPUExecutionProvider"],
         description="ONNX Runtime execution providers, in order of preference",

@@ -331,7 +331,8 @@ def load_model(
 
 def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
     """The standalone service's loader: every version of every model of ``SEG_MODEL_DIR`` in
-    this process (the newest serves ``model=NAME``, the others ``model=NAME@VERSION``). A
+    this process (the newest serves ``model=NAME``, the others ``model=NAME@VERSION``; with
+    ``SEG_MODEL_VERSIONS=newest`` the newest alone). A
     broken one (or one over the memory budget) is logged at ERROR and recorded, and the others
     still serve."""
     model_dir = settings.model_dir
@@ -339,7 +340,10 @@ def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
     memory_budget = memory_budget_from(settings)[0]
     for name, versions in find_model_versions(model_dir).items():
         newest = max(versions)
-        for version in sorted(versions, reverse=True):  # the newest first: it matters most
+        loaded = sorted(versions, reverse=True)  # the newest first: it matters most
+        if settings.model_versions == "newest":
+            loaded = loaded[:1]
+        for version in loaded:
             path = versions[version]
             key = name if version == newest else f"{name}@{version}"
             try:
