@@ -182,7 +182,24 @@ function b64Bytes(b64) {
   return bytes;
 }
 
-// The classes' 0/255 masks painted in their colours on a transparent canvas of the mask's size.
+// Paint ``colour`` into ``out`` wherever the 0/255 PNG (base64) is set.
+async function paint(ctx, out, png, colour) {
+  const img = await loadImage(`data:image/png;base64,${png}`);
+  ctx.clearRect(0, 0, out.width, out.height);
+  ctx.drawImage(img, 0, 0);
+  const mask = ctx.getImageData(0, 0, out.width, out.height).data;
+  for (let i = 0; i < mask.length; i += 4) {
+    if (mask[i] > 127) {
+      out.data[i] = colour[0];
+      out.data[i + 1] = colour[1];
+      out.data[i + 2] = colour[2];
+      out.data[i + 3] = 255;
+    }
+  }
+}
+
+// The classes' 0/255 masks painted in their colours on a transparent canvas of the mask's size,
+// and the objects' outlines over them (a model that gives instances).
 async function colouredMask(doc) {
   const canvas = document.createElement("canvas");
   canvas.width = doc.image.width;
@@ -194,32 +211,10 @@ async function colouredMask(doc) {
     if (index === 0) continue; // background stays clear
     const colour = COLOURS[(index - 1) % COLOURS.length];
     legend.push([name, colour]);
-    const img = await loadImage(`data:image/png;base64,${doc.class_masks[name]}`);
-    ctx.clearRect(0, 0, canvas.width, canvas.height);
-    ctx.drawImage(img, 0, 0);
-    const mask = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
-    for (let i = 0; i < mask.length; i += 4) {
-      if (mask[i] > 127) {
-        out.data[i] = colour[0];
-        out.data[i + 1] = colour[1];
-        out.data[i + 2] = colour[2];
-        out.data[i + 3] = 255;
-      }
-    }
+    await paint(ctx, out, doc.class_masks[name], colour);
   }
   if (doc.outlines_png) {
-    const img = await loadImage(`data:image/png;base64,${doc.outlines_png}`);
-    ctx.clearRect(0, 0, canvas.width, canvas.height);
-    ctx.drawImage(img, 0, 0);
-    const edge = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
-    for (let i = 0; i < edge.length; i += 4) {
-      if (edge[i] > 127) {
-        out.data[i] = OUTLINE[0];
-        out.data[i + 1] = OUTLINE[1];
-        out.data[i + 2] = OUTLINE[2];
-        out.data[i + 3] = 255;
-      }
-    }
+    await paint(ctx, out, doc.outlines_png, OUTLINE);
     legend.push(["outlines", OUTLINE]);
   }
   ctx.putImageData(out, 0, 0);
