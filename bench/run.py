@@ -348,7 +348,7 @@ def instance_lever(images: list[BenchImage], repeats: int) -> dict[str, Any] | N
             }
         )
         log(f"instances on {img.name}: {rows[-1]}")
-    return {"model": str(path), "version": model.meta.version, "images": rows}
+    return {"model": str(path.relative_to(REPO)), "version": model.meta.version, "images": rows}
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
