@@ -373,6 +373,21 @@ def test_parity_is_measured_against_float64_keras_and_catches_a_wrong_export() -
     with pytest.raises(ParityError, match=r"float64\) max abs diff"):
         check_parity(model, ort_predictor(proto), tiles)
 
+    # An extra leading axis on the output (a one-element list packed into the graph) would
+    # broadcast against Keras's and pass on values: it is refused by shape.
+    import onnx
+
+    proto = to_onnx(model, model_metadata(config, 1))
+    out = proto.graph.output[0]
+    last = next(node for node in proto.graph.node if out.name in node.output)
+    last.output[list(last.output).index(out.name)] = "inner"
+    axes = numpy_helper.from_array(np.array([0], np.int64), "axis0")
+    proto.graph.initializer.append(axes)
+    proto.graph.node.append(onnx.helper.make_node("Unsqueeze", ["inner", "axis0"], [out.name]))
+    out.type.tensor_type.shape.dim.insert(0, onnx.TensorShapeProto.Dimension(dim_value=1))
+    with pytest.raises(ParityError, match=r"output shapes differ.*\(1, 4, 32, 32, 3\)"):
+        check_parity(model, ort_predictor(proto), tiles)
+
 
 def test_segtrain_help_does_not_load_tensorflow() -> None:
     """``segtrain --help`` (and every subcommand's help) reads the presets and architecture names

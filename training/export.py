@@ -76,7 +76,8 @@ def served_model(model: keras.Model, config: TrainConfig) -> keras.Model:
     if model.outputs[0].shape[-1] != 3:
         raise ValueError("binary_instances needs a 3-class (background/interior/boundary) net")
     head = ForegroundCore(name="foreground_core")(model.outputs[0])
-    return keras.Model(model.inputs, head, name=model.name)
+    # A single input stays a tensor, not a one-element list, so calls with a bare array match.
+    return keras.Model(model.inputs[0], head, name=model.name)
 
 
 def served_mask_mode(config: TrainConfig) -> str:
@@ -171,6 +172,12 @@ def check_parity(
         [np.asarray(twin(tiles64[i : i + 8], training=False)) for i in range(0, len(tiles64), 8)]
     )
     got = np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: tiles})[0], np.float64)
+    # Broadcasting would hide an extra axis (e.g. a one-element list packed into the graph).
+    if not got.shape == keras32.shape == exact.shape:
+        raise ParityError(
+            f"output shapes differ on {tiles.shape} tiles: ONNX Runtime {got.shape}, "
+            f"Keras {keras32.shape}, Keras float64 {exact.shape}"
+        )
     parity = Parity(
         onnx_vs_exact=float(np.max(np.abs(got - exact))),
         keras_vs_exact=float(np.max(np.abs(keras32 - exact))),
