@@ -8,12 +8,14 @@ so the service loads them exactly as it loads a trained model.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.inference.modelmeta import Instances, ModelMetadata, Normalization, Task
+from service.inference.precision import Precision
 
 
 def build_model(
@@ -32,6 +34,9 @@ def build_model(
     object_diameter: float | None = None,
     instances: Instances | None = None,
     version: str = "1",
+    precision: Precision = Precision.FP32,
+    metrics: dict[str, Any] | None = None,
+    bias_shift: float = 0.0,
 ) -> ModelMetadata:
     """Write a one-convolution model to ``path``: sigmoid for 2 classes, softmax otherwise.
 
@@ -39,6 +44,10 @@ def build_model(
     normalised intensity, so the expected mask of any image is known exactly. With
     ``instances`` it has a second channel, the cores: ``sigmoid(8 * (x - 0.75))`` (pixels of
     at least 0.75 are an object's core).
+
+    ``precision`` and ``metrics`` go into the metadata (a variant file of a version, with the
+    figures its card would carry); ``bias_shift`` moves the threshold of a binary model's
+    foreground by ``bias_shift / 8`` of the intensity, so that a variant's masks differ.
     """
     classes = classes or ["background", "foreground"]
     binary = len(classes) == 2
@@ -46,7 +55,7 @@ def build_model(
     rng = np.random.default_rng(seed)
     if binary and kernel == 1:
         w = np.full((k_out, channels, 1, 1), 8.0 / channels, np.float32)
-        b = np.array([-4.0, -6.0][:k_out], np.float32)
+        b = np.array([-4.0 + bias_shift, -6.0][:k_out], np.float32)
     else:
         w = rng.normal(0, 1, (k_out, channels, kernel, kernel)).astype(np.float32)
         b = np.linspace(-1, 1, k_out).astype(np.float32)
@@ -85,6 +94,8 @@ def build_model(
         instances=instances,
         architecture="test-conv",
         description="test model built by bench/onnx_models.py",
+        precision=precision,
+        metrics=metrics or {},
     )
     helper.set_model_props(model, meta.to_props())
     onnx.checker.check_model(model)

@@ -219,9 +219,9 @@ def fixed_cost_app(replicas: int, max_batch_tiles: int) -> Any:
     class FixedCostModel(base):
         """The real model replica (metadata, batching, queues) with a fixed-cost model call."""
 
-        def run_model(self, tiles: np.ndarray) -> np.ndarray:
+        def run_model(self, tiles: np.ndarray, precision: Any) -> np.ndarray:
             time.sleep(FIXED_COST_S)
-            k = self.model.meta.output_channels
+            k = self.variants[precision].meta.output_channels
             return np.repeat(np.clip(tiles[..., :1], 0.0, 1.0), k, axis=-1)
 
     # The config file's settings for the replicas (e.g. the ingress's worker threads), as in

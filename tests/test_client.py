@@ -309,6 +309,18 @@ def test_globs_single_files_and_a_clean_exit(server: LiveServer, tmp_path: Path)
     assert status == 0 and "0 segmented, 3 skipped" in printed
 
 
+def test_the_precision_reaches_the_service(server: LiveServer, tmp_path: Path) -> None:
+    """``--precision`` is the service's ``precision=``: fp32 runs; int8, which the toy model
+    does not have, is the service's 422 naming what it has, per image."""
+    make_folder(tmp_path)
+    pattern = str(tmp_path / "images" / "cell_0.png")
+    base = [pattern, "--url", server.url, "--no-progress"]
+    status, printed = run_cli([*base, "--out", str(tmp_path / "a"), "--precision", "fp32"])
+    assert status == 0 and (tmp_path / "a" / "cell_0.png").is_file(), printed
+    status, printed = run_cli([*base, "--out", str(tmp_path / "b"), "--precision", "int8"])
+    assert status == 1 and "(invalid_parameter)" in printed and "['fp32']" in printed, printed
+
+
 def test_nothing_to_do_is_a_usage_error(tmp_path: Path) -> None:
     status, printed = run_cli([str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     assert status == 2 and "no such file or folder" in printed

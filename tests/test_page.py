@@ -197,6 +197,7 @@ def test_the_page_rescales_to_the_models_scale_when_given_a_diameter(tmp_path: P
         run_page(page, srv.url, image, truth)
         summary = page.evaluate("document.getElementById('summary').textContent")
         assert "rescaled \u00d70.50 to 90\u00d760" in summary, summary  # multiplication signs
+        assert "scaled v1 (fp32)," in summary, summary  # the precision that ran
         page.evaluate(f"({select})('plain')")
         assert page.evaluate("document.getElementById('diameter-label').hidden")
         assert page.errors() == []

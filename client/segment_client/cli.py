@@ -432,6 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the service's API key (env SEGMENT_API_KEY)",
     )
     p.add_argument("-m", "--model", help="model name (default: the service's default model)")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "fp16", "int8"),
+        help="the model variant to run (default auto: what the service measured to pay on its "
+        "host; fp32 gives exactly the reference masks)",
+    )
     p.add_argument("--threshold", type=float, help="binary models: probability cut-off")
     p.add_argument("--overlap", type=float, help="tile overlap, 0 to 0.75")
     p.add_argument("--blend", choices=("gaussian", "cosine", "constant"))
@@ -468,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _params(args: argparse.Namespace) -> dict[str, Any]:
     params = {
         "model": args.model,
+        "precision": args.precision,
         "threshold": args.threshold,
         "overlap": args.overlap,
         "blend": args.blend,

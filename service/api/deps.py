@@ -12,6 +12,7 @@ import contextlib
 import hmac
 import threading
 from collections.abc import AsyncIterator, Callable
+from enum import StrEnum
 from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request
@@ -19,6 +20,7 @@ from fastapi import Depends, Query, Request
 from service.api.problems import ApiError, ErrorCode
 from service.core.config import Settings
 from service.core.telemetry import ServiceMetrics
+from service.inference.precision import AUTO, Precision
 from service.segmentation.jobs import JobStore
 from service.segmentation.registry import ModelRegistry, SegmentationModel
 from service.segmentation.runner import Runner
@@ -78,9 +80,21 @@ async def client_gone(request: Request) -> AsyncIterator[threading.Event]:
 ClientGoneDep = Annotated[threading.Event, Depends(client_gone)]
 
 
-def lookup_model(registry: ModelRegistry, settings: Settings, name: str) -> SegmentationModel:
-    """The model called ``name``; 503 with ``Retry-After`` while the models load, 404 naming
-    the available models when it is unknown or failed to load."""
+class PrecisionChoice(StrEnum):
+    """What a request may ask for: ``auto`` (the host's measured choice) or one precision."""
+
+    AUTO = AUTO
+    FP32 = Precision.FP32.value
+    FP16 = Precision.FP16.value
+    INT8 = Precision.INT8.value
+
+
+def lookup_model(
+    registry: ModelRegistry, settings: Settings, name: str, precision: str = AUTO
+) -> SegmentationModel:
+    """The model called ``name`` in ``precision``; 503 with ``Retry-After`` while the models
+    load, 404 naming the available models when it is unknown or failed to load, 422 naming
+    the loaded precisions when the one asked for is not among them."""
     if not registry.ready.is_set():
         raise ApiError(
             503,
@@ -98,7 +112,16 @@ def lookup_model(registry: ModelRegistry, settings: Settings, name: str) -> Segm
         raise ApiError(
             404, ErrorCode.UNKNOWN_MODEL, f"{detail}; available models: {sorted(registry.models)}"
         )
-    return model
+    variant = registry.variant(model, precision)
+    if variant is None:
+        loaded = [str(p) for p in registry.precisions(model)]
+        raise ApiError(
+            422,
+            ErrorCode.INVALID_PARAMETER,
+            f"precision {precision!r}: model {name!r} (version {model.meta.version}) runs in "
+            f"{loaded} here; use one of those, or auto",
+        )
+    return variant
 
 
 def model_from_query(
@@ -112,14 +135,23 @@ def model_from_query(
             "NAME@VERSION pins a version (GET /models lists them)",
         ),
     ] = None,
+    precision: Annotated[
+        PrecisionChoice,
+        Query(
+            description="auto: the precision measured to pay on this host without costing "
+            "accuracy (GET /models says which and why); fp32, fp16, int8: that variant of the "
+            "model, where its version has it",
+        ),
+    ] = PrecisionChoice.AUTO,
 ) -> SegmentationModel:
-    """The model a request names with ``?model=``, or the default model."""
-    return lookup_model(registry, settings, model or settings.default_model)
+    """The model a request names with ``?model=`` (or the default model), in ``?precision=``."""
+    return lookup_model(registry, settings, model or settings.default_model, precision.value)
 
 
 def model_from_path(name: str, registry: RegistryDep, settings: SettingsDep) -> SegmentationModel:
-    """The model a path names (``/models/{name}``)."""
-    return lookup_model(registry, settings, name)
+    """The model a path names (``/models/{name}``): its fp32 file, which stands for its
+    version (the route picks another precision where it takes one)."""
+    return lookup_model(registry, settings, name, Precision.FP32.value)
 
 
 ModelDep = Annotated[SegmentationModel, Depends(model_from_query)]

@@ -52,13 +52,14 @@ def response_format(request: Request, fmt: OutputFormat | None, stack: bool) -> 
 
 
 def answer_headers(segmentation: Segmentation) -> dict[str, str]:
-    """Model, provider, stage timings (``Server-Timing``), with a truth the means (a stack's:
-    the whole stack's), and with a diameter the factor the image was really rescaled by
+    """Model, precision, provider, stage timings (``Server-Timing``), with a truth the means (a
+    stack's: the whole stack's), and with a diameter the factor the image was really rescaled by
     (``X-Segment-Scale``: 1 when it was segmented as it is)."""
     model, scores, scale = segmentation.model, segmentation.scores, segmentation.scale
     timings = segmentation.timings_ms()
     headers = {
         "X-Model": f"{model.name}/{model.meta.version}",
+        "X-Precision": model.meta.precision,
         "X-Provider": model.provider,
         "Server-Timing": ", ".join(f"{k};dur={v}" for k, v in timings.items()),
     }

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from service.api.problems import ErrorCode
 from service.inference.matching import ObjectScores
 from service.inference.modelmeta import Task
+from service.inference.precision import Precision
 from service.inference.rescale import ScalePlan
 from service.inference.scores import SegmentationScores
 from service.inference.tiling import BlendMode
@@ -106,6 +107,9 @@ class _Answer(BaseModel):
     request_id: str
     model: str
     version: str
+    precision: Precision = Field(
+        description="The model variant that ran (precision=auto: the host's choice, GET /models)"
+    )
     provider: str
     classes: list[str]
     threshold: float | None
@@ -233,6 +237,7 @@ def _common(segmentation: Segmentation, request_id: str) -> dict[str, object]:
         "request_id": request_id,
         "model": model.name,
         "version": meta.version,
+        "precision": meta.precision,
         "provider": model.provider,
         "classes": meta.classes,
         "threshold": threshold,

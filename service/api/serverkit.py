@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.api.deps import (
     ApiKeyDep,
     NamedModelDep,
+    RegistryDep,
     RunnerDep,
     require_api_key,
     watch_disconnect,
@@ -42,6 +43,7 @@ from service.api.deps import (
 from service.api.problems import ApiError, ErrorCode, error_response
 from service.core.config import Settings
 from service.inference.modelmeta import Task
+from service.inference.precision import AUTO
 from service.inference.rescale import diameter_range
 from service.segmentation import usecase
 from service.segmentation.errors import (
@@ -126,6 +128,24 @@ def knobs(model: SegmentationModel, settings: Settings) -> dict[str, Knob]:
 
 # What a model that separates touching objects answers: its objects (the default) or its mask.
 OUTPUTS = ("labels", "mask")
+
+
+def precision_variant(
+    registry: ModelRegistry, model: SegmentationModel, values: dict[str, Any]
+) -> SegmentationModel:
+    """The variant of ``model``'s version that the ``precision`` value asks for (default
+    ``auto``: the host's measured choice); 422 naming the loaded ones otherwise."""
+    precision = values.get("precision", AUTO)
+    loaded = [str(p) for p in registry.precisions(model)]
+    variant = None
+    if precision == AUTO or precision in loaded:
+        variant = registry.variant(model, precision)
+    if variant is None:
+        raise InvalidParameterError(
+            f"precision: expected one of {[AUTO, *loaded]} (loaded for model {model.name!r} "
+            f"version {model.meta.version}), got {precision!r}"
+        )
+    return variant
 
 
 def segment_params(
@@ -289,9 +309,12 @@ def process_router(settings: Settings) -> APIRouter:
     router = APIRouter(tags=["serverkit"], dependencies=[ApiKeyDep])
 
     @router.post(f"{settings.serverkit_prefix}/{{name}}/process", include_in_schema=False)
-    async def process(request: Request, model: NamedModelDep, runner: RunnerDep) -> Response:
+    async def process(
+        request: Request, model: NamedModelDep, registry: RegistryDep, runner: RunnerDep
+    ) -> Response:
         """Segment a Server Kit image array with the model it names."""
         image, values = await run_in_threadpool(parse_process_body, await request.body())
+        model = precision_variant(registry, model, values)
         plan, upload = await run_in_threadpool(plan_array, model, settings, image, values)
         shape = mask_shape(plan.image)
         async with watch_disconnect(request) as gone:
@@ -303,7 +326,9 @@ def process_router(settings: Settings) -> APIRouter:
     return router
 
 
-def model_algorithm(model: SegmentationModel, settings: Settings, runner: Runner) -> Any:
+def model_algorithm(
+    model: SegmentationModel, settings: Settings, runner: Runner, registry: ModelRegistry
+) -> Any:
     """One model as a Server Kit ``Algorithm``: its listing, parameter schema and widgets
     (served by Server Kit's app), and a ``run`` for in-process callers that takes the same
     path as :func:`process_router`'s HTTP route."""
@@ -330,10 +355,19 @@ def model_algorithm(model: SegmentationModel, settings: Settings, runner: Runner
             default=OUTPUTS[0],
         )
 
+    choice = registry.choice(model)
+    parameters["precision"] = sk.Choice(
+        name="Precision",
+        description=f"auto: {choice.reason}",
+        items=[AUTO, *(str(p) for p in registry.precisions(model))],
+        default=AUTO,
+    )
+
     def run(image: Any, **values: Any) -> Any:
         if not isinstance(image, np.ndarray):
             raise InvalidImageError(f"expected an image array, got {type(image).__name__}")
-        plan, upload = plan_array(model, settings, as_tiff(image), values)
+        variant = precision_variant(registry, model, values)
+        plan, upload = plan_array(variant, settings, as_tiff(image), values)
         shape = mask_shape(plan.image)
         future = runner.submit_segmentation(plan, upload, lambda done: mask_layer(done, shape))
         return future.result()
@@ -370,7 +404,7 @@ class ServerKitMount:
         state = self.parent.state
         registry: ModelRegistry = state.registry
         algorithms = [
-            model_algorithm(model, self.settings, state.runner)
+            model_algorithm(model, self.settings, state.runner, registry)
             for _, model in sorted(registry.models.items())
         ]
         built: ASGIApp = AlgorithmApp(algorithms, name="segmentation-service").app

@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from service.inference.precision import Precision
+
 SCHEMA_VERSION = "1"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -99,6 +101,11 @@ class ModelMetadata(BaseModel):
     )
     instances: Instances | None = Field(
         None, description="Set when the model separates touching objects (output=labels)."
+    )
+    precision: Precision = Field(
+        Precision.FP32,
+        description="The arithmetic of this file: fp32, or a variant of the same network "
+        "(int8, fp16) beside it in its version folder.",
     )
     architecture: str = "unet"
     description: str = ""

@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -48,11 +48,14 @@ from service.api.middleware import HttpMiddleware
 from service.core.config import Settings, settings_from_env
 from service.core.telemetry import BATCH_BUCKETS, ServiceMetrics, merge_expositions
 from service.inference.modelmeta import ModelMetadata
+from service.inference.precision import Choice, Precision, variant_files
 from service.main import create_app
 from service.segmentation.errors import ModelUnavailableError
 from service.segmentation.registry import (
     LoadedModel,
     ModelRegistry,
+    SegmentationModel,
+    choose_variant,
     find_model_files,
     load_model,
     resolve_providers,
@@ -116,6 +119,14 @@ class ModelReport:
     description: dict[str, object]
     max_batch_tiles: int
     failed: str | None = None
+    # The precision variants the replica loaded beside fp32 (whose figures are the fields
+    # above), each as its own report, and what precision=auto runs on the replica's host.
+    variants: dict[Precision, ModelReport] = field(default_factory=dict)
+    auto: Choice | None = None
+
+    def variant(self, precision: Precision) -> ModelReport:
+        """The report of one precision (fp32: this one)."""
+        return self if precision is Precision.FP32 else self.variants[precision]
 
 
 @dataclass
@@ -142,9 +153,9 @@ class BatchStats:
         self.merged_calls += batches > 1
 
 
-def _tiles_in(items: list[np.ndarray]) -> int:
+def _tiles_in(items: list[tuple[Precision, np.ndarray]]) -> int:
     """``@serve.batch``'s size of a batch: tiles, not calls."""
-    return sum(int(item.shape[0]) for item in items)
+    return sum(int(tiles.shape[0]) for _, tiles in items)
 
 
 @serve.deployment(
@@ -173,20 +184,28 @@ class ModelDeployment:
         self.name = name
         self.max_batch_tiles = max_batch_tiles
         self.model: LoadedModel | None = None
+        self.variants: dict[Precision, LoadedModel] = {}
         self.failed: str | None = None
         self.stats = BatchStats(replica=serve.get_replica_context().replica_id.unique_id)
-        try:
-            self.model = load_model(
-                name,
-                Path(path),
-                resolve_providers(settings.providers),
-                settings.intra_op_threads,
-                settings.tile_batch_size,
-                settings.cpu_memory_arena,
-            )
-        except Exception as exc:  # reported by describe(); the other models still serve
-            self.failed = f"{type(exc).__name__}: {exc}".replace(model_dir, "<model_dir>")
-            log.error("model %s could not be loaded from %s: %s", name, path, self.failed)
+        providers = resolve_providers(settings.providers)
+        # fp32 first: without it the version does not serve; a broken variant is left out.
+        for precision, file in variant_files(Path(path).parent).items():
+            try:
+                self.variants[precision] = load_model(
+                    name,
+                    file,
+                    providers,
+                    settings.intra_op_threads,
+                    settings.tile_batch_size,
+                    settings.cpu_memory_arena,
+                )
+            except Exception as exc:  # reported by describe(); the other models still serve
+                failed = f"{type(exc).__name__}: {exc}".replace(model_dir, "<model_dir>")
+                log.error("model %s could not be loaded from %s: %s", name, file, failed)
+                if precision is Precision.FP32:
+                    self.failed = failed
+                    break
+        self.model = self.variants.get(Precision.FP32)
         batcher: Any = self._predict_batch  # @serve.batch's wrapper: sizes set per app
         batcher.set_max_batch_size(max_batch_tiles)
         batcher.set_batch_wait_timeout_s(wait_s)
@@ -207,32 +226,46 @@ class ModelDeployment:
         self._batches_per_call.set_default_tags(tags)
 
     def describe(self) -> ModelReport:
-        """The model's metadata and provider, or why it failed to load."""
+        """The model's metadata and provider (each precision's), or why it failed to load."""
         if self.model is None:
             return ModelReport(self.name, None, "", {}, self.max_batch_tiles, self.failed)
-        return ModelReport(
-            self.name,
-            self.model.meta,
-            self.model.provider,
-            self.model.describe(),
-            self.max_batch_tiles,
-        )
+        reports = {
+            p: ModelReport(self.name, m.meta, m.provider, m.describe(), self.max_batch_tiles)
+            for p, m in self.variants.items()
+        }
+        fp32 = reports.pop(Precision.FP32)
+        loaded: dict[Precision, SegmentationModel] = dict(self.variants)
+        return replace(fp32, variants=reports, auto=choose_variant(loaded))
 
     def batch_stats(self) -> BatchStats:
         """This replica's batching so far (tests and operators read it through a handle)."""
         return self.stats
 
-    async def predict(self, tiles: np.ndarray) -> np.ndarray:
-        """Probabilities for one request's tile batch, run together with other requests'."""
+    async def predict(self, tiles: np.ndarray, precision: Precision = Precision.FP32) -> np.ndarray:
+        """Probabilities for one request's tile batch, run together with other requests'
+        (those in the same precision: one model call per precision gathered)."""
         if self.model is None:
             raise RuntimeError(f"model {self.name!r} failed to load: {self.failed}")
-        return await self._predict_batch(tiles)
+        if precision not in self.variants:
+            raise RuntimeError(f"model {self.name!r} has no {precision} variant loaded")
+        return await self._predict_batch((precision, tiles))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_tiles_in)
-    async def _predict_batch(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+    async def _predict_batch(self, items: list[tuple[Precision, np.ndarray]]) -> list[np.ndarray]:
+        answers: list[np.ndarray] = [np.empty(0)] * len(items)
+        for precision in dict.fromkeys(p for p, _ in items):
+            picked = [i for i, (p, _) in enumerate(items) if p is precision]
+            answered = await self._run_batches(precision, [items[i][1] for i in picked])
+            for i, out in zip(picked, answered, strict=True):
+                answers[i] = out
+        return answers
+
+    async def _run_batches(
+        self, precision: Precision, batches: list[np.ndarray]
+    ) -> list[np.ndarray]:
         tiles = batches[0] if len(batches) == 1 else np.concatenate(batches)
         # In a thread: the replica's event loop keeps gathering the next batch meanwhile.
-        out = await asyncio.to_thread(self.run_model, tiles)
+        out = await asyncio.to_thread(self.run_model, tiles, precision)
         self.stats.record(len(batches), int(tiles.shape[0]))
         self._tiles_per_call.observe(float(tiles.shape[0]))
         self._batches_per_call.observe(float(len(batches)))
@@ -246,11 +279,11 @@ class ModelDeployment:
         bounds = np.cumsum([len(b) for b in batches])[:-1]
         return list(np.split(out, bounds))
 
-    def run_model(self, tiles: np.ndarray) -> np.ndarray:
+    def run_model(self, tiles: np.ndarray, precision: Precision = Precision.FP32) -> np.ndarray:
         """One model call on the gathered tiles (in a worker thread)."""
-        assert self.model is not None
-        out = self.model.predict(tiles)
-        self.model.release_memory()  # SEG_CPU_MEMORY_ARENA=shrink: after every model call
+        model = self.variants[precision]
+        out = model.predict(tiles)
+        model.release_memory()  # SEG_CPU_MEMORY_ARENA=shrink: after every model call
         return out
 
     def check_health(self) -> None:
@@ -307,7 +340,7 @@ class RemoteModel:
     :class:`~service.segmentation.registry.LoadedModel`, so the pipeline does not know the
     difference."""
 
-    report: ModelReport
+    report: ModelReport  # this precision's
     handle: DeploymentHandle
     timeout_s: float
     attempts: int
@@ -327,6 +360,11 @@ class RemoteModel:
     def provider(self) -> str:
         """The execution provider the model replica really uses."""
         return self.report.provider
+
+    @property
+    def precision(self) -> Precision:
+        """The variant of the model version this stands for."""
+        return self.meta.precision
 
     @property
     def request_bytes(self) -> int:
@@ -350,7 +388,7 @@ class RemoteModel:
     def _call(self, tiles: np.ndarray) -> np.ndarray:
         last = ""
         for attempt in range(1, self.attempts + 1):
-            response = self.handle.predict.remote(tiles)
+            response = self.handle.predict.remote(tiles, self.precision)
             try:
                 return np.asarray(response.result(timeout_s=self.timeout_s))
             except BackPressureError:
@@ -481,9 +519,13 @@ class SegmentIngress:
             if report.failed is not None:
                 registry.failed[name] = report.failed
                 continue
-            registry.models[name] = RemoteModel(
-                report, handle, self.app_args.predict_timeout_s, self.app_args.predict_attempts
-            )
+            args = (handle, self.app_args.predict_timeout_s, self.app_args.predict_attempts)
+            variants: dict[Precision, SegmentationModel] = {
+                Precision.FP32: RemoteModel(report, *args)
+            }
+            variants |= {p: RemoteModel(v, *args) for p, v in report.variants.items()}
+            assert report.auto is not None
+            registry.add(name, variants, report.auto)
             log.info("model %s served by deployment %s", name, model_deployment_name(name))
         registry.ready.set()
         self.loaded.set()

@@ -1,9 +1,12 @@
 """Loading ONNX models from the model directory into ONNX Runtime sessions.
 
 Layout: ``<model_dir>/<name>/<version>/model.onnx`` (also a Triton model repository); the highest
-numeric version of each name is served. Each model's metadata comes from its own file. The
-execution providers actually in use are read back from the session: onnxruntime-gpu falls back to
-the CPU silently when CUDA is missing, and the service says so loudly instead.
+numeric version of each name is served. A version folder may hold precision variants of the same
+network beside it (``model.int8.onnx``, ``model.fp16.onnx``: :mod:`service.inference.precision`);
+``precision=auto`` runs the one measured to pay on this host. Each model's metadata comes from
+its own file. The execution providers actually in use are read back from the session:
+onnxruntime-gpu falls back to the CPU silently when CUDA is missing, and the service says so
+loudly instead.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import ctypes
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +32,15 @@ from service.core.resources import (
     rss_bytes,
 )
 from service.inference.modelmeta import ModelMetadata
+from service.inference.precision import (
+    AUTO,
+    Choice,
+    CpuFeatures,
+    Precision,
+    choose,
+    preferred,
+    variant_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +177,13 @@ class LoadedModel:
         }
 
 
+VersionKey = tuple[str, str]
+
+
+def _version_key(model: SegmentationModel) -> VersionKey:
+    return model.name, model.meta.version
+
+
 @dataclass
 class ModelRegistry:
     """Every model of the model directory, plus those that failed to load and why."""
@@ -174,10 +193,28 @@ class ModelRegistry:
     ready: threading.Event = field(default_factory=threading.Event)
     # Earlier versions, pinned by requests as ``name@version`` (``models`` has the newest).
     earlier: dict[str, SegmentationModel] = field(default_factory=dict)
+    # By (name, version): every precision loaded (fp32 is the model above), and what
+    # ``precision=auto`` runs on this host.
+    variants: dict[VersionKey, dict[Precision, SegmentationModel]] = field(default_factory=dict)
+    auto: dict[VersionKey, Choice] = field(default_factory=dict)
+
+    def add(
+        self,
+        key: str,
+        variants: dict[Precision, SegmentationModel],
+        auto: Choice,
+        newest: bool = True,
+    ) -> None:
+        """Register a version (``key``: its name, or ``name@version`` for an earlier one) with
+        its loaded precisions (fp32 among them) and the one ``auto`` picks."""
+        fp32 = variants[Precision.FP32]
+        (self.models if newest else self.earlier)[key] = fp32
+        self.variants[_version_key(fp32)] = variants
+        self.auto[_version_key(fp32)] = auto
 
     def get(self, name: str) -> SegmentationModel | None:
         """The model called ``name`` (its newest version), or ``name@version`` pinned, if it
-        loaded."""
+        loaded: its fp32 file (:meth:`variant` gives the others)."""
         base, _, version = name.partition("@")
         model = self.models.get(base)
         if not version:
@@ -186,12 +223,38 @@ class ModelRegistry:
             return self.earlier[name]
         return model if model is not None and model.meta.version == version else None
 
+    def precisions(self, model: SegmentationModel) -> dict[Precision, SegmentationModel]:
+        """The loaded precisions of ``model``'s version (fp32 alone when it has no variants)."""
+        return self.variants.get(_version_key(model), {Precision.FP32: model})
+
+    def choice(self, model: SegmentationModel) -> Choice:
+        """What ``precision=auto`` runs of ``model``'s version, and why."""
+        only = Choice(Precision.FP32, "fp32: the only precision of this version")
+        return self.auto.get(_version_key(model), only)
+
+    def variant(self, model: SegmentationModel, precision: str) -> SegmentationModel | None:
+        """``model``'s version in ``precision`` (``auto``: the host's choice), if loaded."""
+        wanted = self.choice(model).precision if precision == AUTO else Precision(precision)
+        return self.precisions(model).get(wanted)
+
     def versions(self, name: str) -> list[str]:
         """The loaded versions of model ``name``, oldest first."""
         found = [m.meta.version for key, m in self.earlier.items() if key.split("@")[0] == name]
         if name in self.models:
             found.append(self.models[name].meta.version)
         return sorted(found, key=lambda v: int(v) if v.isdigit() else 0)
+
+
+def choose_variant(
+    variants: Mapping[Precision, SegmentationModel], cpu: CpuFeatures | None = None
+) -> Choice:
+    """:func:`~service.inference.precision.choose` over loaded variants, for the provider
+    that really runs the fp32 one."""
+    return choose(
+        {p: m.meta.metrics for p, m in variants.items()},
+        variants[Precision.FP32].provider,
+        cpu or CpuFeatures.read(),
+    )
 
 
 def find_model_versions(model_dir: Path) -> dict[str, dict[int, Path]]:
@@ -258,6 +321,11 @@ def load_model(
     options.enable_mem_pattern = providers[0] != "CPUExecutionProvider"
     session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     meta = ModelMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map))
+    if path.name != meta.precision.file_name and path.name.startswith("model."):
+        raise ValueError(
+            f"{path.name} holds a {meta.precision} model; its file name must be "
+            f"{meta.precision.file_name}"
+        )
     if meta.name != name:
         log.warning(
             "model folder %r holds a model named %r; serving it as %r", name, meta.name, name
@@ -332,40 +400,68 @@ def load_model(
 def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
     """The standalone service's loader: every version of every model of ``SEG_MODEL_DIR`` in
     this process (the newest serves ``model=NAME``, the others ``model=NAME@VERSION``; with
-    ``SEG_MODEL_VERSIONS=newest`` the newest alone). A
-    broken one (or one over the memory budget) is logged at ERROR and recorded, and the others
-    still serve."""
+    ``SEG_MODEL_VERSIONS=newest`` the newest alone), each with its precision variants (with
+    ``newest``, fp32 and the one ``auto`` picks). A broken file (or one over the memory budget)
+    is logged at ERROR and recorded, and the others still serve; a broken variant leaves its
+    version serving the precisions that loaded."""
     model_dir = settings.model_dir
     usable = resolve_providers(settings.providers)
     memory_budget = memory_budget_from(settings)[0]
+    cpu = CpuFeatures.read()
+    log.info(
+        "CPU: %s; 8-bit dot products: %s",
+        cpu.model,
+        ", ".join(cpu.int8_dot) or "none (INT8 variants are not chosen by precision=auto)",
+    )
+
+    def load(name: str, key: str, path: Path) -> LoadedModel | None:
+        try:
+            return load_model(
+                name,
+                path,
+                usable,
+                settings.intra_op_threads,
+                settings.tile_batch_size,
+                settings.cpu_memory_arena,
+                memory_budget,
+            )
+        except Exception as exc:  # one bad file must not take the other models down
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("model %s could not be loaded from %s: %s", key, path, reason)
+            # /readyz and /models show the reason to anyone: no server paths in it.
+            registry.failed[key] = reason.replace(str(model_dir), "<model_dir>")
+            return None
+
     for name, versions in find_model_versions(model_dir).items():
         newest = max(versions)
         loaded = sorted(versions, reverse=True)  # the newest first: it matters most
         if settings.model_versions == "newest":
             loaded = loaded[:1]
         for version in loaded:
-            path = versions[version]
             key = name if version == newest else f"{name}@{version}"
-            try:
-                model = load_model(
-                    name,
-                    path,
-                    usable,
-                    settings.intra_op_threads,
-                    settings.tile_batch_size,
-                    settings.cpu_memory_arena,
-                    memory_budget,
-                )
-            except Exception as exc:  # one bad file must not take the other models down
-                reason = f"{type(exc).__name__}: {exc}"
-                log.error("model %s could not be loaded from %s: %s", key, path, reason)
-                # /readyz and /models show the reason to anyone: no server paths in it.
-                registry.failed[key] = reason.replace(str(model_dir), "<model_dir>")
+            files = variant_files(versions[version].parent)
+            fp32 = load(name, key, files.pop(Precision.FP32))
+            if fp32 is None:
                 continue
-            if version == newest:
-                registry.models[name] = model
-            else:
-                registry.earlier[key] = model
+            variants: dict[Precision, SegmentationModel] = {Precision.FP32: fp32}
+            for precision, path in files.items():
+                # Small containers: the variant this hardware would run, not every one.
+                if settings.model_versions == "newest" and precision is not preferred(
+                    fp32.provider, cpu
+                ):
+                    continue
+                variant = load(name, f"{key} ({precision})", path)
+                if variant is not None:
+                    variants[precision] = variant
+            auto = choose_variant(variants, cpu)
+            registry.add(key, variants, auto, newest=version == newest)
+            log.info(
+                "model %s v%s: precisions %s; precision=auto runs %s",
+                name,
+                fp32.meta.version,
+                "/".join(variants),
+                auto.reason,
+            )
     if not registry.models and not registry.failed:
         registry.failed["*"] = "no <name>/<version>/model.onnx found in the model directory"
         log.error("no models found in %s", model_dir)

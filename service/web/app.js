@@ -318,7 +318,7 @@ async function segment(event) {
     const scaled = doc.scale && doc.scale.resampled
       ? `, rescaled ×${doc.scale.factor.toFixed(2)} to ${doc.scale.width}×${doc.scale.height}`
       : "";
-    $("summary").textContent = ` — ${doc.model} v${doc.version}, ${doc.image.width}×${doc.image.height}${scaled}, ${doc.tiles} tiles, ${Math.round(ms)} ms on ${doc.provider}`;
+    $("summary").textContent = ` — ${doc.model} v${doc.version} (${doc.precision}), ${doc.image.width}×${doc.image.height}${scaled}, ${doc.tiles} tiles, ${Math.round(ms)} ms on ${doc.provider}`;
     if (doc.object_count !== null && doc.object_count !== undefined) {
       const f1 = doc.object_metrics && doc.object_metrics.f1 !== null
         ? ` (F1 ${doc.object_metrics.f1.toFixed(3)} against the ground truth)`
