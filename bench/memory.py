@@ -110,7 +110,7 @@ def write_doc(data: dict[str, Any], path: Path) -> None:
     side = data["results"][0]["big_side"]
     lines = [
         f"Run: `{data['command']}` on {data['machine']}, {data['started']}. One fresh "
-        "`segment-service` per setting, all bundled models (nuclei, nuclei-3class, nuclei-int8) "
+        "`segment-service` per setting, every bundled model, version and precision variant "
         "loaded and warmed at tile batch 8, CPU. Frames: synthetic uint16 "
         f"{FRAME[1]}x{FRAME[0]} TIFF, {data['repeats']} requests (median time); then one "
         f"{side}x{side} uint16 TIFF tiled from a 512² synthetic patch. Memory from /proc: "

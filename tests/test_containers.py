@@ -526,7 +526,7 @@ def test_cpu_container_is_ready_and_answers_metrics(cpu_service: Container) -> N
     ready = httpx.get(f"{cpu_service.url}/readyz", timeout=10)
     assert ready.status_code == 200
     assert ready.json()["status"] == "ready"
-    assert set(ready.json()["models"]) == {"nuclei", "nuclei-3class", "nuclei-int8"}
+    assert set(ready.json()["models"]) == {"nuclei", "nuclei-3class"}
     models = httpx.get(f"{cpu_service.url}/models", timeout=10).json()["models"]
     assert {m["provider"] for m in models} == {"CPUExecutionProvider"}
     metrics = httpx.get(f"{cpu_service.url}/metrics", timeout=10)
@@ -593,7 +593,7 @@ def test_nothing_written_outside_tmp(cpu_service: Container, held_out_frame: np.
     container's writable layer holds only the mount points podman itself adds under /etc
     (hosts, resolv.conf, hostname), and nothing failed to be written."""
     r = httpx.post(
-        f"{cpu_service.url}/segment?model=nuclei-int8",
+        f"{cpu_service.url}/segment?precision=int8",
         files=segment_files(png_bytes(held_out_frame)),
         timeout=120,
     )

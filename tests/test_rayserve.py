@@ -44,7 +44,8 @@ from bench.images import TEST_FRAMES
 from bench.live_server import metric_sample
 from bench.rayserve import ServeApp, local_config, local_serve
 from service.core.config import REPO_MODELS
-from service.segmentation.registry import find_model_files, load_model
+from service.inference.precision import variant_files
+from service.segmentation.registry import choose_variant, find_model_files, load_model
 from service.segmentation.render import encode_mask
 from service.segmentation.usecase import SegmentParams, Upload, segment
 from tests.conftest import decode_png, png_bytes, random_image, segment_files, toy_server
@@ -92,8 +93,11 @@ def post(url: str, files: dict, **params: Any) -> httpx.Response:
 
 
 def expected_mask(image: bytes) -> np.ndarray:
-    """The mask the standalone pipeline makes, in process (one ONNX Runtime thread)."""
-    model = load_model(MODEL, find_model_files(REPO_MODELS)[MODEL], ["CPUExecutionProvider"], 1, 8)
+    """The mask the standalone pipeline makes, in process (one ONNX Runtime thread), in the
+    precision ``auto`` runs on this host."""
+    files = variant_files(find_model_files(REPO_MODELS)[MODEL].parent)
+    loaded = {p: load_model(MODEL, f, ["CPUExecutionProvider"], 1, 8) for p, f in files.items()}
+    model = loaded[choose_variant(loaded).precision]
     result = segment(model, Upload(io.BytesIO(image)), SegmentParams(), max_pixels=1 << 30)
     png = encode_mask(result, tiff=False)
     return np.asarray(decode_png(png))
@@ -239,7 +243,8 @@ def test_masks_and_scores_are_identical_to_the_standalone_service(
             assert np.array_equal(mask_a, mask_r), f"{stem}: masks differ"
             assert a["metrics"] == r["metrics"], stem
             assert a["metrics"]["iou"]["nucleus"] > 0.85, stem  # a real segmentation
-            assert a["tiles"] == r["tiles"] == 24
+            assert a["tiles"] == r["tiles"] == 15  # 700x1100 in 256-pixel tiles, overlap 0.125
+            assert a["precision"] == r["precision"]  # auto: the same choice on the same host
             # The PNG answer is the same bytes.
             assert (
                 post(standalone.url, segment_files(image)).content
@@ -254,9 +259,17 @@ def test_masks_and_scores_are_identical_to_the_standalone_service(
         assert alone["objects"] == on_ray["objects"]
         assert alone["object_metrics"] == on_ray["object_metrics"]
         assert alone["object_metrics"]["f1"] > 0.8
+        # Every precision of the version, each giving what the standalone gives in it.
+        info = httpx.get(f"{ray_app.url}/models/{MODEL}", timeout=10).json()
+        alone_info = httpx.get(f"{standalone.url}/models/{MODEL}", timeout=10).json()
+        assert info["auto"] == alone_info["auto"] and info["variants"] == alone_info["variants"]
+        for precision in ("fp32", "int8", "fp16"):
+            a = post(standalone.url, segment_files(image), precision=precision)
+            r = post(ray_app.url, segment_files(image), precision=precision)
+            assert r.headers["X-Precision"] == precision and a.content == r.content, precision
         # Ray serves each model's newest version; pinning an older one is the standalone's.
         pinned = post(ray_app.url, segment_files(image), model=f"{MODEL}@1")
-        assert pinned.status_code == 404 and "versions of 'nuclei': ['2']" in pinned.text
+        assert pinned.status_code == 404 and "versions of 'nuclei': ['3']" in pinned.text
 
 
 def test_tile_batches_of_concurrent_requests_share_model_calls(ray_app: ServeApp) -> None:
@@ -317,13 +330,14 @@ def test_a_model_replica_killed_mid_load_loses_no_request(
 
     # Serve replaces the replica; the service keeps answering.
     deadline = time.monotonic() + 90
-    while ray_app.running_replicas(f"model-{MODEL}") != 2 or before[0] in ray_app.replica_actors(
-        f"model-{MODEL}"
-    ):
+    while True:  # Serve's count and its actor list are read apart: wait for both to agree
+        after = ray_app.replica_actors(f"model-{MODEL}")
+        replaced = len(after) == 2 and before[0] not in after
+        if replaced and ray_app.running_replicas(f"model-{MODEL}") == 2:
+            break
         assert time.monotonic() < deadline, "the killed replica did not come back"
         time.sleep(0.5)
-    after = ray_app.replica_actors(f"model-{MODEL}")
-    assert len(after) == 2 and before[0] not in after and before[1] in after
+    assert before[1] in after
     again = post(ray_app.url, segment_files(image))
     assert again.status_code == 200
     assert np.array_equal(np.asarray(decode_png(again.content)), expected)

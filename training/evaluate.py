@@ -49,6 +49,7 @@ def evaluate_images(
     boundary_width: int = 2,
     pictures_dir: Path | None = None,
     pictures_per_source: int | None = None,
+    overlap: float = EVAL_SETTINGS["overlap"],
 ) -> dict[str, Any]:
     """Segment each whole image with :func:`predict_mask` and score it against its mask.
 
@@ -63,8 +64,10 @@ def evaluate_images(
     (:mod:`training.boundary`): per source, the matched objects' area ratio and signed edge
     distance, and where the labels put the edge in the intensity step. Writes one
     input/truth/prediction PNG per image to ``pictures_dir`` when given (the first
-    ``pictures_per_source`` images of each source, when given).
+    ``pictures_per_source`` images of each source, when given). ``overlap``: the tiling's
+    (cards are measured at :data:`EVAL_SETTINGS`'s).
     """
+    settings = EVAL_SETTINGS | {"overlap": overlap}
     per_image: dict[str, Any] = {}
     stats = []
     by_source: dict[str, list[Any]] = {}
@@ -83,10 +86,10 @@ def evaluate_images(
         )
         start = time.perf_counter()
         if meta.instances is not None:
-            found = predict_instances(image, meta, predictor, **EVAL_SETTINGS)
+            found = predict_instances(image, meta, predictor, **settings)
             pred = found.mask
         else:
-            pred = predict_mask(image, meta, predictor, **EVAL_SETTINGS)
+            pred = predict_mask(image, meta, predictor, **settings)
         seconds = time.perf_counter() - start
         stats.append(get_stats(pred, target, meta.num_classes))
         by_source.setdefault(pair.source, []).append(stats[-1])
