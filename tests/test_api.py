@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.core.config import DEFAULT_OVERLAP
 from tests.conftest import (
     LABEL_VALUES,
     MULTICLASS,
@@ -209,13 +210,14 @@ def test_json_answer_carries_mask_timings_and_tiles(
     mask = b64_png(body["mask_png"])
     assert mask.mode == "L"
     np.testing.assert_array_equal(np.asarray(mask), expected_toy_mask(img))
-    assert body["tiles"] == 12  # 3 rows x 4 columns of 64-pixel tiles at overlap 0.25
+    assert body["tiles"] == 12  # 3 rows x 4 columns of 64-pixel tiles at overlap 0.125
     assert {"decode", "infer", "stitch", "encode"} <= set(body["timings_ms"])
     assert all(v >= 0 for v in body["timings_ms"].values())
     assert body["model"] == "toy" and body["version"] == "1"
     assert body["provider"] == "CPUExecutionProvider"
     assert body["classes"] == ["background", "foreground"]
-    assert body["threshold"] == 0.5 and body["overlap"] == 0.25
+    assert body["threshold"] == 0.5 and body["overlap"] == DEFAULT_OVERLAP == 0.125
+    assert body["precision"] == "fp32"  # the toy model has no variants
     assert body["image"] == {
         "format": "PNG",
         "dtype": "uint8",

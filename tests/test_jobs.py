@@ -20,7 +20,7 @@ from segment_client import JobStatus, SegmentClient
 from bench.live_server import LiveServer
 from tests.conftest import expected_toy_mask, png_bytes, random_image, toy_server
 
-BIG = 3000  # toy model, tile 64: 3969 tiles, a few seconds on one core
+BIG = 3000  # toy model, tile 64: 54 x 54 = 2916 tiles (overlap 0.125), a few seconds
 POLL_TIMEOUT_S = 120.0
 
 
@@ -66,8 +66,8 @@ def test_a_job_reports_progress_and_answers_what_segment_answers(
     with toy_server(model_dir, tmp_path) as srv:
         created = post_job(srv, big_png)
         assert created["state"] in ("queued", "running") and created["tiles_done"] == 0
-        running = wait_until(srv, created["id"], lambda d: 0 < d["tiles_done"] < 3969)
-        assert running["state"] == "running" and running["tiles_total"] == 63 * 63
+        running = wait_until(srv, created["id"], lambda d: 0 < d["tiles_done"] < 54 * 54)
+        assert running["state"] == "running" and running["tiles_total"] == 54 * 54
         assert running["eta_seconds"] is not None and running["eta_seconds"] > 0
         assert 0 < running["progress"] < 1
         done = wait_until(srv, created["id"], finished)

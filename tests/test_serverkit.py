@@ -69,7 +69,10 @@ def test_every_model_is_listed_with_its_parameters(server: LiveServer) -> None:
     binary = client.get_parameters("nuclei")["properties"]
     assert binary["threshold"]["default"] == 0.5
     assert (binary["threshold"]["min"], binary["threshold"]["max"]) == (0.01, 0.99)
-    assert binary["overlap"]["default"] == 0.25 and binary["overlap"]["max"] == 0.75
+    assert binary["overlap"]["default"] == 0.125 and binary["overlap"]["max"] == 0.75
+    # precision=auto by default; each loaded precision of the newest version may be chosen.
+    assert binary["precision"]["default"] == "auto"
+    assert binary["precision"]["enum"] == ["auto", "fp32", "int8", "fp16"]
     assert binary["image"]["param_type"] == "image"
     multiclass = client.get_parameters("nuclei-3class")["properties"]
     assert "threshold" not in multiclass and "overlap" in multiclass
@@ -88,6 +91,12 @@ def test_a_frame_gives_the_same_mask_as_segment(server: LiveServer, frame: np.nd
     labels = segment_png(server, frame, overlap=0.5, output="labels")
     assert objects.name == "nuclei objects" and labels.max() > 5
     np.testing.assert_array_equal(np.asarray(objects.data), labels)
+
+    # Each precision runs what /segment runs in it.
+    for precision in ("fp32", "int8"):
+        run = client.run(frame, algorithm="nuclei", precision=precision, output="mask")
+        asked = segment_png(server, frame, precision=precision) > 0
+        np.testing.assert_array_equal(run.layers[0].data.astype(bool), asked)
 
     classes = client.run(frame, algorithm="nuclei-3class", overlap=0.25).layers[0].data
     np.testing.assert_array_equal(classes, segment_png(server, frame, model="nuclei-3class"))
@@ -109,6 +118,8 @@ def test_bad_input_gets_a_clear_error(server: LiveServer, frame: np.ndarray) -> 
     with pytest.raises(InvalidAlgorithmParametersError, match="threshold") as bad:
         client.run(frame, algorithm="nuclei", threshold=1.5)
     assert bad.value.status_code == 422
+    with pytest.raises(InvalidAlgorithmParametersError, match="precision: expected one of"):
+        client.run(frame, algorithm="nuclei", precision="fp64")
     with pytest.raises(InvalidAlgorithmParametersError, match="NaN or infinite"):
         client.run(np.full((20, 20), np.nan, np.float32), algorithm="nuclei")
     with pytest.raises(AlgorithmServerError, match="at most 4,000,000 pixels") as big:

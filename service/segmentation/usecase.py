@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from scipy import ndimage
 
+from service.core.config import DEFAULT_OVERLAP
 from service.inference.instances import ObjectTable, object_table
 from service.inference.labels import LabelError, labels_to_classes
 from service.inference.matching import ObjectScores, image_counts, object_scores
@@ -68,7 +69,7 @@ class SegmentParams:
     """What a request may choose; ``None`` means the model's or the service's default."""
 
     threshold: float | None = None
-    overlap: float = 0.25
+    overlap: float = DEFAULT_OVERLAP
     blend: BlendMode = BlendMode.GAUSSIAN
     batch_size: int = 8
     class_name: str | None = None  # answer this class's 0/255 mask instead of all classes
