@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from service.inference.modelmeta import ModelMetadata
+from service.inference.modelmeta import ModelMetadata, Task
 from service.inference.normalize import compute_intensity_stats
 from service.inference.scores import get_stats, scores_from_stats, total_stats
 from service.inference.tiling import iter_tile_batches
@@ -50,7 +50,7 @@ def tutorial_predict(
     k = probs.shape[-1]
     full = probs.reshape(ny, nx, t, t, k).transpose(0, 2, 1, 3, 4).reshape(ny * t, nx * t, k)
     full = full[:height, :width]
-    if k == 1:
+    if meta.task is Task.BINARY:  # channel 0 is the foreground (1 is the cores, if any)
         return (full[..., 0] >= meta.threshold).astype(np.uint8)
     return np.argmax(full, axis=-1).astype(np.uint8)
 

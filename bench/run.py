@@ -36,16 +36,24 @@ import numpy as np
 from bench import cases, flops, report, server
 from bench.images import BenchImage, load_images, synthetic
 from bench.live_server import REPO
-from service.core.config import REPO_MODELS
+from service.core.config import DEFAULT_OVERLAP, REPO_MODELS
+from service.inference.precision import Precision, variant_files
 from service.segmentation.images import ImageHeader
-from service.segmentation.registry import LoadedModel, find_model_files, load_model
+from service.segmentation.registry import (
+    LoadedModel,
+    choose_variant,
+    find_model_files,
+    load_model,
+)
 from service.segmentation.usecase import SegmentParams, Upload, request_memory, segment
 
-# Version 1 of the default and the Keras weights it was exported from (each version of `nuclei`
-# ships its own in its folder): the benchmark pins the pair it measures.
-MODEL = Path("models/nuclei/1/model.onnx")
-INT8_MODEL = Path("models/nuclei-int8/1/model.onnx")
-KERAS_MODEL = Path("models/nuclei/1/keras/model.keras")
+# The default's newest version (3: version 2's network with its int8 and fp16 variants) and the
+# Keras weights that network was exported from, which ship with version 2
+# (tests/test_bundled_quality.py checks that version 3's weights are version 2's): the benchmark
+# pins the pair it measures.
+MODEL = Path("models/nuclei/3/model.onnx")
+INT8_MODEL = MODEL.parent / Precision.INT8.file_name
+KERAS_MODEL = Path("models/nuclei/2/keras/model.keras")
 BATCH = 8  # SEG_TILE_BATCH_SIZE default
 CPU = ["CPUExecutionProvider"]
 
@@ -122,17 +130,27 @@ def median(values: list[float]) -> float:
 
 
 def side_by_side(
-    images: list[BenchImage], model: LoadedModel, keras_model: Any, repeats: int
+    images: list[BenchImage],
+    model: LoadedModel,
+    keras_model: Any,
+    repeats: int,
+    default: LoadedModel,
 ) -> list[dict[str, Any]]:
-    """Cases 1-3 on each image, interleaved per repeat, medians."""
+    """Cases 1-3 on each image, interleaved per repeat, medians: (2) and (3) at fp32 and
+    overlap 0.25, and again at the service's defaults (``default``: the precision ``auto``
+    runs here, at ``DEFAULT_OVERLAP``)."""
     meta = model.meta
     rows = []
     for img in images:
         batches = cases.service_batches(img.pixels, meta, 0.25, BATCH)
+        default_batches = cases.service_batches(img.pixels, meta, DEFAULT_OVERLAP, BATCH)
         tiles = sum(len(b) for b in batches)
-        times: dict[str, list[float]] = {"raw": [], "pipeline": [], "tutorial": []}
+        times: dict[str, list[float]] = {
+            "raw": [], "pipeline": [], "tutorial": [], "raw_defaults": [], "defaults": []
+        }  # fmt: skip
         stages: list[dict[str, float]] = []
-        mask = tutorial_mask = None
+        default_stages: list[dict[str, float]] = []
+        mask = tutorial_mask = default_mask = None
         for _ in range(repeats):
             t, _n = cases.timed(partial(cases.run_raw, model, batches))
             times["raw"].append(t)
@@ -142,6 +160,14 @@ def side_by_side(
             times["pipeline"].append(t)
             stages.append({**result.timings, "encode": enc})
             mask = result.mask[0]
+            t, _n = cases.timed(partial(cases.run_raw, default, default_batches))
+            times["raw_defaults"].append(t)
+            t, (result, _png, enc) = cases.timed(
+                partial(cases.run_pipeline, default, img.tiff, BATCH, DEFAULT_OVERLAP)
+            )
+            times["defaults"].append(t)
+            default_stages.append({**result.timings, "encode": enc})
+            default_mask = result.mask[0]
             t, tutorial_mask = cases.timed(
                 partial(cases.tutorial_predict, keras_model, img.pixels, meta, BATCH)
             )
@@ -149,6 +175,7 @@ def side_by_side(
             settle()
         med = {k: median(v) for k, v in times.items()}
         stage_med = {k: median([s[k] for s in stages]) for k in stages[0]}
+        default_stage_med = {k: median([s[k] for s in default_stages]) for k in stages[0]}
         mp = img.megapixels
         rows.append(
             {
@@ -156,21 +183,26 @@ def side_by_side(
                 "shape": list(img.pixels.shape[:2]),
                 "megapixels": mp,
                 "service_tiles": tiles,
+                "default_tiles": sum(len(b) for b in default_batches),
                 "tutorial_tiles": cases.tutorial_tiles(img.pixels.shape, meta.tile_size),
                 "seconds": med,
                 "all_seconds": times,
                 "pipeline_stages_s": stage_med,
+                "default_stages_s": default_stage_med,
                 "mpx_per_s": {k: mp / v for k, v in med.items()},
                 "raw_tiles_per_s": tiles / med["raw"],
                 "pipeline_over_raw": med["pipeline"] / med["raw"],
                 "tutorial_over_pipeline": med["tutorial"] / med["pipeline"],
+                "defaults_over_raw": med["defaults"] / med["raw_defaults"],
+                "tutorial_over_defaults": med["tutorial"] / med["defaults"],
                 "_mask": mask,
                 "_tutorial_mask": tutorial_mask,
+                "_default_mask": default_mask,
             }
         )
         log(
             f"{img.name}: raw {med['raw']:.2f}s pipeline {med['pipeline']:.2f}s "
-            f"tutorial {med['tutorial']:.2f}s"
+            f"tutorial {med['tutorial']:.2f}s defaults {med['defaults']:.2f}s"
         )
     return rows
 
@@ -183,9 +215,63 @@ def quality(
     by_name = {r["image"]: r for r in rows}
     service_masks = [by_name[f.name]["_mask"] for f in frames]
     tutorial_masks = [by_name[f.name]["_tutorial_mask"] for f in frames]
+    default_masks = [by_name[f.name]["_default_mask"] for f in frames]
     return {
         "pipeline": cases.iou(service_masks, truths, classes),
         "tutorial": cases.iou(tutorial_masks, truths, classes),
+        "defaults": cases.iou(default_masks, truths, classes),
+    }
+
+
+def source_quality(
+    model: LoadedModel, default: LoadedModel, keras_model: Any
+) -> dict[str, dict[str, Any]]:
+    """Nucleus IoU (and object F1 where the service labels objects) per source, on the
+    default's test images and held-out sources (those of its card): the tutorial way, the
+    service at fp32 and overlap 0.25 (what the card measured), and at its defaults."""
+    from bench.variants import measured
+    from service.inference.precision import source_ious
+    from service.inference.scores import get_stats, scores_from_stats, total_stats
+    from training.data import mask_to_classes, read_image, read_mask
+    from training.presets import PRESETS
+
+    config = PRESETS["nuclei"]
+    pairs = {p.key: p for p in config.splits()["test"]}
+    tested = [pairs[key] for key in model.meta.metrics["test_images"]]
+    counts: dict[str, list[Any]] = {}
+    labelled = [(p, p.source) for p in tested]
+    labelled += [(p, f"{p.source} (held out)") for p in config.held_out_pairs()]
+    for pair, source in labelled:  # named as source_ious names them
+        truth = mask_to_classes(read_mask(pair.mask), "binary")
+        pred = cases.tutorial_predict(keras_model, read_image(pair.image), model.meta, BATCH)
+        counts.setdefault(source, []).append(get_stats(pred, truth, 2))
+    classes = model.meta.classes
+    tutorial = {
+        s: float(scores_from_stats(total_stats(c), classes).iou[classes[1]] or 0.0)
+        for s, c in counts.items()
+    }
+    fp32 = measured(model, 0.25)
+    defaults = measured(default, DEFAULT_OVERLAP)
+
+    def f1s(metrics: dict[str, Any]) -> dict[str, float | None]:
+        out = {}
+        for group, suffix in (("per_source", ""), ("held_out", " (held out)")):
+            for s, v in (metrics.get(group) or {}).items():
+                out[s + suffix] = (v.get("objects") or {}).get("f1")
+        return out
+
+    iou32, iou_def = source_ious(fp32), source_ious(defaults)
+    f1_32, f1_def = f1s(fp32), f1s(defaults)
+    return {
+        s: {
+            "images": len(counts[s]),
+            "tutorial_iou": tutorial[s],
+            "fp32_iou": iou32[s][classes[1]],
+            "defaults_iou": iou_def[s][classes[1]],
+            "fp32_f1": f1_32.get(s),
+            "defaults_f1": f1_def.get(s),
+        }
+        for s in tutorial
     }
 
 
@@ -241,10 +327,10 @@ def int8_lever(
     quality_fp32: dict[str, Any],
     tiles: np.ndarray,
 ) -> dict[str, Any] | None:
-    """The INT8 model (models/nuclei-int8, made by ``python -m bench.quantize``) against fp32."""
+    """The default's INT8 variant (made by ``python -m bench.variants``) against fp32."""
     if not INT8_MODEL.is_file():
         return None
-    int8 = load_model("nuclei-int8", INT8_MODEL, CPU, 0, BATCH)
+    int8 = load_model("nuclei", INT8_MODEL, CPU, 0, BATCH)
     raw: dict[str, list[float]] = {"fp32": [], "int8": []}
     pipe: dict[str, list[float]] = {"fp32": [], "int8": [], "tutorial": []}
     masks: list[np.ndarray] = []
@@ -479,15 +565,25 @@ def main(argv: list[str] | None = None) -> None:
     facts = machine()
     log(f"machine: {facts['cpu']}, {facts['usable_cores']} cores")
     peaks = [flops.matmul_peak(1024 if args.quick else 4096, 2 if args.quick else 5)]
-    model = load_model("nuclei", MODEL, CPU, 0, BATCH)
+    variants = {
+        p: load_model("nuclei", path, CPU, 0, BATCH)
+        for p, path in variant_files(MODEL.parent).items()
+    }
+    model = variants[Precision.FP32]
+    auto = choose_variant(variants)
+    default = variants[auto.precision]
+    log(f"defaults: {auto.precision} (auto: {auto.reason}), overlap {DEFAULT_OVERLAP}")
     import keras
+
+    import training.export  # noqa: F401  (registers the instance head's layer for loading)
 
     keras_model = keras.models.load_model(KERAS_MODEL, compile=False)
     frames, large = load_images(args.quick)
     keras_model.predict(np.zeros((1, 256, 256, 1), np.float32), verbose=0)
 
-    rows = side_by_side(frames + large, model, keras_model, repeats)
+    rows = side_by_side(frames + large, model, keras_model, repeats, default)
     q = quality(frames, rows, model.meta.classes)
+    sources = None if args.quick else source_quality(model, default, keras_model)
     peaks.append(flops.matmul_peak(1024 if args.quick else 4096, 2 if args.quick else 5))
     gflop = flops.conv_flops(MODEL, model.meta.tile_size, model.meta.channels)
 
@@ -503,7 +599,8 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp_name)
         model_dir = tmp / "models"
         (model_dir / "nuclei" / "1").mkdir(parents=True)
-        shutil.copy(MODEL, model_dir / "nuclei" / "1" / "model.onnx")
+        for path in variant_files(MODEL.parent).values():  # served at its defaults
+            shutil.copy(path, model_dir / "nuclei" / "1" / path.name)
         http_img = (
             frames[0]
             if not args.quick
@@ -525,6 +622,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         r.pop("_mask")
         r.pop("_tutorial_mask")
+        r.pop("_default_mask")
     results = {
         "command": command,
         "quick": args.quick,
@@ -533,6 +631,12 @@ def main(argv: list[str] | None = None) -> None:
         "model": {
             "path": str(MODEL),
             "keras": str(KERAS_MODEL),
+            "defaults": {
+                "precision": auto.precision,
+                "why": auto.reason,
+                "overlap": DEFAULT_OVERLAP,
+                "file": str(MODEL.parent / auto.precision.file_name),
+            },
             "tile": model.meta.tile_size,
             "batch": BATCH,
             **gflop,
@@ -546,6 +650,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "images": rows,
         "quality": q,
+        "sources": sources,
         "http": http,
         "memory": memory,
         "levers": levers,

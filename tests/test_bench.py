@@ -12,6 +12,8 @@ import pytest
 
 from bench.flops import conv_flops
 from bench.run import MODEL, main
+from service.core.config import DEFAULT_OVERLAP
+from service.inference.precision import CpuFeatures
 
 pytest.importorskip("keras")
 
@@ -23,8 +25,12 @@ def test_quick_run_writes_every_case(tmp_path: Path) -> None:
     res = json.loads(out.with_suffix(".json").read_text())
     assert {r["image"] for r in res["images"]} == {"synthetic 420x300", "synthetic 640x640"}
     for row in res["images"]:
-        assert set(row["seconds"]) == {"tutorial", "raw", "pipeline"}
-        assert row["service_tiles"] >= row["tutorial_tiles"] > 0
+        assert set(row["seconds"]) == {"tutorial", "raw", "pipeline", "raw_defaults", "defaults"}
+        assert row["service_tiles"] >= row["default_tiles"] >= row["tutorial_tiles"] > 0
+    # The defaults are the service's: the precision auto picks here, the default overlap.
+    defaults = res["model"]["defaults"]
+    assert defaults["overlap"] == DEFAULT_OVERLAP and defaults["why"]
+    assert defaults["precision"] == ("int8" if CpuFeatures.read().int8_dot else "fp32")
     http = res["http"]["workers 1 x intra_op 2 (default)"]
     assert http["errors"] == 0 and http["eight_clients"]["ok"] == 8
     burst = http["burst"]
@@ -32,7 +38,8 @@ def test_quick_run_writes_every_case(tmp_path: Path) -> None:
     assert [m["side"] for m in res["memory"]] == [512, 1024]
     assert all(m["peak_kib"] >= m["idle_kib"] > 0 for m in res["memory"])
     assert res["efficiency"]["raw_fraction"] > 0 and res["peak_gflops"]["median"] > 0
-    assert len(res["targets"]) == 4  # the 16384^2 memory target only in the full run
+    assert len(res["targets"]) == 6  # the 16384^2 memory target only in the full run
+    assert res["sources"] is None  # quality per source: the full run's
     text = out.read_text()
     for heading in (
         "## Machine",
