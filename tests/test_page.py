@@ -256,3 +256,76 @@ def test_objects_are_counted_and_outlined_and_an_error_clears_the_result(
         )
         assert page.evaluate("document.getElementById('diameter').placeholder").endswith("px)")
         assert page.evaluate(fits)
+
+
+def plane_agreement(page: Page, mask: np.ndarray) -> dict:
+    """``overlay_agreement`` of the overlay as now drawn, for a mask of the test's size."""
+    page.evaluate("document.getElementById('result').scrollIntoView()")
+    shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))
+    return overlay_agreement(page, shot, "#overlay-view", mask)
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_a_stack_plane_by_plane_and_a_channel_picked_from_the_file(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """A 3-plane stack: the first plane's overlay at once, the others on a slider, each with
+    its own scores. A 2-channel OME-TIFF: the channels, by name, in a picker; the one picked
+    is segmented and shown."""
+    import tifffile
+
+    planes = np.stack([random_image(H, W, seed=20 + k) for k in range(3)])
+    masks = np.stack([expected_toy_mask(p) for p in planes])
+    truth = (masks > 0).astype(np.uint8)
+    truth[2, :30] = 1 - truth[2, :30]  # plane 3 scores below 1
+    stack, stack_truth = tmp_path / "stack.tif", tmp_path / "stack_truth.tif"
+    tifffile.imwrite(stack, planes, metadata={"axes": "ZYX"})
+    tifffile.imwrite(stack_truth, truth, metadata={"axes": "ZYX"})
+    two = np.stack([random_image(H, W, seed=30), random_image(H, W, seed=31)])
+    channels = tmp_path / "two.ome.tif"
+    tifffile.imwrite(
+        channels, two, ome=True, metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "GFP"]}}
+    )
+    with (
+        toy_server(model_dir, tmp_path / "server") as srv,
+        browser(chromium(), tmp_path / "profile") as page,
+    ):
+        page.goto(f"{srv.url}/")
+        run_page(page, srv.url, stack, stack_truth)
+        assert not page.evaluate("document.getElementById('planes').hidden")
+        assert page.evaluate("document.getElementById('plane').max") == "2"
+        assert page.evaluate("document.getElementById('plane-name').textContent").startswith(
+            "1 of 3 (Z=0)"
+        )
+        first = plane_agreement(page, masks[0])
+        assert first["mask_coloured"] > 0.97 and first["background_grey"] > 0.97, first
+        assert "1.0000" in page.evaluate("document.getElementById('scores').innerText")
+        page.evaluate(
+            "(() => { const s = document.getElementById('plane'); s.value = '2';"
+            " s.dispatchEvent(new Event('input')); })()"
+        )
+        page.wait_for("document.getElementById('plane-name').textContent.startsWith('3 of 3')")
+        third = plane_agreement(page, masks[2])
+        assert third["mask_coloured"] > 0.97 and third["background_grey"] > 0.97, third
+        table = page.evaluate("document.getElementById('scores').innerText")
+        assert "1.0000" not in table.split("mean")[1], table  # plane 3's own, imperfect scores
+        link = page.evaluate("document.getElementById('download').download")
+        assert link == "stack.mask.tif"
+
+        page.set_files("#image-input", channels)
+        page.wait_for("!document.getElementById('channel-label').hidden")
+        options = page.evaluate(
+            "Array.from(document.getElementById('channel').options).map(o => o.textContent)"
+        )
+        assert options == ["0: DAPI", "1: GFP"]
+        page.evaluate("document.getElementById('channel').value = '1'")
+        page.evaluate("document.getElementById('truth-clear').click()")
+        page.evaluate("document.getElementById('run').click()")
+        page.wait_for("['done', 'error'].includes(document.body.dataset.state)")
+        status = page.evaluate("document.getElementById('status').textContent")
+        assert page.evaluate("document.body.dataset.state") == "done", status
+        assert page.evaluate("document.getElementById('planes').hidden")
+        gfp = plane_agreement(page, expected_toy_mask(two[1]))
+        assert gfp["mask_coloured"] > 0.97 and gfp["background_grey"] > 0.97, gfp
+        assert page.errors() == []

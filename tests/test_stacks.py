@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +220,51 @@ def test_an_imagej_hyperstack_channel_reads_only_its_pages(client: TestClient) -
     np.testing.assert_array_equal(mask, toy(data[:, 1]))
     ambiguous = post(client, buf.getvalue(), format="tiff")
     assert ambiguous.status_code == 422 and "2 channels" in ambiguous.json()["detail"]
+
+
+def test_each_planes_class_masks_and_preview_for_the_page(client: TestClient) -> None:
+    """What the page shows a stack with, plane by plane: ``per_class`` gives each plane's
+    class PNGs, and ``/preview`` previews any plane and says how many there are; a
+    multi-channel image's preview names its channels."""
+    zyx = planes(3, seed=60)
+    r = post(client, ome(zyx, "ZYX"), format="json", per_class="true")
+    assert r.status_code == 200, r.text
+    per_plane = r.json()["plane_class_masks"]
+    assert len(per_plane) == 3 and r.json()["plane_outlines_png"] is None
+    for k, masks in enumerate(per_plane):
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(masks["foreground"]))))
+        np.testing.assert_array_equal(got, toy(zyx)[k])
+    assert post(client, ome(zyx, "ZYX"), format="json").json()["plane_class_masks"] is None
+
+    def preview(image: bytes, **params: Any) -> Any:
+        return client.post("/preview", files={"image": ("i.tif", image)}, params=params)
+
+    first, third = preview(ome(zyx, "ZYX")), preview(ome(zyx, "ZYX"), plane=2)
+    assert first.headers["X-Image-Planes"] == "3" and "X-Image-Channels" not in first.headers
+    assert first.content != third.content
+    shown = np.asarray(Image.open(io.BytesIO(third.content))).astype(int)
+    assert np.corrcoef(shown.ravel(), zyx[2].ravel())[0, 1] > 0.99  # plane 3, stretched
+    wrong = preview(ome(zyx, "ZYX"), plane=3)
+    assert wrong.status_code == 422 and "it has 3 (0 to 2)" in wrong.json()["detail"]
+    named = preview(CYX, channel="GFP")
+    assert named.status_code == 200 and json.loads(named.headers["X-Image-Channels"]) == [
+        "DAPI",
+        "GFP",
+    ]
+    assert named.headers["X-Image-Planes"] == "1"
+
+
+def test_each_planes_outlines_for_a_model_with_instances(make_client: Any) -> None:
+    from tests.test_instances import CENTRES, nuclei_image
+
+    img, _ = nuclei_image(120, 120, CENTRES)
+    stack = np.stack([img, img[::-1]])
+    with make_client(default_model="toyobj") as c:
+        r = post(c, ome(stack, "ZYX"), format="json", per_class="true", output="labels")
+    assert r.status_code == 200, r.text
+    lines = [
+        np.asarray(Image.open(io.BytesIO(base64.b64decode(p))))
+        for p in r.json()["plane_outlines_png"]
+    ]
+    assert len(lines) == 2 and all(o.max() == 255 for o in lines)
+    np.testing.assert_array_equal(lines[1], lines[0][::-1])  # plane 2 is plane 1 upside down

@@ -101,7 +101,12 @@ def reply(
     mask = encode_mask(segmentation, tiff=tiff, class_index=class_index)
     if fmt is OutputFormat.JSON:
         if segmentation.stack:
-            body = stack_document(segmentation, mask, request_id, labels).model_dump_json()
+            planes = range(len(segmentation.mask))
+            each = [encode_class_masks(segmentation, k) for k in planes] if per_class else None
+            lines = [encode_outlines(segmentation, k) for k in planes] if each and labels else None
+            body = stack_document(
+                segmentation, mask, request_id, labels, each, lines
+            ).model_dump_json()
         else:
             masks = encode_class_masks(segmentation) if per_class else None
             edges = encode_outlines(segmentation) if per_class and labels else None

@@ -196,6 +196,12 @@ class StackResponse(_Answer):
         None, description="output=labels: the labels of each plane as a base64 TIFF"
     )
     plane_objects: list[PlaneObjects] | None = None
+    plane_class_masks: list[dict[str, str]] | None = Field(
+        None, description="per_class: each plane's 0/255 PNG per class (base64), in plane order"
+    )
+    plane_outlines_png: list[str] | None = Field(
+        None, description="per_class with output=labels: each plane's objects' outlines"
+    )
 
 
 def _b64(data: bytes) -> str:
@@ -291,9 +297,12 @@ def stack_document(
     tiff: bytes,
     request_id: str,
     labels: tuple[bytes, str] | None = None,
+    plane_masks: list[dict[str, bytes]] | None = None,
+    plane_outlines: list[bytes] | None = None,
 ) -> StackResponse:
     """The JSON answer for a stack: the mask as a base64 multi-page TIFF, scores per plane;
-    with ``labels`` (output=labels) the labels TIFF and each plane's objects."""
+    with ``labels`` (output=labels) the labels TIFF and each plane's objects; with
+    ``plane_masks`` (and ``plane_outlines``) each plane's class PNGs (and outlines)."""
     image = segmentation.image
     layout = image.layout
     assert layout is not None
@@ -334,6 +343,10 @@ def stack_document(
         planes=planes,
         labels_tiff=None if labels is None else _b64(labels[0]),
         plane_objects=plane_objects,
+        plane_class_masks=None
+        if plane_masks is None
+        else [{name: _b64(png) for name, png in masks.items()} for masks in plane_masks],
+        plane_outlines_png=None if plane_outlines is None else [_b64(p) for p in plane_outlines],
     )
 
 

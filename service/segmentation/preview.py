@@ -4,7 +4,7 @@ Browsers show neither TIFF nor the range of a 16-bit microscope image (a HeLa fr
 black), so the service makes the preview: decoded by the service's own decoder (the same
 channel choice, limits and memory admission as ``/segment``), contrast-stretched between the
 0.5th and 99.5th percentiles, and shrunk to at most ``max_side`` pixels a side. A stack previews
-its first plane.
+one plane (the first by default).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
+from service.segmentation.errors import InvalidParameterError
 from service.segmentation.images import (
     ImageHeader,
     check_pixels,
@@ -57,9 +58,17 @@ def plan_preview(file: BinaryIO, *, max_pixels: int, channel: str | None = None)
     return PreviewPlan(header, index, preview_memory(header))
 
 
-def preview_png(file: BinaryIO, plan: PreviewPlan, *, max_side: int) -> tuple[bytes, int, int]:
-    """The preview PNG of the (first) plane, and the image's full width and height."""
-    pixels = decode(file, plan.header, channel=plan.channel).planes[0]
+def preview_png(
+    file: BinaryIO, plan: PreviewPlan, *, max_side: int, plane: int = 0
+) -> tuple[bytes, int, int]:
+    """The preview PNG of one plane (of a stack; the first by default), and the image's full
+    width and height."""
+    if not 0 <= plane < plan.header.planes:
+        raise InvalidParameterError(
+            f"plane {plane} is not a plane of this image: it has {plan.header.planes} "
+            f"(0 to {plan.header.planes - 1})"
+        )
+    pixels = decode(file, plan.header, channel=plan.channel).planes[plane]
     height, width = pixels.shape[:2]
     if pixels.shape[2] == 2 or pixels.shape[2] > 4:
         pixels = pixels[..., :1]

@@ -71,12 +71,12 @@ def encode_mask(segmentation: Segmentation, *, tiff: bool, class_index: int | No
     return data
 
 
-def encode_class_masks(segmentation: Segmentation) -> dict[str, bytes]:
-    """Each class's 0/255 PNG mask of a 2-D image."""
+def encode_class_masks(segmentation: Segmentation, plane: int = 0) -> dict[str, bytes]:
+    """Each class's 0/255 PNG mask of a 2-D image (of one ``plane`` of a stack)."""
     start = time.perf_counter()
     meta = segmentation.model.meta
     masks = {
-        name: encode_png(mask_values(segmentation.mask[0], meta, i))
+        name: encode_png(mask_values(segmentation.mask[plane], meta, i))
         for i, name in enumerate(meta.classes)
     }
     _add_encode_time(segmentation, start)
@@ -126,12 +126,13 @@ def outlines(labels: np.ndarray) -> np.ndarray:
     return edge.astype(np.uint8) * np.uint8(255)
 
 
-def encode_outlines(segmentation: Segmentation) -> bytes:
-    """The outlines of a 2-D image's objects as a 0/255 PNG (the page draws them)."""
+def encode_outlines(segmentation: Segmentation, plane: int = 0) -> bytes:
+    """The outlines of a 2-D image's objects (of one ``plane`` of a stack) as a 0/255 PNG
+    (the page draws them)."""
     start = time.perf_counter()
     objects = segmentation.objects
     if objects is None:
         raise ValueError("the segmentation has no instance labels")
-    data = encode_png(outlines(objects.labels[0]))
+    data = encode_png(outlines(objects.labels[plane]))
     _add_encode_time(segmentation, start)
     return data

@@ -23,6 +23,8 @@ const state = {
   image: null,
   truth: null,
   maskUrl: null,
+  doc: null, // the last answer (a stack's is shown plane by plane)
+  previews: {}, // a stack's plane previews, by plane
 };
 
 function setState(name, message, isError) {
@@ -117,6 +119,45 @@ function modelChanged() {
   $("diameter-label").hidden = trained == null;
   $("diameter").value = "";
   $("diameter").placeholder = trained == null ? "" : `as it is (model: ${trained} px)`;
+  // The precisions of its newest version; auto says what it runs on this service's hardware.
+  const precision = $("precision");
+  precision.textContent = "";
+  const choices = [["auto", `auto (${model.auto.precision})`]];
+  for (const v of model.variants) choices.push([v.precision, v.precision]);
+  for (const [value, label] of choices) {
+    const option = document.createElement("option");
+    option.value = value;
+    option.textContent = label;
+    precision.appendChild(option);
+  }
+  precision.title = `auto: ${model.auto.reason}`;
+}
+
+// What the chosen image holds beyond a plane: its planes and, when it has several, its
+// channels (from the service's preview headers), so that the page can offer the choice.
+async function probeImage(file) {
+  const form = new FormData();
+  form.append("image", file);
+  $("channel-label").hidden = true;
+  $("channel").textContent = "";
+  try {
+    const response = await api("/preview?max_side=16", { method: "POST", body: form });
+    if (state.image !== file) return; // another image was chosen meanwhile
+    const names = JSON.parse(response.headers.get("x-image-channels") || "[]");
+    for (const [index, name] of names.entries()) {
+      const option = document.createElement("option");
+      option.value = String(index);
+      option.textContent = name === String(index) ? `channel ${index}` : `${index}: ${name}`;
+      $("channel").appendChild(option);
+    }
+    $("channel-label").hidden = names.length < 2;
+    const planes = Number(response.headers.get("x-image-planes") || "1");
+    const channels = names.length > 1 ? `, ${names.length} channels` : "";
+    const stack = planes > 1 ? `a stack of ${planes} planes` : "";
+    if (stack || channels) $("image-name").textContent += ` — ${stack || "one plane"}${channels}`;
+  } catch (err) {
+    // The segmentation will say what is wrong with the file.
+  }
 }
 
 function updateButton() {
@@ -127,7 +168,15 @@ function chooseFile(kind, file) {
   state[kind] = file || null;
   $(`${kind}-name`).textContent = file ? `${file.name} (${file.size.toLocaleString()} bytes)` : (kind === "image" ? "no image yet" : "none");
   if (kind === "truth") $("truth-clear").hidden = !file;
-  if (kind === "image") clearResult();
+  if (kind === "image") {
+    clearResult();
+    // Only a TIFF can hold planes or more channels than RGB(A).
+    if (file && /\.tiff?$/i.test(file.name)) probeImage(file);
+    else {
+      $("channel-label").hidden = true;
+      $("channel").textContent = "";
+    }
+  }
   updateButton();
 }
 
@@ -145,6 +194,10 @@ function clearResult() {
   $("scores").hidden = true;
   $("scores").querySelector("tbody").textContent = "";
   $("scores").querySelector("tfoot").textContent = "";
+  $("planes").hidden = true;
+  $("plane-name").textContent = "";
+  state.doc = null;
+  state.previews = {};
   if (state.maskUrl) URL.revokeObjectURL(state.maskUrl);
   state.maskUrl = null;
   $("download").removeAttribute("href");
@@ -240,9 +293,8 @@ function fmt(value) {
   return value === null || value === undefined ? "–" : value.toFixed(4);
 }
 
-function showScores(doc) {
+function showScores(doc, metrics = doc.metrics) {
   const table = $("scores");
-  const metrics = doc.metrics;
   table.hidden = !metrics;
   if (!metrics) return;
   const body = table.querySelector("tbody");
@@ -281,10 +333,13 @@ async function segment(event) {
   setState("running", "Segmenting…");
   const params = new URLSearchParams({
     model: $("model").value,
-    overlap: $("overlap").value,
+    precision: $("precision").value,
     format: "json",
     per_class: "true",
   });
+  if ($("overlap").value) params.set("overlap", $("overlap").value);
+  const channel = $("channel-label").hidden ? null : $("channel").value;
+  if (channel !== null) params.set("channel", channel);
   if (!$("threshold-label").hidden) params.set("threshold", $("threshold").value);
   if (!$("diameter-label").hidden && $("diameter").value) params.set("diameter", $("diameter").value);
   // A model that separates touching objects: count them and draw their outlines.
@@ -292,33 +347,34 @@ async function segment(event) {
   const form = new FormData();
   form.append("image", state.image);
   if (state.truth) form.append("ground_truth", state.truth);
-  const previewForm = new FormData();
-  previewForm.append("image", state.image);
   try {
-    const [segmented, previewed] = await Promise.all([
+    const [segmented, preview] = await Promise.all([
       api(`/segment?${params}`, { method: "POST", body: form }),
-      api("/preview?max_side=1024", { method: "POST", body: previewForm }),
+      planePreview(0, channel),
     ]);
     const doc = await segmented.json();
+    state.doc = doc;
     if (doc.mask_tiff) {
-      const planes = doc.image.planes;
+      // A stack: the first plane at once, the others on the slider.
+      state.previews[0] = preview;
       offerDownload(b64Bytes(doc.mask_tiff), "image/tiff", ".tif");
-      $("result").hidden = false;
-      setState("done", `A stack of ${planes} planes (${doc.image.axes}): its mask is a multi-page TIFF; download it below.`);
+      $("plane").max = String(doc.image.planes - 1);
+      $("plane").value = "0";
+      $("planes").hidden = false;
+      await showPlane(0);
+    } else {
+      const { canvas, legend } = await colouredMask(doc);
+      drawViews(preview, canvas);
+      showLegend(legend);
       showScores(doc);
-      return;
+      offerDownload(b64Bytes(doc.mask_png), "image/png", ".png");
     }
-    const preview = await loadImage(URL.createObjectURL(await previewed.blob()));
-    const { canvas, legend } = await colouredMask(doc);
-    drawViews(preview, canvas);
-    showLegend(legend);
-    showScores(doc);
-    offerDownload(b64Bytes(doc.mask_png), "image/png", ".png");
     const ms = Object.values(doc.timings_ms).reduce((a, b) => a + b, 0);
     const scaled = doc.scale && doc.scale.resampled
       ? `, rescaled ×${doc.scale.factor.toFixed(2)} to ${doc.scale.width}×${doc.scale.height}`
       : "";
     $("summary").textContent = ` — ${doc.model} v${doc.version} (${doc.precision}), ${doc.image.width}×${doc.image.height}${scaled}, ${doc.tiles} tiles, ${Math.round(ms)} ms on ${doc.provider}`;
+    if (doc.mask_tiff) $("summary").textContent += `, ${doc.image.planes} planes (${doc.image.plane_axes})`;
     if (doc.object_count !== null && doc.object_count !== undefined) {
       const f1 = doc.object_metrics && doc.object_metrics.f1 !== null
         ? ` (F1 ${doc.object_metrics.f1.toFixed(3)} against the ground truth)`
@@ -333,6 +389,41 @@ async function segment(event) {
   } finally {
     updateButton();
   }
+}
+
+// The 8-bit preview of one plane of the chosen image (in the chosen channel).
+async function planePreview(plane, channel) {
+  const form = new FormData();
+  form.append("image", state.image);
+  const params = new URLSearchParams({ max_side: "1024", plane: String(plane) });
+  if (channel !== null) params.set("channel", channel);
+  const response = await api(`/preview?${params}`, { method: "POST", body: form });
+  return loadImage(URL.createObjectURL(await response.blob()));
+}
+
+// Plane ``k`` of a stack's answer: its image, its classes and outlines, its scores.
+async function showPlane(k) {
+  const doc = state.doc;
+  if (!doc || !doc.mask_tiff) return;
+  if (!state.previews[k]) {
+    const channel = $("channel-label").hidden ? null : $("channel").value;
+    state.previews[k] = await planePreview(k, channel);
+  }
+  if (state.doc !== doc || Number($("plane").value) !== k) return; // moved on meanwhile
+  const plane = {
+    image: doc.image,
+    classes: doc.classes,
+    class_masks: doc.plane_class_masks[k],
+    outlines_png: doc.plane_outlines_png ? doc.plane_outlines_png[k] : null,
+  };
+  const { canvas, legend } = await colouredMask(plane);
+  drawViews(state.previews[k], canvas);
+  showLegend(legend);
+  const scores = doc.planes ? doc.planes[k].metrics : null;
+  showScores(doc, scores);
+  const index = Object.entries(doc.planes ? doc.planes[k].index : {}).map(([a, i]) => `${a}=${i}`);
+  const found = doc.plane_objects ? `, ${doc.plane_objects[k].object_count} objects` : "";
+  $("plane-name").textContent = `${k + 1} of ${doc.image.planes}${index.length ? ` (${index.join(", ")})` : ""}${found}`;
 }
 
 function offerDownload(bytes, type, suffix) {
@@ -354,6 +445,9 @@ function init() {
     chooseFile("truth", null);
   });
   $("model").addEventListener("change", modelChanged);
+  $("plane").addEventListener("input", () => {
+    showPlane(Number($("plane").value)).catch((err) => setState("error", String(err), true));
+  });
   $("form").addEventListener("submit", segment);
   $("save-key").addEventListener("click", () => {
     state.key = $("api-key").value.trim();

@@ -5,6 +5,7 @@ range of 16-bit images). Same decoder, limits and admission (workers and memory)
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, File, Query, UploadFile
@@ -41,18 +42,31 @@ async def preview_image(
     runner: RunnerDep,
     image: Annotated[UploadFile, File(description="PNG, JPEG or TIFF")],
     max_side: Annotated[int, Query(ge=16, le=4096, description="Longest side, pixels")] = 1024,
+    plane: Annotated[int, Query(ge=0, description="A stack's plane, in file order")] = 0,
     channel: Annotated[
         str | None, Query(max_length=64, description="Multi-channel TIFF: index or OME name")
     ] = None,
 ) -> Response:
-    """Preview an image: contrast-stretched to 8 bits, at most ``max_side`` pixels a side."""
+    """Preview an image (one plane of a stack): contrast-stretched to 8 bits, at most
+    ``max_side`` pixels a side. The headers say what a page needs to offer the choices:
+    ``X-Image-Planes``, and for a multi-channel image ``X-Image-Channels`` (JSON: the OME
+    names, else the indices)."""
     plan = await run_in_threadpool(
         plan_preview, image.file, max_pixels=settings.max_image_pixels, channel=channel
     )
     header = plan.header
     what = f"previewing this {header.width}x{header.height} image ({mib(header.nbytes)} decoded)"
     png, width, height = await runner.call(
-        lambda: preview_png(image.file, plan, max_side=max_side), memory=plan.memory, what=what
+        lambda: preview_png(image.file, plan, max_side=max_side, plane=plane),
+        memory=plan.memory,
+        what=what,
     )
-    headers = {"X-Image-Width": str(width), "X-Image-Height": str(height)}
+    headers = {
+        "X-Image-Width": str(width),
+        "X-Image-Height": str(height),
+        "X-Image-Planes": str(header.planes),
+    }
+    layout = header.layout
+    if layout is not None and layout.channel_axis == "C" and len(layout.channels) > 1:
+        headers["X-Image-Channels"] = json.dumps(layout.channels)
     return Response(content=png, media_type="image/png", headers=headers)
