@@ -13,6 +13,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from service.core.config import DEFAULT_OVERLAP
 from service.inference.modelmeta import ModelMetadata
 from service.inference.pipeline import predict_mask
 from tests.conftest import decode_png, running_app, tiff_bytes
@@ -214,7 +215,8 @@ def test_smoke_train_export_parity_and_serve(tmp_path: Path, mode: str, classes:
     session = ort_predictor(onnx_path)
     *dynamic, channels = session.get_inputs()[0].shape
     assert channels == 1 and not any(isinstance(d, int) for d in dynamic)  # batch, height, width
-    mask = predict_mask(image, meta, onnx_predictor(session), batch_size=3)
+    # At the service's default overlap: the request below names none.
+    mask = predict_mask(image, meta, onnx_predictor(session), batch_size=3, overlap=DEFAULT_OVERLAP)
     assert mask.shape == image.shape and mask.dtype == np.uint8
     assert int(mask.max()) < len(classes)
 
