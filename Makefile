@@ -57,19 +57,22 @@ check: install-dev
 # in CI); otherwise those tests skip and say why. --no-install-recommends keeps out
 # prometheus-node-exporter; on a host with systemd the package would start and enable a
 # Prometheus on :9090, which the tests do not need, so it is stopped again.
-DEPLOY_TOOLS := prometheus promtool docker-compose chromium
+DEPLOY_TOOLS := prometheus promtool docker-compose chromium Xvfb
+# Debian's packages for them; xvfb: tests/test_napari.py runs napari (Qt 6) on a virtual X
+# display, whose xcb platform plugin also needs libxcb-icccm4 and libxcb-keysyms1.
+DEPLOY_PACKAGES := prometheus docker-compose chromium xvfb libxcb-icccm4 libxcb-keysyms1
 deploy-tools:
 	@missing=""; for t in $(DEPLOY_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing prometheus docker-compose chromium (missing:$$missing)"; \
+		echo "installing $(DEPLOY_PACKAGES) (missing:$$missing)"; \
 		export DEBIAN_FRONTEND=noninteractive; \
-		apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus docker-compose chromium >/dev/null || exit 1; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $(DEPLOY_PACKAGES) >/dev/null || exit 1; \
 		if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then \
 			systemctl disable --now prometheus; fi; \
 	else \
 		echo "note: missing$$missing; the deployment tests will skip. Install them with:"; \
-		echo "  sudo apt-get install --no-install-recommends prometheus docker-compose chromium"; \
+		echo "  sudo apt-get install --no-install-recommends $(DEPLOY_PACKAGES)"; \
 	fi
 
 # tests/test_containers.py builds the Dockerfile's images and runs them, and brings the compose
