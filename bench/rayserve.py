@@ -9,7 +9,9 @@ controller builds ``service.rayserve.app:build_app`` with its ``args``.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -173,10 +175,19 @@ def _wait_ready(url: str, timeout: float, expect: int = 200) -> None:
         time.sleep(0.5)
 
 
+# Seconds Serve's controller gives a new HTTP proxy to answer its first ready check (Ray's
+# default: 5). On 2 busy cores a new worker can take longer than that just to import Serve; the
+# controller then kills the proxy before it ran, and serve.start fails with ActorDiedError
+# (seen in CI, beside the other test workers). Read by the controller, so set before Ray starts.
+PROXY_READY_TIMEOUT_S = "60"
+
+
 def start_ray(num_cpus: int) -> None:
-    """Ray on this machine with ``num_cpus`` logical CPUs, in Serve's namespace."""
+    """Ray on this machine with ``num_cpus`` logical CPUs, in Serve's namespace; its processes
+    inherit this one's environment, ``PROXY_READY_TIMEOUT_S`` included (unless set already)."""
     import ray
 
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_TIMEOUT_S)
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
@@ -219,10 +230,18 @@ def local_serve(
     own_ray = not ray.is_initialized()
     if own_ray:
         start_ray(num_cpus)
+    start = functools.partial(
+        serve_start,
+        http_options=schema.http_options.model_dump(),
+        proxy_location=schema.proxy_location,
+    )
     try:
-        client = serve_start(
-            http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
-        )
+        try:
+            client = start()
+        except TimeoutError:
+            # serve_start waits 60 s for the proxy (fixed in Ray); on a loaded machine it may
+            # still be starting: connect to the controller it made, and wait for /readyz below.
+            client = start()
         client.deploy_apps(schema, _blocking=False)
         url = f"http://127.0.0.1:{config['http_options']['port']}"
         _wait_ready(url, ready_timeout)
