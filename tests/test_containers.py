@@ -777,7 +777,13 @@ def test_compose_stack_with_podman_compose(cpu_image: str, prometheus_image: str
         assert up["labels"]["compose_service"] == "segment-cpu"
         assert up["labels"]["accelerator"] == "cpu"
         assert api.value(f'up{{job="{JOB}"}}') == 1.0
-        assert api.value(f'segment_models_ready{{job="{JOB}"}}') == 1.0
+        # Ready in Prometheus from its first scrape after /readyz turned 200 (a scrape before
+        # it, while the models loaded, says 0: seen under load).
+        _wait_for(
+            lambda: api.value(f'segment_models_ready{{job="{JOB}"}}') == 1.0 or None,
+            SCRAPE_TIMEOUT_S,
+            "Prometheus to see the models ready",
+        )
 
         rules = api.get("rules", type="alert")
         loaded = [r["name"] for g in rules["groups"] if g["name"] == JOB for r in g["rules"]]
