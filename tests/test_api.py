@@ -737,3 +737,20 @@ def test_every_cpu_arena_setting_gives_the_same_masks(model_dir: Path, arena: st
         assert r3.status_code == 200, r3.text
     with running_app(model_dir) as client:  # the default
         assert np.array_equal(mask_of(post(client, png_bytes(img), model="toy3")), mask_of(r3))
+
+
+@pytest.mark.parametrize("spinning", [True, False])
+def test_ort_spinning_reaches_the_session_and_never_changes_an_answer(
+    model_dir: Path, spinning: bool
+) -> None:
+    """SEG_ORT_SPINNING sets ONNX Runtime's thread spinning on every session it loads."""
+    img = random_image(300, 410, seed=72)
+    with running_app(model_dir, ort_spinning=spinning, intra_op_threads=2) as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        for name in ("toy", "toy3"):
+            options = registry.get(name).session.get_session_options()
+            entry = options.get_session_config_entry("session.intra_op.allow_spinning")
+            assert entry == ("1" if spinning else "0")
+        r = post(client, png_bytes(img))
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(mask_of(r), expected_toy_mask(img))

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime threads per session; 0 = all cores"
     )
+    ort_spinning: bool = Field(
+        True,
+        description="ONNX Runtime's threads spin while they wait for work: keep on a host whose "
+        "cores the service has to itself; false where it shares them (docs/deployment.md)",
+    )
     tile_batch_size: int = Field(8, ge=1, le=256, description="Tiles per model call")
     cpu_memory_arena: CpuArena = Field(
         "shrink",

@@ -198,6 +198,7 @@ class ModelDeployment:
                     settings.intra_op_threads,
                     settings.tile_batch_size,
                     settings.cpu_memory_arena,
+                    spinning=settings.ort_spinning,
                 )
             except Exception as exc:  # reported by describe(); the other models still serve
                 failed = f"{type(exc).__name__}: {exc}".replace(model_dir, "<model_dir>")

@@ -300,6 +300,7 @@ def load_model(
     warmup_batch: int,
     cpu_arena: CpuArena = "on",
     memory_budget: int | None = None,
+    spinning: bool = True,
 ) -> LoadedModel:
     """Create the session, parse the metadata, check the graph's shapes and warm it up.
 
@@ -312,6 +313,9 @@ def load_model(
         raise FileNotFoundError(f"{path.name} is missing in {path.parent.name}/")
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
+    # Idle intra-op threads spin (ORT's default) or sleep: on shared cores the spinning takes
+    # CPU from whatever else runs there (docs/deployment.md, SEG_ORT_SPINNING).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.enable_cpu_mem_arena = cpu_arena != "off"
     # ONNX Runtime's memory pattern plans one block per input shape from the first run and
@@ -424,6 +428,7 @@ def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
                 settings.tile_batch_size,
                 settings.cpu_memory_arena,
                 memory_budget,
+                settings.ort_spinning,
             )
         except Exception as exc:  # one bad file must not take the other models down
             reason = f"{type(exc).__name__}: {exc}"
