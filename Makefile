@@ -35,7 +35,7 @@ serve: install-serve
 	$(BIN)/segment-service
 
 # The tests run on xdist workers, each test or group of tests (tests/conftest.py) on one (2 here,
-# with the Ray tests' own pytest beside them: most tests wait on servers rather than compute).
+# one per core, with the Ray tests' own pytest beside them).
 # A crashed worker is not replaced: pytest-xdist 3.8's loadfile scheduler can then hang until
 # CI's limit (pytest-dev/pytest-xdist#784, #1313); the run ends with the crash reported instead.
 TEST_WORKERS ?= 2
@@ -51,8 +51,8 @@ FAST := not slow and not containers and not ray and not browser
 # not beside the other workers: there, on 2 cores, the containers under test were starved (a 408
 # upload, a stop past its grace period), though each passes alone.
 # On 2 cores the suite is CPU-bound: alone, the xdist part takes 347 s, Ray's tests 219 s (252
-# busy core-s) and the container tests 275 s (315); run together they keep both cores ~95 % busy
-# (1650-1800 core-s in all), so no order of the three gets under ~15 min. Measured on clean
+# busy core-s) and the container tests 275 s (315); run together they keep both cores 90-98 % busy
+# (1665-1838 core-s in all), so no order of the three gets under ~15 min. Measured on clean
 # clones and not kept: all three at once with the xdist workers at nice 10 (925 s, 3 container
 # tests failed); the gpu image's build from the start (887 s, a Ray replica past its 240 s
 # start); the same with Ray's workers at nice 0 instead of Ray's 15 (991 s).

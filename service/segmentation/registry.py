@@ -428,7 +428,7 @@ def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
                 settings.tile_batch_size,
                 settings.cpu_memory_arena,
                 memory_budget,
-                settings.ort_spinning,
+                spinning=settings.ort_spinning,
             )
         except Exception as exc:  # one bad file must not take the other models down
             reason = f"{type(exc).__name__}: {exc}"
