@@ -141,6 +141,20 @@ def data_sets() -> Path:
     return data
 
 
+@pytest.fixture(scope="session")
+def bbbc038(data_sets: Path) -> Path:
+    """``data/bbbc038``, imported by :func:`data_sets`. The ``nuclei`` presets' splits include
+    it, so tests that read them skip, with the reason, where the zip is absent."""
+    from training.bbbc038 import MANIFEST
+
+    if not (data_sets / "bbbc038" / MANIFEST).is_file():
+        pytest.skip(
+            f"BBBC038 is not imported ({BBBC038_ZIP} is absent): "
+            "segtrain fetch-data --bbbc038 PATH/stage1_train.zip"
+        )
+    return data_sets / "bbbc038"
+
+
 # Logical CPUs Ray counts (every replica asks for a tenth: bench.rayserve.local_config); the
 # processes share the machine's cores whatever this says.
 RAY_CPUS = 8

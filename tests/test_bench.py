@@ -80,7 +80,7 @@ def test_host_floor_quick_run_compares_both_paths(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_generalist_bench_scores_a_source_every_way_and_writes_its_table(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_sets: Path
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bbbc038: Path
 ) -> None:
     """One source (the DSB quadrant) instead of all six: every model with and without
     diameter=, Otsu, and a baseline given a training scale by ``--baseline-scale``."""

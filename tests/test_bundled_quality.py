@@ -106,13 +106,12 @@ def _same(report: dict, held: dict, metrics: dict) -> None:
 
 
 @pytest.mark.parametrize("precision", list(Precision))
+@pytest.mark.usefixtures("bbbc038")
 def test_the_default_on_every_source_with_its_objects(precision: Precision) -> None:
     """Each precision of the newest version, re-measured: its card's figures (which
     precision=auto chooses from) hold; fp32 clears the floors, and the variants lose at most
     MAX_IOU_LOSS of fp32's IoU where their card says they do."""
     config = PRESETS["nuclei"]
-    if not Path("data/bbbc038/images").is_dir():
-        pytest.skip("BBBC038 is not imported: segtrain fetch-data --bbbc038 PATH/stage1_train.zip")
     model = _model("nuclei", precision=precision)
     assert model.meta.version == "3" and model.meta.precision is precision  # type: ignore[attr-defined]
     report, held = _measure(model, config)
@@ -176,6 +175,7 @@ def test_the_three_class_model_on_every_source() -> None:
             assert iou >= floor, f"nuclei-3class: {source} {cls} IoU {iou:.4f} < {floor}"
 
 
+@pytest.mark.usefixtures("bbbc038")
 def test_the_held_out_source_is_never_trained_on() -> None:
     for preset in ("nuclei", "nuclei-3class"):
         config = PRESETS[preset]
