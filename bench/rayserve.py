@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import yaml
@@ -60,13 +60,32 @@ def local_config(
     for name in models:
         deployments.append(by_name.get(f"model-{name}", {"name": f"model-{name}"}))
     for d in deployments:
-        d.pop("autoscaling_config", None)
         is_ingress = d["name"] == "SegmentIngress"
-        d["num_replicas"] = ingress_replicas if is_ingress else model_replicas
+        d["autoscaling_config"] = fixed_replicas(ingress_replicas if is_ingress else model_replicas)
         d["ray_actor_options"] = {"num_cpus": 0.1, "num_gpus": 0}
         d.update((ingress if is_ingress else model) or {})
     app["deployments"] = deployments
     return config
+
+
+def fixed_replicas(count: int) -> dict[str, int]:
+    """An autoscaling range of one value: ``count`` replicas, always.
+
+    Rather than ``num_replicas``: Serve hashes whether a deployment has an autoscaling config
+    into the application's code version, so switching one deployment between the two forms
+    (the autoscaling test does, and back) would restart every replica of the application;
+    changing the range only updates the deployment in place.
+    """
+    return {"min_replicas": count, "max_replicas": count, "initial_replicas": count}
+
+
+def replica_count(deployment: Mapping[str, Any]) -> int | None:
+    """The replicas a deployment's options fix, or None where the autoscaler decides."""
+    scaling = deployment.get("autoscaling_config")
+    if scaling is None:
+        return cast(int | None, deployment.get("num_replicas"))
+    low, high = scaling.get("min_replicas"), scaling.get("max_replicas")
+    return cast(int, low) if low == high else None
 
 
 @dataclass
@@ -94,9 +113,7 @@ class ServeApp:
         time.sleep(1.0)  # the controller takes the new config up
         deadline = time.monotonic() + ready_timeout
         # Until the replicas are those of this config: old ones answer meanwhile.
-        wanted = {
-            d["name"]: d.get("num_replicas") for d in config["applications"][0]["deployments"]
-        }
+        wanted = {d["name"]: replica_count(d) for d in config["applications"][0]["deployments"]}
         while not self._settled(wanted):
             if time.monotonic() > deadline:
                 raise AssertionError(f"the new config did not settle in {ready_timeout:.0f} s")

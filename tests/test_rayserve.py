@@ -42,7 +42,7 @@ from ray import serve
 
 from bench.images import TEST_FRAMES
 from bench.live_server import metric_sample
-from bench.rayserve import ServeApp, local_config, local_serve
+from bench.rayserve import ServeApp, fixed_replicas, local_config, local_serve
 from service.core.config import REPO_MODELS
 from service.inference.precision import variant_files
 from service.segmentation.registry import choose_variant, find_model_files, load_model
@@ -347,12 +347,13 @@ def test_model_replicas_autoscale_on_ongoing_requests(
     ray_app: ServeApp, frames: dict[str, tuple[bytes, bytes]]
 ) -> None:
     """Serve's autoscaler adds a model replica under load (ongoing requests above target) and
-    goes back to one when idle (after 2 s here)."""
+    goes back to one when idle (after 2 s here). Changing the range is an update in place: the
+    other deployments' replicas keep running (bench.rayserve.fixed_replicas)."""
+    ingress = ray_app.replica_actors("SegmentIngress")
     fixed = copy.deepcopy(ray_app.config)
     config = copy.deepcopy(fixed)  # load reported every 0.5 s (ENV)
     for d in config["applications"][0]["deployments"]:
         if d["name"] == f"model-{MODEL}":
-            del d["num_replicas"]
             d["autoscaling_config"] = {
                 "min_replicas": 1,
                 "initial_replicas": 1,
@@ -374,6 +375,7 @@ def test_model_replicas_autoscale_on_ongoing_requests(
         assert [f.result().status_code for f in futures] == [200] * 24
     assert 2 in seen, f"running model replicas seen under load: {sorted(seen)}"
     ray_app.redeploy(fixed)  # the fixed 2 + 2 replicas again, for the tests below
+    assert ray_app.replica_actors("SegmentIngress") == ingress, "the ingress was restarted"
 
 
 def with_limits(config: dict[str, Any], deployment: str, **limits: int) -> dict[str, Any]:
@@ -436,7 +438,7 @@ def test_a_model_that_cannot_load_is_reported_and_the_others_serve(
     config = copy.deepcopy(ray_app.config)
     app = config["applications"][0]
     app["args"] |= {"model_dir": str(tmp_path), "models": [MODEL, "broken"]}
-    app["deployments"].append({"name": "model-broken", "num_replicas": 1})
+    app["deployments"].append({"name": "model-broken", "autoscaling_config": fixed_replicas(1)})
     ray_app.redeploy(config, expect_ready=503)
 
     ready = httpx.get(f"{ray_app.url}/readyz", timeout=10)
