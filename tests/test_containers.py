@@ -619,7 +619,9 @@ def test_stop_lets_a_large_request_in_flight_finish(
     """`podman stop -t <stop_grace_period>` during a large request: the request still gets its
     mask, the stop takes less than the grace period (no SIGKILL), and the exit code is 0."""
     grace = ComposeService.from_compose().stop_grace_s
-    big = np.tile(held_out_frame, (6, 4))  # 4200 x 4400: seconds of inference, not milliseconds
+    # 2100 x 2200, 100 tiles: several seconds of inference, so that the stop lands mid-request
+    # (checked below), and well inside the grace period even on two busy cores.
+    big = np.tile(held_out_frame, (3, 2))
     result: dict[str, Any] = {}
 
     with service_container(cpu_image, "stop") as box:
@@ -629,6 +631,7 @@ def test_stop_lets_a_large_request_in_flight_finish(
                 result["response"] = httpx.post(
                     f"{box.url}/segment", files=segment_files(png_bytes(big)), timeout=grace + 30
                 )
+                result["answered"] = time.monotonic()
             except Exception as exc:  # the assertion below reports it
                 result["error"] = exc
 
@@ -653,6 +656,7 @@ def test_stop_lets_a_large_request_in_flight_finish(
         r = result["response"]
         assert r.status_code == 200, r.text
         assert _mask(r.content).shape == big.shape
+        assert result["answered"] > start, "the request was over before the stop: not in flight"
         assert stop_s < grace, f"stop took {stop_s:.0f} s: SIGKILL after the grace period?"
         assert box.inspect("{{.State.Status}}") == "exited"
         assert box.inspect("{{.State.ExitCode}}") == "0", box.logs()[-3000:]
