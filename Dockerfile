@@ -21,8 +21,11 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ---------------------------------------------------------------------------------------------
-# builder: a venv at the same path as in the runtime image, so it can be copied across as is.
-# Every dependency ships as a binary wheel, so no compiler is needed even here.
+# builder: the service as a wheel, and the pins, for the final stages to install from. They
+# install their venv themselves, with this stage bind-mounted (RUN --mount, BuildKit's or
+# buildah's), instead of copying a venv built here: the gpu venv is 2.9 GB, and writing it once
+# as this stage's layer and again as a COPY took 37 of the gpu image's 121 s build (podman,
+# tests/test_containers.py). Every dependency ships as a binary wheel: no compiler anywhere.
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -30,27 +33,13 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Dependency pins first: the same constraints.txt that CI installs and tests (make lock), so a
-# green CI means this image's Python environment was tested.
+# The pins: the same constraints.txt that CI installs and tests (make lock), so a green CI
+# means the images' Python environments were tested.
 COPY constraints.txt pyproject.toml README.md ./
 # Only the service package: training/ needs TensorFlow and stays out (its `segtrain` entry point
 # is installed but unusable in the image, by design).
 COPY service/ service/
-
-FROM builder AS build-cpu
-RUN pip install --no-cache-dir -c constraints.txt ".[cpu]" \
- && pip check
-
-FROM builder AS build-gpu
-# constraints.txt pins onnxruntime (the CPU build CI runs) but cannot hold onnxruntime-gpu or its
-# nvidia-* wheels: installing both onnxruntime packages in one environment breaks it. So the GPU
-# build is pinned here to the SAME version as onnxruntime in constraints.txt; tests/test_deploy.py
-# fails when the two disagree. The nvidia-* wheels are resolved by onnxruntime-gpu's own
-# [cuda,cudnn] requirements.
-ARG ORT_VERSION=1.31.1
-RUN pip install --no-cache-dir -c constraints.txt ".[gpu]" "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}" \
- && pip check \
- && if pip show onnxruntime >/dev/null 2>&1; then echo "onnxruntime (CPU) must not be installed beside onnxruntime-gpu" >&2; exit 1; fi
+RUN pip wheel --no-cache-dir --no-deps -c constraints.txt --wheel-dir /src/dist .
 
 # ---------------------------------------------------------------------------------------------
 # runtime: what both images share.
@@ -88,7 +77,12 @@ ENTRYPOINT ["segment-service"]
 
 # ---------------------------------------------------------------------------------------------
 FROM runtime AS cpu
-COPY --from=build-cpu /opt/venv /opt/venv
+# The venv, from the builder's wheel and pins (mounted for this step only, so neither stays).
+RUN --mount=type=bind,from=builder,source=/src,target=/src \
+    python -m venv /opt/venv \
+ && set -- /src/dist/*.whl \
+ && pip install --no-cache-dir --disable-pip-version-check -c /src/constraints.txt "$1[cpu]" \
+ && pip check
 ENV SEG_PROVIDERS='["CPUExecutionProvider"]'
 # Models last: they change more often than the dependencies. Owned by root, readable by all:
 # the service never writes to them.
@@ -100,14 +94,15 @@ USER 10001:10001
 # multi-GPU node (`docker run --gpus all -p 8000:8000 unet-segmentation-service:ray`: a local
 # Ray with the Serve application) and for Ray clusters on Kubernetes, where KubeRay replaces
 # the entrypoint with `ray start` (deploy/kubernetes/rayservice.yaml). Not built in CI.
-FROM build-gpu AS build-ray
+FROM runtime AS ray
 ARG ORT_VERSION=1.31.1
-RUN pip install --no-cache-dir -c constraints.txt ".[gpu,scale]" "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}" \
+RUN --mount=type=bind,from=builder,source=/src,target=/src \
+    python -m venv /opt/venv \
+ && set -- /src/dist/*.whl \
+ && pip install --no-cache-dir --disable-pip-version-check -c /src/constraints.txt \
+      "$1[gpu,scale]" "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}" \
  && pip check \
  && if pip show onnxruntime >/dev/null 2>&1; then echo "onnxruntime (CPU) must not be installed beside onnxruntime-gpu" >&2; exit 1; fi
-
-FROM runtime AS ray
-COPY --from=build-ray /opt/venv /opt/venv
 # The same library set-up and check as the gpu stage below.
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN find /opt/venv/lib/python3.11/site-packages/nvidia -name 'lib*.so*' -printf '%h\n' \
@@ -131,7 +126,19 @@ ENTRYPOINT ["serve", "run", "/srv/serve.yaml"]
 
 # ---------------------------------------------------------------------------------------------
 FROM runtime AS gpu
-COPY --from=build-gpu /opt/venv /opt/venv
+# constraints.txt pins onnxruntime (the CPU build CI runs) but cannot hold onnxruntime-gpu or its
+# nvidia-* wheels: installing both onnxruntime packages in one environment breaks it. So the GPU
+# build is pinned here to the SAME version as onnxruntime in constraints.txt; tests/test_deploy.py
+# fails when the two disagree. The nvidia-* wheels are resolved by onnxruntime-gpu's own
+# [cuda,cudnn] requirements.
+ARG ORT_VERSION=1.31.1
+RUN --mount=type=bind,from=builder,source=/src,target=/src \
+    python -m venv /opt/venv \
+ && set -- /src/dist/*.whl \
+ && pip install --no-cache-dir --disable-pip-version-check -c /src/constraints.txt \
+      "$1[gpu]" "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}" \
+ && pip check \
+ && if pip show onnxruntime >/dev/null 2>&1; then echo "onnxruntime (CPU) must not be installed beside onnxruntime-gpu" >&2; exit 1; fi
 # Let the dynamic linker find the CUDA/cuDNN libraries from the nvidia-* wheels however
 # onnxruntime loads them, then fail the build if its CUDA provider still has an unresolved
 # library: that would otherwise surface only at run time, as a silent fallback to the CPU.

@@ -21,8 +21,8 @@ start one that writes to its read-only root:
    concurrent uploads that do not fit get 503 (never 400) and those that fit succeed, also
    when SEG_SPOOL_BUDGET promises more space than the disk has;
 6. the `gpu` target builds (its ldd check proves the CUDA provider's libraries resolve) and, with
-   no GPU, serves on the CPU and says so. Its build (~2.5 min) runs last; it needs ~13 GB of
-   free disk while it builds (a 2.9 GB image, removed afterwards), which CI affords;
+   no GPU, serves on the CPU and says so. Its build (~70 s alone) runs last; it needs ~11 GB of
+   free disk while it builds (a 3.0 GB image, removed afterwards), which CI affords;
    SEG_TEST_GPU_IMAGE=0 leaves it out of a local run (never under CI=true).
 
 Machine specifics stay out of the Dockerfile: the machine's pip configuration (indexes, wheel
@@ -831,7 +831,7 @@ def test_gpu_image_builds_and_serves_on_the_cpu_loudly(gpu_build: Build | None) 
     """The `gpu` target builds, so its ldd check found every library of the CUDA provider
     (bar the driver's libcuda); run without a GPU, it serves on the CPU and warns."""
     if gpu_build is None:
-        _unavailable(f"{GPU_FLAG}=0: the gpu image (~1.5 min, ~13 GB of disk) is left out")
+        _unavailable(f"{GPU_FLAG}=0: the gpu image (~70 s, ~11 GB of disk) is left out")
     assert gpu_build is not None
     seconds = gpu_build.wait()
     tag = gpu_build.tag
