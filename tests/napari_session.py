@@ -115,7 +115,9 @@ def display() -> str:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     root = tmp_path_factory.mktemp("napari")
     models = bundled(root / "models")
-    settings = {"intra_op_threads": "1"}
+    # The newest version of each model: what the widget lists and runs (the others would only
+    # add start-up work).
+    settings = {"intra_op_threads": "1", "model_versions": "newest"}
     with live_server(models, root / "work", settings, ready_timeout=READY_TIMEOUT_S) as srv:
         yield srv
 

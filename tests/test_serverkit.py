@@ -133,7 +133,7 @@ def test_bad_input_gets_a_clear_error(server: LiveServer, frame: np.ndarray) -> 
 
 def test_the_api_key_protects_the_algorithms(tmp_path: Path) -> None:
     models = bundled(tmp_path / "models")
-    settings = {"intra_op_threads": "1", "api_key": "s3cret"}
+    settings = {"intra_op_threads": "1", "api_key": "s3cret", "model_versions": "newest"}
     with live_server(models, tmp_path / "work", settings, ready_timeout=READY_TIMEOUT_S) as srv:
         with pytest.raises(AlgorithmServerError, match="API key"):
             sk.Client(f"{srv.url}/serverkit")
