@@ -371,3 +371,31 @@ def test_a_small_service_loads_each_models_newest_version_only(tmp_path: Path) -
         image, _ = nuclei_image(64, 64, CENTRES[:1])
         r = post(client, "model=toyobj@1", png_bytes(image))
         assert r.status_code == 404 and "['2']" in r.json()["detail"]
+
+
+def test_the_mask_of_a_model_with_cores_blends_only_the_channel_it_thresholds(
+    tmp_path: Path,
+) -> None:
+    """``output=mask`` of a model that gives instances blends only the first output channel
+    (half the stitching); its mask is, bit for bit, the threshold of that channel blended with
+    the other beside it, and the one the instance path (which blends both) gives."""
+    from service.inference.normalize import compute_intensity_stats
+    from service.inference.pipeline import as_hwc, predict_instances, predict_mask
+    from service.inference.tiling import sliding_window_inference
+    from service.segmentation.registry import find_model_files, load_model
+
+    root = write_models(tmp_path / "models")
+    model = load_model("toyobj", find_model_files(root)["toyobj"], ["CPUExecutionProvider"], 1, 4)
+    assert model.meta.output_channels == 2
+    rng = np.random.default_rng(5)
+    image = as_hwc(rng.integers(0, 255, (150, 190), dtype=np.uint8))
+    mask = predict_mask(image, model.meta, model.predict, overlap=0.25)
+    stats = compute_intensity_stats(image, model.meta.normalization)
+    blended = sliding_window_inference(
+        image, model.meta.tile_size, 4, model.predict, overlap=0.25, prepare=stats.apply
+    )
+    assert blended.shape[-1] == 2
+    assert np.array_equal(mask, (blended[..., 0] >= model.meta.threshold).astype(np.uint8))
+    assert 0 < mask.sum() < mask.size
+    objects = predict_instances(image, model.meta, model.predict, overlap=0.25)
+    assert np.array_equal(objects.mask, mask)

@@ -44,6 +44,11 @@ def make_reducer(
     return lambda strip: np.argmax(strip, axis=-1).astype(np.uint8)
 
 
+def _first_channel(predictor: Predictor) -> Predictor:
+    """``predictor`` with only its first output channel (a view: nothing is copied)."""
+    return lambda tiles: predictor(tiles)[..., :1]
+
+
 def as_hwc(image: np.ndarray) -> np.ndarray:
     """``(H, W)`` or ``(H, W, C)`` to ``(H, W, C)`` without copying."""
     return image[..., None] if image.ndim == 2 else image
@@ -90,6 +95,10 @@ def predict_mask(
         )
     stats = compute_intensity_stats(image, meta.normalization)
     reduce = make_reducer(meta, threshold, cores=cores)
+    if meta.task is Task.BINARY and not cores and meta.output_channels > 1:
+        # The mask thresholds the first channel alone: an instance model's second (its cores)
+        # is not blended, half the stitching work for the same mask, bit for bit.
+        predictor = _first_channel(predictor)
     out_rows = None
     if scale is None and diameter is not None:
         scale = plan_scale(meta, diameter, image.shape[0], image.shape[1])
