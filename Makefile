@@ -53,14 +53,14 @@ FAST := not slow and not containers and not ray and not browser
 # On 2 cores the suite is CPU-bound: alone, the xdist part takes 347-464 s, Ray's tests 213 s (252
 # busy core-s) and the container tests 207 s (221; 275 s / 315 before the Dockerfile stopped
 # copying the 2.9 GB gpu venv across stages); run together they keep both cores 90-98 % busy
-# (1524-1892 core-s in all), so the wall follows the total: 835 s on a clean clone at the
-# 2026-12-07 code (912 s earlier that day, 926-1008 s before). Measured on clean clones of the
-# code before that and not kept: all three at once with the xdist workers at nice 10 (925 s, 3
-# container tests failed); the gpu image's build from the start (887 s, a Ray replica past its
-# 240 s start); the same with Ray's workers at nice 0 instead of Ray's 15 (991 s); Ray's tests
-# after the xdist part, beside the container tests (937 s, the current order then 926-1005 s);
-# ONNX Runtime's threads sleeping instead of spinning in the tests' sessions
-# (SEG_ORT_SPINNING=false, 926 s).
+# (1524-1892 core-s in all), so the wall follows the total and the shared machine's noise: 835
+# and 929 s on clean clones of the 2026-12-07 code (912 s earlier that day, 926-1008 s before).
+# Measured on clean clones of the code before that and not kept: all three at once with the
+# xdist workers at nice 10 (925 s, 3 container tests failed); the gpu image's build from the
+# start (887 s, a Ray replica past its 240 s start); the same with Ray's workers at nice 0
+# instead of Ray's 15 (991 s); Ray's tests after the xdist part, beside the container tests
+# (937 s, the current order then 926-1005 s); ONNX Runtime's threads sleeping instead of
+# spinning in the tests' sessions (SEG_ORT_SPINNING=false, 926 s).
 test: install-dev lint deploy-tools container-tools
 	@ray_log=$$(mktemp); \
 	$(BIN)/pytest -m "ray and not containers" --durations=10 > $$ray_log 2>&1 & ray=$$!; \
