@@ -123,6 +123,45 @@ def test_three_class_background_and_image_edge() -> None:
     assert (wide[3:5, 0] == 2).all() and wide[2, 0] == 1
 
 
+def test_contact_width_widens_the_band_only_where_nuclei_touch() -> None:
+    labels = np.zeros((12, 20), np.uint16)
+    labels[2:10, 1:10] = 1  # two 8x9 nuclei touching along columns 9|10
+    labels[2:10, 10:19] = 2
+    out = instances_to_three_class(labels, boundary_width=1, contact_width=3)
+    # Against the background: 1 px, as without contact_width.
+    assert out[2, 4] == 2 and out[3, 4] == 1 and out[5, 1] == 2 and out[5, 2] == 1
+    # At the contact: 3 px on each side (columns 7-9 and 10-12), so 6 px between interiors.
+    assert (out[3:9, 7:13] == 2).all()
+    assert (out[3:9, 6] == 1).all() and (out[3:9, 13] == 1).all()
+    # The foreground, i.e. the mask every client gets, is the same as without it.
+    np.testing.assert_array_equal(out > 0, labels > 0)
+    # Whichever nucleus carries the larger label, the band is the same on both sides.
+    swapped = np.where(labels == 1, 2, np.where(labels == 2, 1, 0)).astype(np.uint16)
+    np.testing.assert_array_equal(
+        instances_to_three_class(swapped, boundary_width=1, contact_width=3), out
+    )
+
+
+def test_keep_cores_seeds_a_nucleus_the_bands_would_leave_without_interior() -> None:
+    labels = np.zeros((12, 16), np.uint16)
+    labels[2:10, 1:9] = 1  # a large nucleus ...
+    labels[4:7, 9:12] = 2  # ... with a 3x3 one touching it, and a 3x3 one alone
+    labels[8:11, 12:15] = 3
+    plain = instances_to_three_class(labels, boundary_width=2)
+    assert not (plain[labels == 2] == 1).any() and not (plain[labels == 3] == 1).any()
+    kept = instances_to_three_class(labels, boundary_width=2, keep_cores=True)
+    # Each small nucleus gets its innermost pixel (its centre) as interior, the large one keeps
+    # its own interior unchanged, and no core touches another nucleus' core.
+    assert kept[5, 10] == 1 and (kept[labels == 2] == 1).sum() == 1
+    assert kept[9, 13] == 1 and (kept[labels == 3] == 1).sum() == 1
+    np.testing.assert_array_equal(kept[labels == 1], plain[labels == 1])
+    np.testing.assert_array_equal(kept > 0, labels > 0)
+    from scipy import ndimage
+
+    _, n = ndimage.label(kept == 1)
+    assert n == 3
+
+
 def test_mask_modes() -> None:
     labels = np.array([[0, 3], [5, 5]], np.uint16)
     np.testing.assert_array_equal(mask_to_classes(labels, "binary"), [[0, 1], [1, 1]])
@@ -274,6 +313,10 @@ def test_binary_instances_export_and_immutable_versions(tmp_path: Path) -> None:
     # The seed threshold and speck rule start from the config's and are tuned on validation.
     assert meta.instances.seed_channel == 1 and "instances_tuned_on" in meta.metrics
     assert {"f1", "ap50", "mean_ap", "mean_matched_iou"} <= set(meta.metrics["objects"])
+    # Scored again where the reference labels, in the metadata and the card.
+    labelled = meta.metrics["labelled_only"]
+    assert labelled["objects_left_out"] >= 0 and "f1" in labelled["objects"]
+    assert "| all test images | " in (v1 / "README.md").read_text().split("SEG measure")[1]
 
     # The head: the exported channels are 1 - p_background and p_interior of the softmax.
     tiles = np.random.default_rng(0).random((2, 32, 32, 1), np.float32)
@@ -284,6 +327,20 @@ def test_binary_instances_export_and_immutable_versions(tmp_path: Path) -> None:
     np.testing.assert_allclose(served[..., 1], softmax[..., 1], atol=1e-5)
     head = keras_predictor(served_model(net, config))(tiles)
     np.testing.assert_allclose(head, served, atol=1e-5)
+
+    # Fine-tuning starts from a run's (or a release's) Keras weights, array for array, and
+    # refuses a file of another network, saying so.
+    from training.architectures import build_model, options_for
+    from training.train import start_from
+
+    options = options_for(config.arch, config.options)
+    fresh = build_model(config.arch, 1, 3, name="inst", **options)
+    start_from(fresh, run_dir / "best.keras")
+    for got, want in zip(fresh.get_weights(), net.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    wider = build_model(config.arch, 1, 3, name="inst", **(options | {"base_filters": 8}))
+    with pytest.raises(ValueError, match="do not fit this network"):
+        start_from(wider, run_dir / "best.keras")
 
     # Versions are immutable: the next release is version 2, version 1 keeps its bytes and card.
     before = {p.relative_to(v1): p.read_bytes() for p in v1.rglob("*") if p.is_file()}

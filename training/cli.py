@@ -134,6 +134,10 @@ def _config(args: argparse.Namespace) -> TrainConfig:
         "seed",
         "batch_size",
         "tile_size",
+        "learning_rate",
+        "contact_width",
+        "init_weights",
+        "keep_cores",
     )
     run = {k: v for k in (*run_keys, "arch", "name") if (v := getattr(args, k, None)) is not None}
     config = dataclasses.replace(
@@ -274,6 +278,26 @@ def build_parser() -> argparse.ArgumentParser:
             "--max-minutes", type=float, help="training time budget in minutes of wall time"
         )
         p.add_argument("--seed", type=int, help="random seed")
+        p.add_argument("--learning-rate", type=float, help="Adam's initial learning rate")
+        p.add_argument(
+            "--contact-width",
+            type=int,
+            help="3-class presets: boundary band width (px) where nuclei touch, wider than "
+            "against the background, so touching nuclei's interiors stay apart",
+        )
+        p.add_argument(
+            "--keep-cores",
+            action="store_true",
+            default=None,
+            help="3-class presets: a nucleus the boundary bands leave without interior keeps its "
+            "innermost pixels as interior (a seed for the watershed)",
+        )
+        p.add_argument(
+            "--init-weights",
+            metavar="KERAS_FILE",
+            help="fine-tune: start from this .keras file of the same network (e.g. a released "
+            "version's models/NAME/N/keras/model.keras) instead of random weights",
+        )
         p.add_argument(
             "--augment",
             choices=("basic", "generalist"),

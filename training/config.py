@@ -76,6 +76,11 @@ class TrainConfig:
     classes: list[str] = field(default_factory=lambda: ["background", "nucleus"])
     label_values: list[int] | None = None
     boundary_width: int = 2
+    # 3class: the boundary band's width where another nucleus (not background) is in reach
+    # (0: ``boundary_width`` everywhere); see ``instances_to_three_class``.
+    contact_width: int = 0
+    # 3class: a nucleus the bands leave without interior gets its innermost pixels as interior.
+    keep_cores: bool = False
     description: str = ""
     training_data: str = ""
     tile_size: int = 256
@@ -114,6 +119,9 @@ class TrainConfig:
     binary_instances: bool = False
     # Instances smaller than this fraction of a disc of the training scale's diameter are specks.
     speck_fraction: float = 0.1
+    # A ``.keras`` file of the same network whose weights start the run (fine-tuning), e.g. a
+    # released version's ``keras/model.keras``; empty: random initialisation.
+    init_weights: str = ""
 
     @property
     def normalization(self) -> Normalization:

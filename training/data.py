@@ -449,27 +449,74 @@ def training_scale(pairs: list[Pair]) -> float:
 # ---------------------------------------------------------------------------- mask conversion
 
 
-def instances_to_three_class(labels: np.ndarray, boundary_width: int = 2) -> np.ndarray:
+def instances_to_three_class(
+    labels: np.ndarray, boundary_width: int = 2, contact_width: int = 0, keep_cores: bool = False
+) -> np.ndarray:
     """Instance labels to 0 background, 1 interior, 2 boundary (uint8).
 
     A foreground pixel is boundary when any pixel within ``boundary_width`` (Chebyshev distance)
     carries another label, background or another nucleus. Where two nuclei touch, both sides get
     a boundary band, so interiors of touching nuclei never touch each other and instances can be
-    recovered from the interior class alone.
+    recovered from the interior class alone. ``contact_width`` (when above ``boundary_width``)
+    widens the band only where another nucleus, not background, is within reach: the interiors
+    of touching nuclei then sit further apart than the edges of isolated ones, which is where a
+    network's interior map merges neighbours. ``keep_cores`` gives a nucleus that the bands
+    would leave without interior (a small one, or one squeezed between neighbours) its innermost
+    pixels as interior: without a core, the service's watershed can only merge it into a
+    neighbour. The foreground (interior + boundary) never changes.
     """
     if boundary_width < 1:
-        raise ValueError("boundary_width must be >= 1")
-    size = 2 * boundary_width + 1
+        raise ValueError(f"boundary_width must be >= 1, got {boundary_width}")
+    if contact_width < 0:
+        raise ValueError(f"contact_width must be >= 0, got {contact_width}")
     labels = labels.astype(np.int64, copy=False)
-    # Max and min over the neighbourhood differ exactly where a different label is in reach; the
-    # border mode 'nearest' keeps nuclei cut by the image edge from getting a false boundary.
-    hi = ndimage.maximum_filter(labels, size=size, mode="nearest")
-    lo = ndimage.minimum_filter(labels, size=size, mode="nearest")
     fg = labels > 0
     out = np.zeros(labels.shape, np.uint8)
     out[fg] = 1
-    out[fg & (hi != lo)] = 2
+    out[fg & _other_label_within(labels, boundary_width)] = 2
+    if contact_width > boundary_width:
+        # Background counts as "no label": only pixels of a different nucleus widen the band.
+        nuclei = np.where(fg, labels, -1)
+        near = ndimage.maximum_filter(nuclei, size=2 * contact_width + 1, mode="nearest")
+        # (A sentinel above every label: SciPy's filters overflow on int64's maximum.)
+        far = ndimage.minimum_filter(
+            np.where(fg, labels, labels.max() + 1), size=2 * contact_width + 1, mode="nearest"
+        )
+        out[fg & ((near != labels) | (far != labels))] = 2
+    if keep_cores:
+        _keep_cores(labels, out)
     return out
+
+
+def _keep_cores(labels: np.ndarray, classes: np.ndarray) -> None:
+    """Mark as interior (1) the innermost pixels of each nucleus of ``labels`` that has none in
+    ``classes``: those farthest from its edge (background or another nucleus)."""
+    ids = np.unique(labels[labels > 0])
+    if not ids.size:
+        return
+    cored = np.unique(labels[classes == 1])
+    bare = np.setdiff1d(ids, cored)
+    if not bare.size:
+        return
+    depth = np.asarray(
+        ndimage.distance_transform_edt((labels > 0) & ~_other_label_within(labels, 1)), np.float64
+    )
+    deepest = np.zeros(int(labels.max()) + 1)
+    deepest[bare] = ndimage.maximum(depth, labels, bare)
+    on_bare = np.isin(labels, bare)
+    classes[on_bare & (depth >= deepest[labels])] = 1
+
+
+def _other_label_within(labels: np.ndarray, reach: int) -> np.ndarray:
+    """Where any pixel within ``reach`` (Chebyshev distance) carries another label.
+
+    Max and min over the neighbourhood differ exactly where a different label is in reach; the
+    border mode 'nearest' keeps nuclei cut by the image edge from getting a false boundary.
+    """
+    size = 2 * reach + 1
+    hi = ndimage.maximum_filter(labels, size=size, mode="nearest")
+    lo = ndimage.minimum_filter(labels, size=size, mode="nearest")
+    return np.asarray(hi != lo)
 
 
 def mask_to_classes(
@@ -478,6 +525,8 @@ def mask_to_classes(
     *,
     label_values: list[int] | None = None,
     boundary_width: int = 2,
+    contact_width: int = 0,
+    keep_cores: bool = False,
 ) -> np.ndarray:
     """A raw mask to a uint8 class-index map as ``mode`` prescribes.
 
@@ -487,7 +536,7 @@ def mask_to_classes(
     """
     mode = MaskMode(mode)
     if mode is MaskMode.THREE_CLASS:
-        return instances_to_three_class(mask, boundary_width)
+        return instances_to_three_class(mask, boundary_width, contact_width, keep_cores)
     if mode is MaskMode.LABELS and label_values is None:
         label_values = sorted(np.unique(mask).tolist())
     values = label_values or [0, 1]

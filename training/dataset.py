@@ -48,6 +48,8 @@ def load_frames(
     *,
     label_values: list[int] | None = None,
     boundary_width: int = 2,
+    contact_width: int = 0,
+    keep_cores: bool = False,
     percentile_jitter: bool = False,
 ) -> list[Frame]:
     """Read, normalise (whole frame) and convert the masks of ``pairs``."""
@@ -58,7 +60,12 @@ def load_frames(
         if image.shape[:2] != mask.shape:
             raise ValueError(f"{pair.stem}: image {image.shape[:2]} and mask {mask.shape} differ")
         classes = mask_to_classes(
-            mask, mode, label_values=label_values, boundary_width=boundary_width
+            mask,
+            mode,
+            label_values=label_values,
+            boundary_width=boundary_width,
+            contact_width=contact_width,
+            keep_cores=keep_cores,
         )
         frame = Frame(pair.stem, normalize_image(image, normalization), classes, pair.source)
         if percentile_jitter and normalization.method == "percentile":

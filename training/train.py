@@ -53,6 +53,24 @@ def compile_model(model: keras.Model, config: TrainConfig) -> None:
     )
 
 
+def start_from(model: keras.Model, path: Path) -> None:
+    """Give ``model`` the weights of the ``.keras`` file at ``path``: the same network, array for
+    array (a released version's export head has no weights of its own)."""
+    import training.export  # noqa: F401  (registers the export head's layer, to load a release)
+
+    source = keras.models.load_model(path, compile=False)
+    want = [tuple(w.shape) for w in model.weights]
+    have = [tuple(w.shape) for w in source.weights]
+    if want != have:
+        raise ValueError(
+            f"{path}: its weights do not fit this network: expected {len(want)} arrays "
+            f"({model.count_params():,} parameters), got {len(have)} "
+            f"({source.count_params():,} parameters)"
+        )
+    model.set_weights(source.get_weights())
+    log.info("weights from %s (%d arrays)", path, len(want))
+
+
 def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
     """Train on the config's train split, validate on its val split; write the run folder.
 
@@ -68,6 +86,8 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "label_values": config.label_values,
         "boundary_width": config.boundary_width,
+        "contact_width": config.contact_width,
+        "keep_cores": config.keep_cores,
     }
     train_frames = load_frames(
         splits["train"],
@@ -98,6 +118,8 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
         name=config.name.replace("-", "_"),
         **options_for(config.arch, config.options),
     )
+    if config.init_weights:
+        start_from(model, Path(config.init_weights))
     compile_model(model, config)
     outputs = len(model.outputs)
     if outputs > 1:
