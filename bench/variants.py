@@ -136,7 +136,7 @@ def measured(model: LoadedModel, overlap: float = 0.25) -> dict[str, Any]:
             config.held_out_pairs(), model.meta, model.predict, "binary", overlap=overlap
         )
     agg = report["aggregate"]
-    keys = ("iou", "dice", "mean_iou", "mean_dice", "seconds_per_image", "objects")
+    keys = ("iou", "dice", "mean_iou", "mean_dice", "seconds_per_image", "objects", "labelled_only")
     return {**{k: agg[k] for k in keys if k in agg}, **source_metrics(report)}
 
 

@@ -35,6 +35,7 @@ from service.inference.matching import (
     match_counts,
     object_scores,
     overlaps,
+    unlabelled_at_border,
 )
 from service.inference.modelmeta import Instances
 from tests.conftest import png_bytes, running_app, tiff_bytes, write_models
@@ -185,6 +186,29 @@ def test_matching_empty_images() -> None:
         match_counts(overlaps(one, one), 0.3)
     with pytest.raises(ValueError, match="shape"):
         overlaps(one, one[:4])
+
+
+def test_unlabelled_objects_at_the_border_are_told_apart_from_the_rest() -> None:
+    true = np.zeros((20, 30), np.int32)
+    true[0:6, 10:16] = 1  # a labelled nucleus cut by the top border
+    true[8:14, 8:14] = 2
+    pred = np.zeros_like(true)
+    pred[0:6, 10:16] = 1  # found: labelled, kept
+    pred[14:20, 0:5] = 2  # cut by the corner, nothing labelled there: left out
+    pred[8:14, 8:14] = 3  # inside the image: kept, labelled or not
+    pred[10:13, 20:23] = 4  # an unlabelled object inside: still a false positive
+    pred[0:5, 25:30] = 5  # cut by the border, 4 of its 25 pixels labelled (16 %): left out
+    true[0:1, 25:29] = 3
+    pred[15:20, 25:30] = 6  # cut by the border, 5 of 25 labelled (20 %): kept
+    true[19:20, 25:30] = 4
+    assert unlabelled_at_border(true, pred).tolist() == [2, 5]
+    assert unlabelled_at_border(true, pred, labelled=0.1).tolist() == [2]
+    kept = np.where(np.isin(pred, unlabelled_at_border(true, pred)), 0, pred)
+    counts = match_counts(overlaps(true, kept), 0.5)
+    assert (counts.tp, counts.fp, counts.fn) == (2, 2, 2)
+    assert unlabelled_at_border(true, np.zeros_like(pred)).size == 0
+    with pytest.raises(ValueError, match="one shape"):
+        unlabelled_at_border(true, pred[:5])
 
 
 def test_data_set_scores_sum_the_counts_of_its_images() -> None:

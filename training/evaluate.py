@@ -16,7 +16,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 
-from service.inference.matching import MatchCounts, image_counts, object_scores
+from service.inference.matching import (
+    MatchCounts,
+    image_counts,
+    object_scores,
+    unlabelled_at_border,
+)
 from service.inference.modelmeta import ModelMetadata
 from service.inference.normalize import normalize_image
 from service.inference.pipeline import predict_instances, predict_mask
@@ -47,6 +52,8 @@ def evaluate_images(
     mask_mode: str,
     *,
     boundary_width: int = 2,
+    contact_width: int = 0,
+    keep_cores: bool = False,
     pictures_dir: Path | None = None,
     pictures_per_source: int | None = None,
     overlap: float = EVAL_SETTINGS["overlap"],
@@ -60,7 +67,11 @@ def evaluate_images(
     and its speck rule) and its objects are matched one-to-one to the mask's instance labels
     (:mod:`service.inference.matching`): precision, recall and F1 at IoU 0.5, AP
     (TP / (TP + FP + FN)) at IoU 0.5:0.95 and its mean, mean matched IoU, per image, per source
-    and over all (summed counts). Binary models also get their edge placement
+    and over all (summed counts); and the same scores, with nucleus IoU, under
+    ``labelled_only``, with the predicted objects left out that the image border cuts and the
+    reference leaves unlabelled (:func:`unlabelled_at_border`: the Cell Tracking Challenge's
+    references and cells3d's omit such nuclei, which the plain scores count as false). Binary
+    models also get their edge placement
     (:mod:`training.boundary`): per source, the matched objects' area ratio and signed edge
     distance, and where the labels put the edge in the intensity step. Writes one
     input/truth/prediction PNG per image to ``pictures_dir`` when given (the first
@@ -75,6 +86,10 @@ def evaluate_images(
     levels: dict[str, list[float]] = {}
     total_seconds = 0.0
     objects: dict[str, list[dict[float, MatchCounts]]] = {}
+    # The same, with predicted objects cut by the border that the reference leaves unlabelled
+    # left out (pixels and objects): what an incomplete reference can score.
+    labelled_only: dict[str, list[Any]] = {}
+    left_out: dict[str, int] = {}
     for pair in pairs:
         image = read_image(pair.image)
         labels = read_mask(pair.mask)
@@ -83,6 +98,8 @@ def evaluate_images(
             mask_mode,
             label_values=meta.label_values,
             boundary_width=boundary_width,
+            contact_width=contact_width,
+            keep_cores=keep_cores,
         )
         start = time.perf_counter()
         if meta.instances is not None:
@@ -98,6 +115,15 @@ def evaluate_images(
         if meta.instances is not None:
             counts = image_counts(labels, found.labels)
             objects.setdefault(pair.source, []).append(counts)
+            unlabelled = np.isin(found.labels, unlabelled_at_border(labels, found.labels))
+            kept = np.where(unlabelled, 0, found.labels)
+            # Pixels: only the unlabelled part of those objects goes (the rest is a hit).
+            trimmed = np.where(unlabelled & (labels == 0), 0, pred)
+            labelled_only.setdefault(pair.source, []).append(
+                (get_stats(trimmed, target, meta.num_classes), image_counts(labels, kept))
+            )
+            dropped = len(np.unique(found.labels[unlabelled]))
+            left_out[pair.source] = left_out.get(pair.source, 0) + dropped
             per_image[pair.key]["objects"] = _object_summary(object_scores([counts]).as_dict())
         if MaskMode(mask_mode) is MaskMode.BINARY:
             bias = boundary_bias(pred, labels)
@@ -128,10 +154,24 @@ def evaluate_images(
         sources[source] = entry
         if source in objects:
             entry["objects"] = object_scores(objects[source]).as_dict()
+            pixel, matched = zip(*labelled_only[source], strict=True)
+            entry["labelled_only"] = {
+                "objects_left_out": left_out[source],
+                "iou": scores_from_stats(total_stats(list(pixel)), meta.classes).as_dict()["iou"],
+                "objects": _object_summary(object_scores(matched).as_dict()),
+            }
     if "" in edges:
         aggregate["boundary"] = sources[""]["boundary"]
     if objects:
         aggregate["objects"] = object_scores(c for cs in objects.values() for c in cs).as_dict()
+        both = [pc for pcs in labelled_only.values() for pc in pcs]
+        aggregate["labelled_only"] = {
+            "objects_left_out": sum(left_out.values()),
+            "iou": scores_from_stats(total_stats([p for p, _ in both]), meta.classes).as_dict()[
+                "iou"
+            ],
+            "objects": _object_summary(object_scores(c for _, c in both).as_dict()),
+        }
     report = {"images": [p.key for p in pairs], "aggregate": aggregate, "per_image": per_image}
     if set(sources) != {""}:
         report["per_source"] = sources

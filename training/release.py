@@ -75,6 +75,8 @@ def evaluate_models(
         pictures = eval_dir if not report else None
         options: dict[str, Any] = {
             "boundary_width": config.boundary_width,
+            "contact_width": config.contact_width,
+            "keep_cores": config.keep_cores,
             "pictures_dir": pictures,
             "pictures_per_source": 2 if several else None,
         }
@@ -106,7 +108,7 @@ def source_metrics(report: dict[str, Any]) -> dict[str, Any]:
     ``per_source`` for the training sources' test images, ``held_out`` for the sources never
     trained on."""
     out: dict[str, Any] = {}
-    keep = ("images", "iou", "dice", "boundary", "objects")
+    keep = ("images", "iou", "dice", "boundary", "objects", "labelled_only")
     if "per_source" in report:
         out["per_source"] = {
             src: {k: v[k] for k in keep if k in v} for src, v in report["per_source"].items()
@@ -199,6 +201,8 @@ def export_run(run_dir: Path, models_dir: Path, version: str | None = None) -> d
         config.mask_mode,
         label_values=config.label_values,
         boundary_width=config.boundary_width,
+        contact_width=config.contact_width,
+        keep_cores=config.keep_cores,
     )
     tiles, _ = grid_tiles(frames, config.tile_size)
     parity = check_parity(model, session, tiles[:16])
@@ -239,7 +243,7 @@ def export_run(run_dir: Path, models_dir: Path, version: str | None = None) -> d
         "parity_keras_float32_max_abs_diff": parity.keras_vs_exact,
         "training_wall_time_s": summary["wall_time_s"],
         "cpu_seconds_per_image": agg["seconds_per_image"],
-        **({"objects": agg["objects"]} if "objects" in agg else {}),
+        **{k: agg[k] for k in ("objects", "labelled_only") if k in agg},
         **tuned,
         **source_metrics(onnx_report),
     }

@@ -85,6 +85,29 @@ def overlaps(true: np.ndarray, pred: np.ndarray) -> Overlaps:
     )
 
 
+def unlabelled_at_border(true: np.ndarray, pred: np.ndarray, labelled: float = 0.2) -> np.ndarray:
+    """Ids of the predicted objects that the image border cuts and of which under ``labelled``
+    of the area carries a true label: objects a reference that leaves out cut nuclei (the Cell
+    Tracking Challenge's, cells3d's) cannot score, whatever they are.
+
+    Removing them from ``pred`` scores a model against such a reference only where it labels,
+    as the Challenge's own SEG measure does by ignoring unmatched predictions altogether.
+    """
+    if true.shape != pred.shape or pred.ndim != 2:
+        raise ValueError(
+            f"expected two (H, W) label images of one shape, got true {true.shape}, "
+            f"predicted {pred.shape}"
+        )
+    edge = np.concatenate([pred[0], pred[-1], pred[:, 0], pred[:, -1]])
+    cut = np.unique(edge[edge > 0])
+    if not cut.size:
+        return cut
+    size = int(pred.max()) + 1
+    area = np.bincount(pred.ravel(), minlength=size)
+    on_truth = np.bincount(pred[true > 0].ravel(), minlength=size)
+    return cut[on_truth[cut] < labelled * area[cut]]
+
+
 @dataclass(frozen=True)
 class MatchCounts:
     """One image's (or, summed, a data set's) matches at one IoU threshold."""
