@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -317,6 +318,10 @@ def test_binary_instances_export_and_immutable_versions(tmp_path: Path) -> None:
     labelled = meta.metrics["labelled_only"]
     assert labelled["objects_left_out"] >= 0 and "f1" in labelled["objects"]
     assert "| all test images | " in (v1 / "README.md").read_text().split("SEG measure")[1]
+    assert (
+        "Targets: background / interior / boundary, the boundary 1 px."
+        in (v1 / "README.md").read_text()
+    )
 
     # The head: the exported channels are 1 - p_background and p_interior of the softmax.
     tiles = np.random.default_rng(0).random((2, 32, 32, 1), np.float32)
@@ -472,3 +477,13 @@ def test_segtrain_help_does_not_load_tensorflow() -> None:
     assert "fetch-data" in top and "release" in top
     assert "residual-unet" in train_help and "nuclei-3class" in train_help
     assert "--skip-train" in release_help
+
+
+def test_a_card_says_how_the_targets_were_made_and_where_fine_tuning_started() -> None:
+    from training.release import recipe
+
+    config = _tiny_3class(Path("data"), contact_width=3, keep_cores=True)
+    text = recipe(replace(config, init_weights="models/inst/1/keras/model.keras"))
+    assert "the boundary 1 px, 3 px where another nucleus is within reach; a nucleus" in text
+    assert "Fine-tuned: the weights started from `models/inst/1/keras/model.keras`" in text
+    assert recipe(replace(config, mask_mode="binary", classes=["bg", "fg"])) == ""

@@ -296,6 +296,29 @@ def _archive_root_card(target: Path) -> None:
         (target / "keras").rename(old / "keras")
 
 
+def recipe(config: TrainConfig) -> str:
+    """What a card says of a run beyond its epochs and time: the 3-class targets, and where the
+    weights started when the run fine-tuned another network."""
+    lines = []
+    if config.mask_mode == "3class":
+        band = f"{config.boundary_width} px"
+        if config.contact_width > config.boundary_width:
+            band += f", {config.contact_width} px where another nucleus is within reach"
+        seeds = (
+            "; a nucleus the bands would leave without interior keeps its innermost pixels as "
+            "interior, a seed for the watershed"
+            if config.keep_cores
+            else ""
+        )
+        lines.append(f"Targets: background / interior / boundary, the boundary {band}{seeds}.")
+    if config.init_weights:
+        lines.append(
+            f"Fine-tuned: the weights started from `{config.init_weights}` (learning rate "
+            f"{config.learning_rate:g}); the wall time above is this run's alone."
+        )
+    return "\n" + "\n\n".join(lines) + "\n" if lines else ""
+
+
 def root_card(card: str, version: str, earlier: list[int]) -> str:
     """A version's card as the model folder's README: its relative links and the Keras path
     pointing into the version folder, and a line on where the earlier versions' cards are."""
@@ -364,7 +387,7 @@ def _write_release(
         pictures.append(png.name)
     # An optional note measured outside this run (e.g. the GPU speed-up, bench.training_speed).
     note = run_dir / "card_note.md"
-    extra = "\n" + note.read_text() if note.exists() else ""
+    extra = recipe(config) + ("\n" + note.read_text() if note.exists() else "")
     write_card(
         version_dir / "README.md",
         meta,
