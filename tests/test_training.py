@@ -487,3 +487,16 @@ def test_a_card_says_how_the_targets_were_made_and_where_fine_tuning_started() -
     assert "the boundary 1 px, 3 px where another nucleus is within reach; a nucleus" in text
     assert "Fine-tuned: the weights started from `models/inst/1/keras/model.keras`" in text
     assert recipe(replace(config, mask_mode="binary", classes=["bg", "fg"])) == ""
+
+
+def test_the_model_folders_card_links_into_the_version_folders() -> None:
+    from training.release import root_card
+
+    card = (
+        "# `m` (version 5)\n![a](test_a.png) [its network](../4/README.md) "
+        "[site](https://x.org/a) `keras/model.keras`\n"
+    )
+    root = root_card(card, "5", [1, 4])
+    assert "](5/test_a.png)" in root and "](4/README.md)" in root and "(https://x.org/a)" in root
+    assert "`5/keras/model.keras`" in root
+    assert "Earlier versions and their cards: [1](1/README.md), [4](4/README.md)." in root

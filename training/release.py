@@ -323,6 +323,7 @@ def root_card(card: str, version: str, earlier: list[int]) -> str:
     """A version's card as the model folder's README: its relative links and the Keras path
     pointing into the version folder, and a line on where the earlier versions' cards are."""
     card = re.sub(r"\]\((?!https?:|/|#|\.\./)([^)]+)\)", rf"]({version}/\1)", card)
+    card = card.replace("](../", "](")  # a sibling version's folder, seen from the model's
     card = card.replace("`keras/model.keras`", f"`{version}/keras/model.keras`")
     cards = ", ".join(f"[{v}]({v}/README.md)" for v in earlier)
     note = (
