@@ -47,13 +47,13 @@ from service.segmentation.registry import (
 )
 from service.segmentation.usecase import SegmentParams, Upload, request_memory, segment
 
-# The default's newest version (3: version 2's network with its int8 and fp16 variants) and the
-# Keras weights that network was exported from, which ship with version 2
-# (tests/test_bundled_quality.py checks that version 3's weights are version 2's): the benchmark
+# The default's newest version (5: version 4's network with its int8 and fp16 variants) and the
+# Keras weights that network was exported from, which ship with version 4
+# (tests/test_bundled_quality.py checks that version 5's weights are version 4's): the benchmark
 # pins the pair it measures.
-MODEL = Path("models/nuclei/3/model.onnx")
+MODEL = Path("models/nuclei/5/model.onnx")
 INT8_MODEL = MODEL.parent / Precision.INT8.file_name
-KERAS_MODEL = Path("models/nuclei/2/keras/model.keras")
+KERAS_MODEL = Path("models/nuclei/4/keras/model.keras")
 BATCH = 8  # SEG_TILE_BATCH_SIZE default
 CPU = ["CPUExecutionProvider"]
 
