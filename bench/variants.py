@@ -263,12 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     target_dir.parent.mkdir(parents=True, exist_ok=True)
     work.chmod(0o755)  # mkdtemp's 0700 would keep the service's user out (containers)
     work.rename(target_dir)
-    # The model folder's card is the newest version's (as segtrain release leaves it).
-    from training.release import root_card
+    from training.release import write_root_card
 
-    earlier = sorted(versions)
-    card = root_card((target_dir / "README.md").read_text(), version, earlier)
-    (target_dir.parent / "README.md").write_text(card)
+    write_root_card(target_dir.parent, version)
     print(json.dumps({"version": str(target_dir), "variants": summary}, indent=2, default=str))
     return 0
 

@@ -350,7 +350,13 @@ def _publish(staged: Path, target: Path, version: str) -> None:
         (target / "keras").rmdir()  # an empty marker: this model ships its Keras weights
     (staged / version).rename(destination)
     os.replace(staged / "config.pbtxt", target / "config.pbtxt")
-    card = (destination / "README.md").read_text()
+    write_root_card(target, version)
+
+
+def write_root_card(target: Path, version: str) -> None:
+    """The model folder's README: the card of ``version`` (its newest), as :func:`root_card`
+    makes it. A release and ``bench.variants`` both leave the folder so."""
+    card = (target / version / "README.md").read_text()
     earlier = [v for v in versions(target) if str(v) != version]
     (target / "README.md").write_text(root_card(card, version, earlier))
 
