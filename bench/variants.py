@@ -7,9 +7,11 @@ The newest ``nuclei`` version's network, unchanged, becomes the next version's `
 (versions are immutable, so the variants do not go into the released folder), with two
 variants of the same network beside it (:mod:`service.inference.precision`):
 
-- **int8**: ONNX Runtime's ``quantize_static`` (QDQ, uint8 activations, int8 weights, MinMax
-  calibration) on the tiles the service cuts from the **training** images of every source of
-  the ``nuclei`` preset (every ``CALIBRATION_STRIDE``-th), normalised the service's way;
+- **int8**: the graph's upsampling rewritten for ONNX Runtime's int8 CPU kernels
+  (:mod:`bench.pixel_shuffle`; version 5's int8 file was made without it), then ONNX Runtime's
+  ``quantize_static`` (QDQ, uint8 activations, int8 weights, MinMax calibration) on the tiles
+  the service cuts from the **training** images of every source of the ``nuclei`` preset
+  (every ``CALIBRATION_STRIDE``-th), normalised the service's way;
 - **fp16**: onnxconverter-common's float16 conversion with float32 input and output
   (``keep_io_types``), for CUDA. Its ``Resize`` handling is known to be wrong: the network has
   no ``Resize`` and the run refuses one.
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -51,6 +54,23 @@ SPEED_SIDE = 2048
 SPEED_ROUNDS = 3
 
 
+# The sentence main() adds to the description, removed from the copied version's.
+VARIANTS_NOTE = (
+    r" Version \d+: the network and weights of version \d+, unchanged, with its int8 and fp16 "
+    r"variants\.$"
+)
+
+
+def network_version(meta: ModelMetadata, version: int) -> int:
+    """The version that trained ``meta``'s network: ``version`` itself, or the one a variants
+    version copied it from (its ``network_version``; version 5 says it in ``variant_of``)."""
+    metrics = meta.metrics or {}
+    if "network_version" in metrics:
+        return int(metrics["network_version"])
+    found = re.search(r"fp32: version (\d+)'s network", str(metrics.get("variant_of", "")))
+    return int(found.group(1)) if found else version
+
+
 def calibration_tiles(meta: ModelMetadata) -> list[np.ndarray]:
     """Batches of one normalised tile, as the service cuts them from the training images."""
     from bench.cases import service_batches
@@ -71,7 +91,8 @@ def stamp(proto: onnx.ModelProto, meta: ModelMetadata) -> None:
 
 
 def quantize_int8(source: Path, target: Path, meta: ModelMetadata) -> int:
-    """The INT8 file of ``source``; the number of calibration tiles."""
+    """The INT8 file of ``source`` (its upsampling rewritten first:
+    :mod:`bench.pixel_shuffle`); the number of calibration tiles."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -92,9 +113,12 @@ def quantize_int8(source: Path, target: Path, meta: ModelMetadata) -> int:
             tile = next(self.it, None)
             return None if tile is None else {input_name: tile}
 
+    from bench.pixel_shuffle import rewrite_upsampling
+
     with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
+        pre, shuffled = Path(tmp) / "pre.onnx", Path(tmp) / "shuffled.onnx"
+        onnx.save(rewrite_upsampling(onnx.load(str(source)), meta.tile_size), str(shuffled))
+        quant_pre_process(str(shuffled), str(pre), skip_symbolic_shape=True)
         quantize_static(
             str(pre),
             str(target),
@@ -181,13 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{target_dir} exists: versions are immutable")
     fp32_proto = onnx.load(str(source))
     original = ModelMetadata.from_props({p.key: p.value for p in fp32_proto.metadata_props})
+    network = network_version(original, source_version)
     note = (
-        f" Version {version}: the network and weights of version {source_version}, unchanged, "
+        f" Version {version}: the network and weights of version {network}, unchanged, "
         "with its int8 and fp16 variants."
     )
-    base = original.model_copy(
-        update={"version": version, "description": original.description + note}
-    )
+    described = re.sub(VARIANTS_NOTE, "", original.description)  # the copied version's note
+    base = original.model_copy(update={"version": version, "description": described + note})
     work = Path(tempfile.mkdtemp(prefix=f".staging-{NAME}-", dir=args.models))
     files = {p: work / p.file_name for p in Precision}
     stamp(fp32_proto, base)
@@ -202,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         Precision.FP16: base.model_copy(update={"precision": Precision.FP16}),
     }
     how = {
-        Precision.FP32: f"version {source_version}'s model.onnx, unchanged",
-        Precision.INT8: "onnxruntime.quantization.quantize_static: QDQ, uint8 activations, "
+        Precision.FP32: f"version {source_version}'s model.onnx (version {network}'s network), "
+        "unchanged",
+        Precision.INT8: "bench.pixel_shuffle (each 2x2 stride-2 ConvTranspose as a 1x1 Conv "
+        "and a channels-last pixel shuffle, the same float numbers), then "
+        "onnxruntime.quantization.quantize_static: QDQ, uint8 activations, "
         f"int8 weights, per-tensor, MinMax on {calibration} training tiles",
         Precision.FP16: "onnxconverter_common.float16.convert_float_to_float16, "
         "keep_io_types (float32 input and output)",
@@ -242,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics = {
             **reference,
             **quality[precision],
-            "variant_of": f"{NAME} version {version} (fp32: version {source_version}'s network)",
+            "variant_of": f"{NAME} version {version} (fp32: version {network}'s network)",
+            "network_version": network,
             "variant_made_with": how[precision],
             "speed": speed,
         }
@@ -259,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             "f1": metrics.get("objects", {}).get("f1"),
             "speed_vs_fp32": speed["vs_fp32"],
         }
-    write_card(work / "README.md", base, source_version, files, summary)
+    write_card(work / "README.md", base, (source_version, network), files, summary, how)
     target_dir.parent.mkdir(parents=True, exist_ok=True)
     work.chmod(0o755)  # mkdtemp's 0700 would keep the service's user out (containers)
     work.rename(target_dir)
@@ -293,19 +321,24 @@ def _loss_rows(files: dict[Precision, Path]) -> list[str]:
 def write_card(
     path: Path,
     meta: ModelMetadata,
-    source_version: int,
+    versions: tuple[int, int],
     files: dict[Precision, Path],
     summary: dict[Precision, dict[str, Any]],
+    how: dict[Precision, str],
 ) -> None:
-    """The version's card: what it is, and each variant's figures."""
+    """The version's card: what it is, how each file was made, and each variant's figures.
+    ``versions``: the version copied and the one that trained its network."""
+    source_version, network = versions
     lines = [
         f"# `{NAME}` (version {meta.version})",
         "",
-        f"The network and weights of [version {source_version}](../{source_version}/README.md) "
-        "unchanged (`model.onnx`: its card, pictures, training and Keras weights are there), "
-        "released again with two precision variants beside it. Nothing about version "
-        f"{source_version} changes: a client that pins `model={NAME}@{source_version}`, or asks "
-        "for `precision=fp32`, gets exactly its masks.",
+        f"The network and weights of [version {network}](../{network}/README.md) unchanged "
+        "(`model.onnx`: its card, pictures, training and Keras weights are there), released "
+        "again with two precision variants beside it. Nothing about earlier versions changes: "
+        f"a client that pins `model={NAME}@{source_version}`, or asks for `precision=fp32`, "
+        "gets exactly its masks.",
+        "",
+        *(f"- `{files[p].name}`: {how[p]}." for p in Precision),
         "",
         "| file | precision | bytes | mean IoU | worst IoU loss vs fp32 (any source) | object F1 "
         "| speed vs fp32 |",
