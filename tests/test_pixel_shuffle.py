@@ -15,6 +15,7 @@ from onnx import numpy_helper
 from bench.onnx_models import build_model
 from bench.pixel_shuffle import PARITY, check_parity, rewrite_upsampling
 from service.core.config import REPO_MODELS
+from service.inference.modelmeta import ModelMetadata
 from service.inference.pipeline import predict_mask
 from service.segmentation.registry import load_model
 
@@ -61,3 +62,11 @@ def test_a_graph_without_the_upsampling_is_refused_saying_so(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="no ConvTranspose to rewrite"):
         rewrite_upsampling(onnx.load(str(tmp_path / "toy.onnx")), 64)
 
+
+def test_the_newest_int8_file_was_made_from_the_rewritten_graph() -> None:
+    path = REPO_MODELS / "nuclei" / "6" / "model.int8.onnx"
+    proto = onnx.load(str(path), load_external_data=False)
+    ops = Counter(n.op_type for n in proto.graph.node)
+    assert ops["ConvTranspose"] == 0 and ops["Pad"] == 0, ops
+    meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+    assert "bench.pixel_shuffle" in meta.metrics["variant_made_with"]

@@ -269,7 +269,7 @@ def test_masks_and_scores_are_identical_to_the_standalone_service(
             assert r.headers["X-Precision"] == precision and a.content == r.content, precision
         # Ray serves each model's newest version; pinning an older one is the standalone's.
         pinned = post(ray_app.url, segment_files(image), model=f"{MODEL}@1")
-        assert pinned.status_code == 404 and "versions of 'nuclei': ['5']" in pinned.text
+        assert pinned.status_code == 404 and "versions of 'nuclei': ['6']" in pinned.text
 
 
 def test_tile_batches_of_concurrent_requests_share_model_calls(ray_app: ServeApp) -> None:
