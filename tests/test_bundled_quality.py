@@ -25,9 +25,10 @@ from training.presets import PRESETS
 ROOT = REPO_MODELS.parent
 
 # The default, version 4's network (issue 24; versions 5 and 6 are the same with their
-# precision variants; version 6's int8 file is made from the faster graph of bench.pixel_shuffle): floors just under what its release measured (docs/generalist.md, "Version 4"),
-# nucleus IoU and F1@0.5 over all of a source's test images. Each is at or above what version
-# 2's network (versions 2 and 3) measured.
+# precision variants, version 6's int8 file made from bench.pixel_shuffle's faster graph):
+# floors just under what its release measured (docs/generalist.md, "Version 4"), nucleus IoU
+# and F1@0.5 over all of a source's test images. Each is at or above what version 2's network
+# (versions 2 and 3) measured.
 V4_IOU_FLOORS: dict[str, float] = {
     "hela": 0.89,
     "cho": 0.88,
