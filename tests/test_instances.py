@@ -142,6 +142,28 @@ def test_the_object_table_measures_each_object() -> None:
     assert object_table(np.zeros((5, 5), np.uint32), 0, np.zeros((5, 5))).count == 0
 
 
+def test_the_object_table_of_objects_across_many_strips_is_scikit_images() -> None:
+    """A wide image cut into strips of a few rows: objects that span many strips, one whose
+    widest part is in a middle strip, an id with no pixels; the same figures as scikit-image's
+    regionprops on the whole image."""
+    from skimage.measure import regionprops
+
+    labels = np.zeros((200, 40_000), np.uint32)  # strips of ~21 rows at this width
+    labels[5:150, 100:130] = 1
+    labels[60:70, 90:39_000] = 2  # widest in a middle strip
+    labels[30:190, 38_000:38_010] = 2
+    labels[0:200, 39_990:40_000] = 4  # every strip, at the border; id 3 has no pixels
+    intensity = np.random.default_rng(5).random(labels.shape)
+    table = object_table(labels, 4, intensity)
+    expected = regionprops(labels.astype(np.int32), intensity_image=intensity)
+    assert table.ids.tolist() == [r.label for r in expected] == [1, 2, 4]
+    for i, r in enumerate(expected):
+        assert table.area[i] == r.area
+        assert tuple(table.bbox[i]) == r.bbox
+        assert np.allclose(table.centroid[i], r.centroid)
+        assert table.mean_intensity[i] == pytest.approx(r.intensity_mean, rel=1e-12)
+
+
 # --- matching ---------------------------------------------------------------------------------
 
 
