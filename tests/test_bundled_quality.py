@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from service.core.config import REPO_MODELS
-from service.inference.precision import MAX_IOU_LOSS, Precision
+from service.inference.precision import MAX_IOU_LOSS, Precision, iou_loss
 from service.segmentation.registry import find_model_files, load_model
 from training.config import TrainConfig
 from training.evaluate import evaluate_images
@@ -107,12 +107,19 @@ def _same(report: dict, held: dict, metrics: dict) -> None:
         assert entry["iou"]["nucleus"] == pytest.approx(stored["iou"]["nucleus"], abs=1e-4)
 
 
-@pytest.mark.parametrize("precision", list(Precision))
+# fp16 is for CUDA; on a CPU ONNX Runtime runs it slower than fp32 (casts around float
+# kernels) and auto never picks it. Its whole card was re-measured here as the others' are
+# (51-71 s of CI); it is now checked on a sample (test_fp16_gives_fp32s_masks_on_a_sample).
+MEASURED_IN_FULL = [Precision.FP32, Precision.INT8]
+FP16_SAMPLE = 2  # test images per source, and of the held-out source
+
+
+@pytest.mark.parametrize("precision", MEASURED_IN_FULL)
 @pytest.mark.usefixtures("bbbc038")
 def test_the_default_on_every_source_with_its_objects(precision: Precision) -> None:
-    """Each precision of the newest version, re-measured: its card's figures (which
-    precision=auto chooses from) hold; fp32 clears the floors, and the variants lose at most
-    MAX_IOU_LOSS of fp32's IoU where their card says they do."""
+    """Each precision that auto runs on a CPU, re-measured on the newest version: its card's
+    figures (which precision=auto chooses from) hold; fp32 clears the floors, and int8 loses
+    at most MAX_IOU_LOSS of fp32's IoU where its card says it does."""
     config = PRESETS["nuclei"]
     model = _model("nuclei", precision=precision)
     assert model.meta.version == "6" and model.meta.precision is precision  # type: ignore[attr-defined]
@@ -135,6 +142,33 @@ def test_the_default_on_every_source_with_its_objects(precision: Precision) -> N
             reference = (fp32["per_source"].get(source) or fp32["held_out"][source])["iou"]
             loss = reference["nucleus"] - iou
             assert loss <= MAX_IOU_LOSS, f"{precision}: {source} loses {loss:.4f} IoU"
+
+
+@pytest.mark.usefixtures("bbbc038")
+def test_fp16_gives_fp32s_masks_on_a_sample() -> None:
+    """The newest version's fp16 file, on FP16_SAMPLE test images of each source and of the
+    held-out one: per image, the same nucleus IoU as fp32 within 0.002 and the same object
+    count within 1 %; and its card says it loses at most MAX_IOU_LOSS on every source."""
+    config = PRESETS["nuclei"]
+    by_source: dict[str, list] = {}
+    for pair in [*config.splits()["test"], *config.held_out_pairs()]:
+        by_source.setdefault(pair.source, []).append(pair)
+    sample = [p for pairs in by_source.values() for p in pairs[:FP16_SAMPLE]]
+    reports = {}
+    for precision in (Precision.FP32, Precision.FP16):
+        model = _model("nuclei", precision=precision)
+        args = (model.meta, model.predict, "binary")  # type: ignore[attr-defined]
+        reports[precision] = evaluate_images(sample, *args, boundary_width=config.boundary_width)
+    for key, fp32 in reports[Precision.FP32]["per_image"].items():
+        half = reports[Precision.FP16]["per_image"][key]
+        assert half["iou"]["nucleus"] == pytest.approx(fp32["iou"]["nucleus"], abs=0.002), key
+        found = [r["objects"]["predicted_objects"] for r in (fp32, half)]
+        assert abs(found[0] - found[1]) <= max(1, 0.01 * found[0]), (key, found)
+    fp16 = _model("nuclei", precision=Precision.FP16).meta  # type: ignore[attr-defined]
+    fp32 = _model("nuclei", precision=Precision.FP32).meta  # type: ignore[attr-defined]
+    losses = iou_loss(fp16.metrics, fp32.metrics)  # per source: "cells3d (held out)"
+    assert fp16.version == "6" and {s.split(" ")[0] for s in losses} >= set(by_source)
+    assert max(losses.values()) <= MAX_IOU_LOSS
 
 
 @pytest.mark.parametrize(("network", "variants"), [(2, 3), (4, 5), (4, 6)])
