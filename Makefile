@@ -56,9 +56,9 @@ FAST := not slow and not containers and not ray and not browser
 # (1524-1892 core-s in all), so the wall follows the total and the shared machine's noise: 835
 # and 929 s on clean clones of the 2026-12-07 code (912 s earlier that day, 926-1008 s before);
 # 867 s (1597 busy core-s) with nuclei versions 4 and 5 added; 843 s at version 5's last commit;
-# 924 and 961 s with version 6 (its int8 file faster) and fp16's quality on a sample: every
-# lane slower on the shared machine those hours (xdist 557-593 s against 512, containers 321
-# against 288, Ray 828-868 against 714; `make bench`'s fp32 tile 43 ms against 36 an hour
+# 924, 961 and 886 s with version 6 (its int8 file faster) and fp16's quality on a sample: every
+# lane slower on the shared machine those hours (xdist 533-593 s against 512, containers 300-321
+# against 288, Ray 799-868 against 714; `make bench`'s fp32 tile 43 ms against 36 an hour
 # before), though the xdist lane's tests do less; 1341 busy core-s reaped in the 961 s run.
 # Measured on clean clones of the code before that and not kept: all three at once with the
 # xdist workers at nice 10 (925 s, 3 container tests failed); the gpu image's build from the
