@@ -398,7 +398,7 @@ def markdown(res: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r['image']} | {r.get('precision', 'fp32')} | {r['objects']} | "
+            f"| {r['image']} | {r['precision']} | {r['objects']} | "
             f"{r['seconds']['infer']:.2f} | "
             f"{r['seconds']['instances']:.2f} | {r['instances_over_infer']:.1%} |"
             for r in inst["images"]

@@ -36,13 +36,12 @@ import numpy as np
 from bench import cases, flops, report, server
 from bench.images import BenchImage, load_images, synthetic
 from bench.live_server import REPO
-from service.core.config import DEFAULT_OVERLAP, REPO_MODELS
+from service.core.config import DEFAULT_OVERLAP
 from service.inference.precision import Precision, variant_files
 from service.segmentation.images import ImageHeader
 from service.segmentation.registry import (
     LoadedModel,
     choose_variant,
-    find_model_files,
     load_model,
 )
 from service.segmentation.usecase import SegmentParams, Upload, request_memory, segment
@@ -403,16 +402,14 @@ def overlap_lever(
 
 
 def instance_lever(
-    images: list[BenchImage], repeats: int, default: LoadedModel
+    images: list[BenchImage], repeats: int, model: LoadedModel, default: LoadedModel
 ) -> dict[str, Any] | None:
-    """What labelling the objects (``output=labels``) costs beside the model, with the newest
-    ``nuclei`` if it gives instances: the ``instances`` stage (watershed and object table)
-    against the ``infer`` stage of the same request, medians per image; in fp32 and in the
+    """What labelling the objects (``output=labels``) costs beside the model (``MODEL``, if it
+    gives instances): the ``instances`` stage (watershed and object table) against the
+    ``infer`` stage of the same request, medians per image; in fp32 (``model``) and in the
     precision ``auto`` runs here (``default``), where the model's time is shorter."""
-    path = find_model_files(REPO_MODELS)["nuclei"]
-    model = load_model("nuclei", path, CPU, 0, BATCH)
     if model.meta.instances is None:
-        log(f"{path}: no instances; the instance case is left out")
+        log(f"{MODEL}: no instances; the instance case is left out")
         return None
     rows = []
     runs = [model] if default.meta.precision is Precision.FP32 else [model, default]
@@ -439,7 +436,7 @@ def instance_lever(
             }
         )
         log(f"instances on {img.name}: {rows[-1]}")
-    return {"model": str(path.relative_to(REPO)), "version": model.meta.version, "images": rows}
+    return {"model": str(MODEL), "version": model.meta.version, "images": rows}
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -598,7 +595,7 @@ def main(argv: list[str] | None = None) -> None:
     levers: dict[str, Any] = {"session": session_levers(MODEL, lever_tiles, repeats, args.quick)}
     levers["int8"] = int8_lever(frames, model, keras_model, repeats, q["pipeline"], lever_tiles)
     levers["overlap"] = overlap_lever(frames, model, 1 if args.quick else 2)
-    levers["instances"] = instance_lever(large, repeats, default)
+    levers["instances"] = instance_lever(large, repeats, model, default)
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp_name:
         tmp = Path(tmp_name)

@@ -154,9 +154,9 @@ def test_fp16_gives_fp32s_masks_on_a_sample() -> None:
     for pair in [*config.splits()["test"], *config.held_out_pairs()]:
         by_source.setdefault(pair.source, []).append(pair)
     sample = [p for pairs in by_source.values() for p in pairs[:FP16_SAMPLE]]
+    models = {p: _model("nuclei", precision=p) for p in (Precision.FP32, Precision.FP16)}
     reports = {}
-    for precision in (Precision.FP32, Precision.FP16):
-        model = _model("nuclei", precision=precision)
+    for precision, model in models.items():
         args = (model.meta, model.predict, "binary")  # type: ignore[attr-defined]
         reports[precision] = evaluate_images(sample, *args, boundary_width=config.boundary_width)
     for key, fp32 in reports[Precision.FP32]["per_image"].items():
@@ -164,8 +164,7 @@ def test_fp16_gives_fp32s_masks_on_a_sample() -> None:
         assert half["iou"]["nucleus"] == pytest.approx(fp32["iou"]["nucleus"], abs=0.002), key
         found = [r["objects"]["predicted_objects"] for r in (fp32, half)]
         assert abs(found[0] - found[1]) <= max(1, 0.01 * found[0]), (key, found)
-    fp16 = _model("nuclei", precision=Precision.FP16).meta  # type: ignore[attr-defined]
-    fp32 = _model("nuclei", precision=Precision.FP32).meta  # type: ignore[attr-defined]
+    fp16, fp32 = (models[p].meta for p in (Precision.FP16, Precision.FP32))  # type: ignore[attr-defined]
     losses = iou_loss(fp16.metrics, fp32.metrics)  # per source: "cells3d (held out)"
     assert fp16.version == "6" and {s.split(" ")[0] for s in losses} >= set(by_source)
     assert max(losses.values()) <= MAX_IOU_LOSS
