@@ -111,6 +111,15 @@ def _same(report: dict, held: dict, metrics: dict) -> None:
 # kernels) and auto never picks it. Its whole card was re-measured here as the others' are
 # (51-71 s of CI); it is now checked on a sample (test_fp16_gives_fp32s_masks_on_a_sample).
 MEASURED_IN_FULL = [Precision.FP32, Precision.INT8]
+# Object scores (F1 and its labelled-only twin) that the service's post-processing has moved
+# since the card measured them; the card itself never changes. 2026-12-07: each foreground pixel
+# joins the nearest core of its own foreground component (before, a nearer core across the
+# background took it away, and the pixels became specks or objects of their own): on int8's
+# cells3d 3 more objects kept (147 false positives instead of 144, 68 instead of 67 where the
+# reference labels; the matches the same). The other sources and fp32: as on the card.
+SINCE_THE_CARD: dict[tuple[Precision, str], tuple[float, float]] = {
+    (Precision.INT8, "cells3d"): (0.7703, 0.8386),
+}
 FP16_SAMPLE = 2  # test images per source, and of the held-out source
 
 
@@ -130,11 +139,11 @@ def test_the_default_on_every_source_with_its_objects(precision: Precision) -> N
     for source, entry in [*report["per_source"].items(), *held["per_source"].items()]:
         iou, f1 = entry["iou"]["nucleus"], entry["objects"]["f1"]
         stored = metrics["per_source"].get(source) or metrics["held_out"][source]
-        assert f1 == pytest.approx(stored["objects"]["f1"], abs=1e-4)
+        card = stored["objects"]["f1"], stored["labelled_only"]["objects"]["f1"]
+        expected = SINCE_THE_CARD.get((precision, source), card)
+        assert f1 == pytest.approx(expected[0], abs=1e-4)
         labelled = entry["labelled_only"]  # where the reference labels: as stored too
-        assert labelled["objects"]["f1"] == pytest.approx(
-            stored["labelled_only"]["objects"]["f1"], abs=1e-4
-        )
+        assert labelled["objects"]["f1"] == pytest.approx(expected[1], abs=1e-4)
         if precision is Precision.FP32:
             assert iou >= V4_IOU_FLOORS[source], f"{source} nucleus IoU {iou:.4f}"
             assert f1 >= V4_F1_FLOORS[source], f"{source} F1@0.5 {f1:.4f}"

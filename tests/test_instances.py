@@ -58,6 +58,18 @@ def discs(
     return codes, labels
 
 
+def blob_codes(side: int, blobs: list[tuple[int, int, int]]) -> np.ndarray:
+    """Codes of overlapping discs ``(row, column, radius)`` in a square image, each with a core
+    of half its radius: neighbours' cores and rims touch at random."""
+    yy, xx = np.mgrid[:side, :side]
+    codes = np.zeros((side, side), np.uint8)
+    for cy, cx, r in blobs:
+        d = np.hypot(yy - cy, xx - cx)
+        codes[(d < r) & (codes == BACKGROUND)] = FOREGROUND
+        codes[d < r / 2] = CORE
+    return codes
+
+
 def test_touching_nuclei_come_back_as_two_objects_parted_half_way() -> None:
     codes, truth = discs(60, 80, [(30, 30), (30, 47)])  # 17 px apart, radius 10: they touch
     assert ndimage.label(codes > 0)[1] == 1  # one blob as a mask
@@ -81,28 +93,59 @@ def test_labels_are_unique_across_strip_seams() -> None:
         assert np.array_equal(strips, whole), rows
 
 
+def blobs_in(side: int) -> st.SearchStrategy[list[tuple[int, int, int]]]:
+    """1-12 discs ``(row, column, radius)`` for :func:`blob_codes`."""
+    centre = st.integers(0, side - 1)
+    return st.lists(st.tuples(centre, centre, st.integers(3, 12)), min_size=1, max_size=12)
+
+
 @settings(max_examples=25, deadline=None)
-@given(
-    st.lists(
-        st.tuples(st.integers(0, 95), st.integers(0, 95), st.integers(3, 12)),
-        min_size=1,
-        max_size=12,
-    ),
-    st.integers(5, 40),
-)
+@given(blobs_in(96), st.integers(5, 40))
 def test_strips_give_the_labels_of_the_whole_image(
     blobs: list[tuple[int, int, int]], rows: int
 ) -> None:
-    yy, xx = np.mgrid[:96, :96]
-    codes = np.zeros((96, 96), np.uint8)
-    for cy, cx, r in blobs:
-        d = np.hypot(yy - cy, xx - cx)
-        codes[(d < r) & (codes == BACKGROUND)] = FOREGROUND
-        codes[d < r / 2] = CORE
+    codes = blob_codes(96, blobs)
     whole, n = label_instances(codes, rows=96, halo=48)
     strips, m = label_instances(codes, rows=rows, halo=48)
     assert n == m and np.array_equal(whole, strips)
     assert np.array_equal(whole > 0, codes > 0)  # every foreground pixel is in one object
+
+
+@settings(max_examples=25, deadline=None)
+@given(blobs_in(64), st.integers(5, 64))
+def test_each_pixel_takes_a_nearest_core_of_its_own_component(
+    blobs: list[tuple[int, int, int]], rows: int
+) -> None:
+    """The growth rule, against brute force: a foreground pixel's object is one whose core is
+    nearest to it among the cores of its foreground component (any of them on a tie)."""
+    codes = blob_codes(64, blobs)
+    labels, _ = label_instances(codes, rows=rows, halo=64)
+    parts, _ = ndimage.label(codes > 0)
+    cores, _ = ndimage.label(codes == CORE)
+    for y, x in zip(*np.nonzero(codes), strict=True):
+        mine = cores[(parts == parts[y, x]) & (cores > 0)]
+        if mine.size == 0:
+            continue  # a component without a core: an object of its own (next test)
+        cy, cx = np.nonzero(np.isin(cores, mine))
+        dist = np.hypot(cy - y, cx - x)
+        nearest = set(cores[cy, cx][dist <= dist.min() + 1e-9].tolist())
+        # the core (a connected component of CORE) that the pixel's object grew from
+        grew_from = set(cores[(labels == labels[y, x]) & (cores > 0)].tolist())
+        assert grew_from & nearest, (y, x)
+
+
+def test_a_core_across_the_background_does_not_take_pixels_of_another_object() -> None:
+    """Two nuclei a background pixel apart: the far end of the long one is nearer the other's
+    core, and still part of its own object (not a third object, nor a speck)."""
+    codes = np.zeros((20, 60), np.uint8)
+    codes[5:15, 2:40] = FOREGROUND  # a long nucleus, its core at the left end
+    codes[7:13, 4:12] = CORE
+    codes[5:15, 41:58] = FOREGROUND  # its neighbour, past one column of background
+    codes[7:13, 43:56] = CORE
+    labels, count = label_instances(codes, min_area=10)
+    assert count == 2
+    assert (labels[5:15, 2:40] == labels[10, 5]).all()
+    assert (labels[5:15, 41:58] == labels[10, 50]).all()
 
 
 def test_foreground_without_a_core_is_an_object_and_specks_go() -> None:

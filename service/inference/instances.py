@@ -9,10 +9,10 @@ become labels in four passes over strips of rows:
 1. cores: connected components per strip, joined across strip seams (union-find), one id each;
 2. growth: each strip, with a halo of rows above and below, gives every foreground pixel the id
    of its nearest core in the same foreground component (a Euclidean feature transform, as
-   scikit-image's ``expand_labels``), so touching nuclei part half-way between their cores;
-   only the strip's own rows are written;
-3. foreground that no core reached (objects the model found no core in) becomes objects too,
-   joined across seams the same way;
+   scikit-image's ``expand_labels``, where a component holds several cores), so touching nuclei
+   part half-way between their cores; only the strip's own rows are written;
+3. foreground components without a core (objects the model found no core in) become objects
+   too, joined across seams the same way;
 4. specks (objects under ``min_area`` pixels) are dropped and the ids made consecutive 1..N.
 
 The halo is a few object diameters: a pixel's core lies within its own object, so the strips
@@ -106,7 +106,11 @@ def _components(select: np.ndarray, labels: np.ndarray, first_id: int, rows: int
 
 def _grow(codes: np.ndarray, labels: np.ndarray, halo: int, rows: int) -> None:
     """Give each foreground pixel of ``codes`` the id (in ``labels``) of its nearest core within
-    the same foreground component, strip by strip."""
+    the same foreground component, strip by strip.
+
+    Most components hold one core (a nucleus apart from the others): all their pixels take its
+    id, with no distances to compute. A feature transform runs only over the box of each
+    component that holds several (touching nuclei), from that component's own cores."""
     height = codes.shape[0]
     for top, bottom in _strips(height, rows):
         lo, hi = max(0, top - halo), min(height, bottom + halo)
@@ -114,18 +118,31 @@ def _grow(codes: np.ndarray, labels: np.ndarray, halo: int, rows: int) -> None:
         core = window == CORE
         if not core.any():
             continue
-        fg = window != BACKGROUND
-        near = ndimage.distance_transform_edt(~core, return_distances=False, return_indices=True)
-        own = slice(top - lo, top - lo + (bottom - top))
-        iy, ix = near[0][own], near[1][own]
-        del near
-        # A nearest core across the background belongs to another object: those pixels are
-        # left to the objects without a core (pass 3).
-        parts, _ = ndimage.label(fg, structure=_CROSS)
-        same = parts[own] == parts[iy, ix]
-        keep = fg[own] & same
-        grown = labels[lo:hi][iy, ix]
-        np.copyto(labels[top:bottom], grown, where=keep)
+        parts, count = ndimage.label(window != BACKGROUND, structure=_CROSS)
+        ids = labels[lo:hi]
+        # The lowest and highest core id in each component: equal where it holds one core.
+        first = np.full(count + 1, np.iinfo(np.uint32).max, np.uint32)
+        last = np.zeros(count + 1, np.uint32)
+        in_part, core_ids = parts[core], ids[core]
+        np.minimum.at(first, in_part, core_ids)
+        np.maximum.at(last, in_part, core_ids)
+        own = slice(top - lo, bottom - lo)
+        single = np.where(first == last, last, np.uint32(0))
+        grown = single[parts[own]]
+        np.copyto(labels[top:bottom], grown, where=grown > 0)
+        boxes = ndimage.find_objects(parts)
+        for part in np.flatnonzero(first < last):
+            box = boxes[part - 1]
+            start, stop = max(box[0].start, own.start), min(box[0].stop, own.stop)
+            if start >= stop:  # only in the halo: another strip's
+                continue
+            member = parts[box] == part
+            iy, ix = ndimage.distance_transform_edt(
+                ~(member & core[box]), return_distances=False, return_indices=True
+            )
+            mine = slice(start - box[0].start, stop - box[0].start)
+            nearest = ids[box][iy[mine], ix[mine]]
+            np.copyto(labels[lo + start : lo + stop, box[1]], nearest, where=member[mine])
 
 
 def _drop_specks(labels: np.ndarray, count: int, min_area: float, rows: int) -> int:
