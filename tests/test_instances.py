@@ -5,11 +5,14 @@ sessions of the ``toyobj`` test model: foreground from 0.5 of the intensity, cor
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import tifffile
 from fastapi.testclient import TestClient
@@ -460,6 +463,67 @@ def test_a_small_service_loads_each_models_newest_version_only(tmp_path: Path) -
         image, _ = nuclei_image(64, 64, CENTRES[:1])
         r = post(client, "model=toyobj@1", png_bytes(image))
         assert r.status_code == 404 and "['2']" in r.json()["detail"]
+
+
+def test_an_earlier_version_loads_on_the_first_request_that_pins_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The default (``SEG_MODEL_VERSIONS=all``): an earlier version is listed and described
+    from its metadata, but its session is made by the first request that pins it, once however
+    many ask at the same time; it answers what it answers when loaded at start."""
+    root = write_models(tmp_path / "models")
+    build_model(root / "toyobj" / "2" / "model.onnx", name="toyobj", tile_size=64, version="2")
+    image, _ = nuclei_image(96, 96, CENTRES[:2])
+    query = "model=toyobj@1&output=labels&format=json"
+    with running_app(root, model_versions="all-at-start") as client:
+        at_start = post(client, query, png_bytes(image)).json()
+    with running_app(root) as client:
+        earlier = client.app.state.registry.earlier["toyobj@1"]  # type: ignore[attr-defined]
+        assert not earlier.loaded
+        listed = {m["name"]: m for m in client.get("/models").json()["models"]}
+        assert listed["toyobj"]["versions"] == ["1", "2"]
+        described = client.get("/models/toyobj@1").json()
+        assert described["version"] == "1" and described["instances"]
+        assert not earlier.loaded  # listing and describing load nothing
+        # the service's loggers do not propagate to the root (service.core.logs)
+        registry_log = logging.getLogger("service.segmentation.registry")
+        registry_log.addHandler(caplog.handler)
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(lambda _: post(client, query, png_bytes(image)), range(4)))
+        finally:
+            registry_log.removeHandler(caplog.handler)
+        assert earlier.loaded
+        loads = [r for r in caplog.records if "toyobj@1 loaded on its first" in r.getMessage()]
+        assert len(loads) == 1
+        for r in answers:
+            assert r.status_code == 200, r.text
+            assert r.json()["objects"] == at_start["objects"]
+
+
+def test_an_earlier_version_that_cannot_load_answers_503_and_the_others_serve(
+    tmp_path: Path,
+) -> None:
+    """A file whose metadata reads but whose session does not run (metadata of 3 channels on
+    a 1-channel graph) is found by the first request that pins it: 503 naming the model, the
+    same for the next, and every other model still serves."""
+    root = write_models(tmp_path / "models")
+    broken = root / "toy" / "0" / "model.onnx"
+    build_model(broken, name="toy", tile_size=64, version="0")
+    proto = onnx.load(str(broken))
+    for prop in proto.metadata_props:
+        if prop.key == "channels":
+            prop.value = "3"
+    onnx.save(proto, str(broken))
+    image, _ = nuclei_image(64, 64, CENTRES[:1])
+    with running_app(root) as client:
+        for _ in range(2):
+            r = post(client, "model=toy@0", png_bytes(image))
+            assert r.status_code == 503, r.text
+            assert "toy@0 could not be loaded" in r.json()["detail"]
+            assert "Retry-After" in r.headers
+        assert post(client, "model=toy", png_bytes(image)).status_code == 200
+        assert client.get("/healthz").status_code == 200
 
 
 def test_the_mask_of_a_model_with_cores_blends_only_the_channel_it_thresholds(

@@ -40,10 +40,12 @@ class Settings(BaseSettings):
         REPO_MODELS, description="Folder laid out as <name>/<version>/model.onnx"
     )
     default_model: str = Field("nuclei", description="Model used when a request names none")
-    model_versions: Literal["all", "newest"] = Field(
+    model_versions: Literal["all", "all-at-start", "newest"] = Field(
         "all",
-        description="all: every version of every model is loaded (model=NAME@VERSION pins "
-        "one); newest: each model's newest version only (a small container's memory)",
+        description="all: every version of every model is served (model=NAME@VERSION pins "
+        "one), each model's newest loaded at start and the earlier ones by the first request "
+        "that pins them; all-at-start: every version loaded at start; newest: each model's "
+        "newest version only (a small container's memory)",
     )
     providers: list[str] = Field(
         ["CUDAExecutionProvider", "CPUExecutionProvider"],

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -41,6 +42,7 @@ from service.inference.precision import (
     preferred,
     variant_files,
 )
+from service.segmentation.errors import ModelUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -165,16 +167,20 @@ class LoadedModel:
 
     def describe(self) -> dict[str, object]:
         """What ``GET /models`` reports."""
-        meta = self.meta.model_dump(mode="json")
-        return {
-            "name": self.name,
-            "version": self.meta.version,
-            "provider": self.provider,
-            "providers": self.providers,
-            "input": {"name": self.input_name, "layout": self.meta.input_layout},
-            "output": {"name": self.output_name},
-            "metadata": meta,
-        }
+        return _description(self)
+
+
+def _description(model: LoadedModel | OnDemandModel) -> dict[str, object]:
+    """What ``GET /models`` reports of a model file, loaded or not."""
+    return {
+        "name": model.name,
+        "version": model.meta.version,
+        "provider": model.provider,
+        "providers": model.providers,
+        "input": {"name": model.input_name, "layout": model.meta.input_layout},
+        "output": {"name": model.output_name},
+        "metadata": model.meta.model_dump(mode="json"),
+    }
 
 
 VersionKey = tuple[str, str]
@@ -292,6 +298,110 @@ def resolve_providers(requested: list[str]) -> list[str]:
     return usable
 
 
+def _checked_metadata(
+    name: str, path: Path, session: ort.InferenceSession
+) -> tuple[ModelMetadata, str, str]:
+    """The file's metadata and its input and output names, once the file is found to be what
+    its name and folder say (one input, one output, the precision its file name names)."""
+    meta = ModelMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map))
+    if path.name != meta.precision.file_name and path.name.startswith("model."):
+        raise ValueError(
+            f"{path.name} holds a {meta.precision} model; its file name must be "
+            f"{meta.precision.file_name}"
+        )
+    if meta.name != name:
+        log.warning(
+            "model folder %r holds a model named %r; serving it as %r", name, meta.name, name
+        )
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ValueError(f"expected one input and one output, got {len(inputs)} and {len(outputs)}")
+    return meta, inputs[0].name, outputs[0].name
+
+
+def read_metadata(name: str, path: Path) -> tuple[ModelMetadata, str, str]:
+    """:func:`_checked_metadata` without a session to run: the graph is parsed but not
+    optimised, no arena is kept and nothing runs (~30 ms and no lasting memory for a bundled
+    U-Net, against ~1 s and ~60 MiB for :func:`load_model`)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.name} is missing in {path.parent.name}/")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.enable_cpu_mem_arena = False
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return _checked_metadata(name, path, session)
+
+
+@dataclass
+class OnDemandModel:
+    """An earlier version's file, loaded by the first request that pins it (``model=NAME@N``):
+    its metadata is read at start, for ``/models`` and ``precision=auto``; the session and its
+    memory come only if somebody asks for it. Same interface as :class:`LoadedModel`.
+
+    A load that would not fit the memory budget answers that request 503 (busy: try later); a
+    file that cannot load answers 503 naming why, that request and every later one.
+    """
+
+    name: str
+    key: str  # name@version, and the precision when not fp32: for messages
+    path: Path
+    meta: ModelMetadata
+    input_name: str
+    output_name: str
+    providers: list[str]  # the ones it will be asked to run on
+    load: Callable[[], LoadedModel]
+    estimate: int  # request_bytes until it is loaded: the newest version's, same precision
+    _model: LoadedModel | None = None
+    _failure: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def provider(self) -> str:
+        return self._model.provider if self._model else self.providers[0]
+
+    @property
+    def request_bytes(self) -> int:
+        return self._model.request_bytes if self._model else self.estimate
+
+    @property
+    def loaded(self) -> bool:
+        """Whether a request has loaded it yet."""
+        return self._model is not None
+
+    def session_model(self) -> LoadedModel:
+        """The loaded model, loading it first if no request has (one load, whoever waits)."""
+        with self._lock:
+            if self._model is not None:
+                return self._model
+            if self._failure is not None:
+                raise ModelUnavailableError(self._failure, busy=False)
+            try:
+                self._model = self.load()
+            except ModelDoesNotFitError as exc:
+                raise ModelUnavailableError(
+                    f"model {self.key} is loaded on its first request, and {exc}", busy=True
+                ) from exc
+            except Exception as exc:  # the file was readable at start but does not load
+                log.error("model %s could not be loaded from %s: %s", self.key, self.path, exc)
+                self._failure = f"model {self.key} could not be loaded: {type(exc).__name__}"
+                raise ModelUnavailableError(self._failure, busy=False) from exc
+            log.info("model %s loaded on its first request", self.key)
+            return self._model
+
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        """Probabilities ``(N, t, t, K)`` for normalised tiles ``(N, t, t, C)``."""
+        return self.session_model().predict(tiles)
+
+    def release_memory(self) -> None:
+        if self._model is not None:
+            self._model.release_memory()
+
+    def describe(self) -> dict[str, object]:
+        """What ``GET /models`` reports."""
+        return _description(self._model or self)
+
+
 def load_model(
     name: str,
     path: Path,
@@ -324,19 +434,7 @@ def load_model(
     # (docs/memory.md). On the CPU it does not pay; on CUDA it is the GPU's memory, kept.
     options.enable_mem_pattern = providers[0] != "CPUExecutionProvider"
     session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    meta = ModelMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map))
-    if path.name != meta.precision.file_name and path.name.startswith("model."):
-        raise ValueError(
-            f"{path.name} holds a {meta.precision} model; its file name must be "
-            f"{meta.precision.file_name}"
-        )
-    if meta.name != name:
-        log.warning(
-            "model folder %r holds a model named %r; serving it as %r", name, meta.name, name
-        )
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise ValueError(f"expected one input and one output, got {len(inputs)} and {len(outputs)}")
+    meta, input_name, output_name = _checked_metadata(name, path, session)
     used = session.get_providers()
     wanted = providers[0]
     if used[0] != wanted:
@@ -353,8 +451,8 @@ def load_model(
         path=path,
         meta=meta,
         session=session,
-        input_name=inputs[0].name,
-        output_name=outputs[0].name,
+        input_name=input_name,
+        output_name=output_name,
         providers=used,
         load_seconds=0.0,
         shrink_after_request=cpu_arena == "shrink",
@@ -402,12 +500,14 @@ def load_model(
 
 
 def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
-    """The standalone service's loader: every version of every model of ``SEG_MODEL_DIR`` in
-    this process (the newest serves ``model=NAME``, the others ``model=NAME@VERSION``; with
-    ``SEG_MODEL_VERSIONS=newest`` the newest alone), each with its precision variants (with
-    ``newest``, fp32 and the one ``auto`` picks). A broken file (or one over the memory budget)
-    is logged at ERROR and recorded, and the others still serve; a broken variant leaves its
-    version serving the precisions that loaded."""
+    """The standalone service's loader: every version of every model of ``SEG_MODEL_DIR``, each
+    with its precision variants (the newest serves ``model=NAME``, the others
+    ``model=NAME@VERSION``). ``SEG_MODEL_VERSIONS``: ``all`` loads each model's newest version
+    now and the earlier ones on the first request that pins them (:class:`OnDemandModel`);
+    ``all-at-start`` loads every one now; ``newest`` serves the newest alone, in fp32 and the
+    one ``auto`` picks. A broken file (or one over the memory budget) is logged at ERROR and
+    recorded, and the others still serve; a broken variant leaves its version serving the
+    precisions that loaded."""
     model_dir = settings.model_dir
     usable = resolve_providers(settings.providers)
     memory_budget = memory_budget_from(settings)[0]
@@ -418,17 +518,29 @@ def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
         ", ".join(cpu.int8_dot) or "none (INT8 variants are not chosen by precision=auto)",
     )
 
-    def load(name: str, key: str, path: Path) -> LoadedModel | None:
+    def load_now(name: str, path: Path) -> LoadedModel:
+        return load_model(
+            name,
+            path,
+            usable,
+            settings.intra_op_threads,
+            settings.tile_batch_size,
+            settings.cpu_memory_arena,
+            memory_budget,
+            spinning=settings.ort_spinning,
+        )
+
+    def open_file(
+        name: str, key: str, path: Path, estimate: int | None
+    ) -> SegmentationModel | None:
+        """The file loaded now (``estimate`` None), or read to be loaded on demand."""
         try:
-            return load_model(
-                name,
-                path,
-                usable,
-                settings.intra_op_threads,
-                settings.tile_batch_size,
-                settings.cpu_memory_arena,
-                memory_budget,
-                spinning=settings.ort_spinning,
+            if estimate is None:
+                return load_now(name, path)
+            meta, input_name, output_name = read_metadata(name, path)
+            load = partial(load_now, name, path)
+            return OnDemandModel(
+                name, key, path, meta, input_name, output_name, usable, load, estimate
             )
         except Exception as exc:  # one bad file must not take the other models down
             reason = f"{type(exc).__name__}: {exc}"
@@ -442,29 +554,41 @@ def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
         loaded = sorted(versions, reverse=True)  # the newest first: it matters most
         if settings.model_versions == "newest":
             loaded = loaded[:1]
+        # What a request's batches take with the newest version, per precision: the estimate
+        # for an earlier version's until a request loads it (the same network family).
+        batch_bytes: dict[Precision, int] = {}
         for version in loaded:
             key = name if version == newest else f"{name}@{version}"
+            now = version == newest or settings.model_versions == "all-at-start"
             files = variant_files(versions[version].parent)
-            fp32 = load(name, key, files.pop(Precision.FP32))
-            if fp32 is None:
-                continue
-            variants: dict[Precision, SegmentationModel] = {Precision.FP32: fp32}
-            for precision, path in files.items():
+            variants: dict[Precision, SegmentationModel] = {}
+            for precision, path in files.items():  # fp32 first
                 # Small containers: the variant this hardware would run, not every one.
-                if settings.model_versions == "newest" and precision is not preferred(
-                    fp32.provider, cpu
-                ):
+                fp32 = variants.get(Precision.FP32)
+                wanted = fp32 is None or precision is preferred(fp32.provider, cpu)
+                if settings.model_versions == "newest" and not wanted:
                     continue
-                variant = load(name, f"{key} ({precision})", path)
-                if variant is not None:
-                    variants[precision] = variant
+                estimate = (
+                    None if now else batch_bytes.get(precision, batch_bytes.get(Precision.FP32, 0))
+                )
+                label = key if precision is Precision.FP32 else f"{key} ({precision})"
+                model = open_file(name, label, path, estimate)
+                if model is None and precision is Precision.FP32:
+                    break
+                if model is not None:
+                    variants[precision] = model
+                    if version == newest:
+                        batch_bytes[precision] = model.request_bytes
+            if not variants:
+                continue
             auto = choose_variant(variants, cpu)
             registry.add(key, variants, auto, newest=version == newest)
             log.info(
-                "model %s v%s: precisions %s; precision=auto runs %s",
+                "model %s v%s: precisions %s%s; precision=auto runs %s",
                 name,
-                fp32.meta.version,
+                variants[Precision.FP32].meta.version,
                 "/".join(variants),
+                "" if now else " (loaded on the first request that pins them)",
                 auto.reason,
             )
     if not registry.models and not registry.failed:
