@@ -36,6 +36,15 @@ ARENAS = ("shrink", "off", "on")
 FRAME = (700, 1100)  # a HeLa frame's size
 
 
+# What each SEG_MODEL_VERSIONS loads at start, for the report (the frames ask no earlier one).
+VERSIONS = {
+    "all": "each bundled model's newest version with its precision variants loaded; earlier "
+    "versions load when a request pins them, and none does here",
+    "all-at-start": "every bundled model, version and precision variant loaded",
+    "newest": "each bundled model's newest version, in fp32 and the variant auto picks",
+}
+
+
 def _post(srv: LiveServer, body: bytes) -> float:
     """Seconds for one ``/segment`` request (checked to answer a mask)."""
     start = time.perf_counter()
@@ -48,8 +57,11 @@ def _post(srv: LiveServer, body: bytes) -> float:
     return took
 
 
-def measure(arena: str, frame: bytes, big: bytes, big_side: int, repeats: int) -> dict[str, Any]:
-    """One fresh service with ``arena``: idle, per-frame and large-image memory and time."""
+def measure(
+    arena: str, frame: bytes, big: bytes, big_side: int, repeats: int, versions: str = "all"
+) -> dict[str, Any]:
+    """One fresh service with ``arena`` and ``SEG_MODEL_VERSIONS=versions``: idle, per-frame
+    and large-image memory and time."""
     mib = 1 / 1024  # /proc reports KiB
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -58,6 +70,7 @@ def measure(arena: str, frame: bytes, big: bytes, big_side: int, repeats: int) -
             Path(tmp),
             {
                 "cpu_memory_arena": arena,
+                "model_versions": versions,
                 "log_level": "WARNING",
                 "max_upload_bytes": str(1 << 31),
                 # A budget far above the machine's memory: nothing is refused, but each
@@ -110,8 +123,8 @@ def write_doc(data: dict[str, Any], path: Path) -> None:
     side = data["results"][0]["big_side"]
     lines = [
         f"Run: `{data['command']}` on {data['machine']}, {data['started']}. One fresh "
-        "`segment-service` per setting, every bundled model, version and precision variant "
-        "loaded and warmed at tile batch 8, CPU. Frames: synthetic uint16 "
+        f"`segment-service` per setting, `SEG_MODEL_VERSIONS={data['versions']}` "
+        f"({VERSIONS[data['versions']]}), warmed at tile batch 8, CPU. Frames: synthetic uint16 "
         f"{FRAME[1]}x{FRAME[0]} TIFF, {data['repeats']} requests (median time); then one "
         f"{side}x{side} uint16 TIFF tiled from a 512² synthetic patch. Memory from /proc: "
         "VmRSS (resident now), VmHWM (peak; reset before the large image, so its peak is its "
@@ -141,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", type=int, default=4096, help="large image side (default 4096)")
     parser.add_argument("--repeats", type=int, default=3, help="frames per setting")
     parser.add_argument("--arenas", nargs="*", default=list(ARENAS), choices=ARENAS)
+    parser.add_argument(
+        "--model-versions", default="all", choices=VERSIONS, help="SEG_MODEL_VERSIONS"
+    )
     parser.add_argument("--doc", default="docs/memory.md")
     args = parser.parse_args(argv)
     frame = tiff_bytes(synthetic(*FRAME))
@@ -154,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "repeats": args.repeats,
+        "versions": args.model_versions,
         "results": [],
     }
     for arena in args.arenas:
-        data["results"].append(measure(arena, frame, big, args.side, args.repeats))
+        result = measure(arena, frame, big, args.side, args.repeats, args.model_versions)
+        data["results"].append(result)
         print(json.dumps(data["results"][-1]), flush=True)
     doc = Path(args.doc)
     write_doc(data, doc)
