@@ -189,6 +189,29 @@ def test_results_are_bounded_in_count_and_lost_only_by_their_ttl(
     assert fresh["state"] in ("queued", "running", "succeeded")
 
 
+def test_failed_jobs_do_not_lock_the_store_and_their_records_stay_bounded(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """SEG_MAX_JOBS counts the jobs that wait, run or hold a result: broken uploads, however
+    many, never make /jobs refuse the next good one. A failed job's record (why it failed)
+    stays until its TTL, the newest SEG_MAX_JOBS of them."""
+    broken = png_bytes(random_image(64, 64))[:80]
+    small = png_bytes(random_image(32, 32))
+    with toy_server(model_dir, tmp_path, max_jobs="2") as srv:
+        failed = []
+        for _ in range(5):
+            failed.append(post_job(srv, broken))
+            assert wait_until(srv, failed[-1]["id"], finished)["state"] == "failed"
+        good = [post_job(srv, small) for _ in range(2)]
+        for job in good:
+            assert wait_until(srv, job["id"], finished)["state"] == "succeeded"
+        full = httpx.post(f"{srv.url}/jobs", files={"image": small}, timeout=10)
+        records = [httpx.get(f"{srv.url}/jobs/{j['id']}", timeout=10) for j in failed]
+    assert full.status_code == 503 and "SEG_MAX_JOBS" in full.json()["detail"]
+    assert [r.status_code for r in records] == [404, 404, 404, 200, 200]
+    assert all(r.json()["error"]["code"] == "invalid_image" for r in records[3:])
+
+
 def test_results_are_bounded_in_bytes(model_dir: Path, tmp_path: Path, big_png: bytes) -> None:
     """The mask's bytes are reserved from the image's header when the job is admitted: while a
     3000² job runs, an image whose mask could exceed what is left waits (503); one whose mask

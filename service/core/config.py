@@ -115,7 +115,9 @@ class Settings(BaseSettings):
     )
     # Background jobs (POST /jobs): how many are kept at once (running, waiting or finished),
     # how many bytes their results may hold together, and for how long a result is kept.
-    max_jobs: int = Field(64, ge=1, description="Jobs kept at once; beyond that: 503")
+    max_jobs: int = Field(
+        64, ge=1, description="Jobs waiting, running or holding a result; beyond that: 503"
+    )
     max_job_result_bytes: int = Field(
         2 << 30, ge=1024, description="Bytes all kept job results may hold together"
     )

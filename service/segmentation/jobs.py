@@ -145,10 +145,26 @@ class JobStore:
         for jid in gone:
             del self._jobs[jid]
 
-    def _retry_after(self) -> int:
-        ends = [self.expires_at(j) for j in self._jobs.values()]
+    def _retry_after(self, jobs: list[Job]) -> int:
+        """Seconds until the first of ``jobs`` expires (5 while none has finished)."""
+        ends = [self.expires_at(j) for j in jobs]
         soonest = min((e for e in ends if e is not None), default=None)
         return 5 if soonest is None else max(1, int(soonest - time.time()) + 1)
+
+    def _holding(self) -> list[Job]:
+        """The jobs that count toward ``max_jobs``: those waiting, running or holding a result.
+        A failed or cancelled job keeps only its record (why it ended) until its TTL."""
+        return [j for j in self._jobs.values() if not (j.state.finished and j.result is None)]
+
+    def _forget_ended_beyond(self, keep: int) -> None:
+        """Keep the records of at most ``keep`` failed or cancelled jobs, the newest: failures
+        never lock the store, and their records stay bounded."""
+        ended = sorted(
+            (j for j in self._jobs.values() if j.state.finished and j.result is None),
+            key=lambda j: j.finished or 0.0,
+        )
+        for job in ended[: max(0, len(ended) - keep)]:
+            del self._jobs[job.id]
 
     def admit(
         self, model: str, request_id: str, reserved_bytes: int, per_class: bool = False
@@ -163,11 +179,13 @@ class JobStore:
             )
         with self._lock:
             self._purge()
-            if len(self._jobs) >= self.max_jobs:
+            holding = self._holding()
+            if len(holding) >= self.max_jobs:
                 raise ServiceBusyError(
-                    f"{len(self._jobs)} jobs are kept (the limit, setting SEG_MAX_JOBS); fetch "
-                    "and DELETE finished ones, or retry when the oldest result expires",
-                    self._retry_after(),
+                    f"{len(holding)} jobs wait, run or hold results (the limit, setting "
+                    "SEG_MAX_JOBS); fetch and DELETE finished ones, or retry when the oldest "
+                    "result expires",
+                    self._retry_after(holding),
                 )
             held = self._held_bytes()
             if held + reserved_bytes > self.max_bytes:
@@ -175,8 +193,9 @@ class JobStore:
                     f"job results hold {held:,} bytes and this image's mask may take "
                     f"{reserved_bytes:,}; the limit is {self.max_bytes:,} (setting "
                     "SEG_MAX_JOB_RESULT_BYTES): fetch and DELETE finished jobs, or retry later",
-                    self._retry_after(),
+                    self._retry_after(holding),
                 )
+            self._forget_ended_beyond(self.max_jobs)
             job = Job(uuid.uuid4().hex, model, request_id, reserved_bytes, per_class)
             self._jobs[job.id] = job
             return job
