@@ -26,7 +26,7 @@ from service.inference.precision import (
     iou_loss,
     variant_files,
 )
-from service.segmentation.registry import load_model
+from service.segmentation.registry import OnDemandModel, load_model
 from tests.conftest import png_bytes, running_app, wait_ready
 
 VNNI = CpuFeatures("test CPU", frozenset({"avx2", "avx512f", "avx512_vnni"}))
@@ -214,6 +214,26 @@ def test_a_variant_whose_file_is_misnamed_fails_alone(tmp_path: Path) -> None:
         assert "must be model.onnx" in ready["failed"]["toy (int8)"]
         assert segment(client)[1].headers["X-Precision"] == "fp32"
         wait_ready(client, expect=503)
+
+
+def test_a_precision_auto_does_not_run_here_loads_on_its_first_request(tmp_path: Path) -> None:
+    """The default (``SEG_MODEL_VERSIONS=all``): the newest version's fp32 file and the one
+    ``auto`` runs are loaded at start; another precision is listed from its metadata and loaded
+    by the first request that asks for it, which gets its masks."""
+    write_version(tmp_path / "models", int8_loss=0.0, fp16_loss=0.0)
+    with running_app(tmp_path / "models", default_model="toyv") as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        variants = registry.variants[("toyv", "1")]
+        auto = registry.auto[("toyv", "1")].precision
+        waiting = {p for p, m in variants.items() if isinstance(m, OnDemandModel)}
+        assert waiting == set(Precision) - {Precision.FP32, auto}
+        listed = [v["precision"] for v in client.get("/models/toyv").json()["variants"]]
+        assert sorted(listed) == sorted(str(p) for p in Precision)
+        assert not variants[Precision.FP16].loaded
+        half, r = segment(client, precision="fp16")
+        assert r.headers["X-Precision"] == "fp16" and variants[Precision.FP16].loaded
+    with running_app(tmp_path / "models", default_model="toyv", model_versions="all-at-start") as c:
+        assert np.array_equal(segment(c, precision="fp16")[0], half)
 
 
 def test_newest_only_loads_the_variant_the_host_would_run(tmp_path: Path) -> None:

@@ -503,9 +503,10 @@ def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
     """The standalone service's loader: every version of every model of ``SEG_MODEL_DIR``, each
     with its precision variants (the newest serves ``model=NAME``, the others
     ``model=NAME@VERSION``). ``SEG_MODEL_VERSIONS``: ``all`` loads each model's newest version
-    now and the earlier ones on the first request that pins them (:class:`OnDemandModel`);
+    now in fp32 and in the precision ``auto`` runs here, and every other file on the first
+    request that asks for it (:class:`OnDemandModel`: earlier versions, fp16 on a CPU);
     ``all-at-start`` loads every one now; ``newest`` serves the newest alone, in fp32 and the
-    one ``auto`` picks. A broken file (or one over the memory budget) is logged at ERROR and
+    variant this hardware would run. A broken file (or one over the memory budget) is logged at ERROR and
     recorded, and the others still serve; a broken variant leaves its version serving the
     precisions that loaded."""
     model_dir = settings.model_dir
@@ -559,36 +560,50 @@ def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
         batch_bytes: dict[Precision, int] = {}
         for version in loaded:
             key = name if version == newest else f"{name}@{version}"
-            now = version == newest or settings.model_versions == "all-at-start"
+            every = settings.model_versions != "all"  # every file it serves loaded at start
             files = variant_files(versions[version].parent)
-            variants: dict[Precision, SegmentationModel] = {}
-            for precision, path in files.items():  # fp32 first
-                # Small containers: the variant this hardware would run, not every one.
-                fp32 = variants.get(Precision.FP32)
-                wanted = fp32 is None or precision is preferred(fp32.provider, cpu)
-                if settings.model_versions == "newest" and not wanted:
-                    continue
-                estimate = (
-                    None if now else batch_bytes.get(precision, batch_bytes.get(Precision.FP32, 0))
-                )
-                label = key if precision is Precision.FP32 else f"{key} ({precision})"
-                model = open_file(name, label, path, estimate)
-                if model is None and precision is Precision.FP32:
-                    break
-                if model is not None:
-                    variants[precision] = model
-                    if version == newest:
-                        batch_bytes[precision] = model.request_bytes
-            if not variants:
-                continue
-            auto = choose_variant(variants, cpu)
-            registry.add(key, variants, auto, newest=version == newest)
-            log.info(
-                "model %s v%s: precisions %s%s; precision=auto runs %s",
+            fp32 = open_file(
                 name,
-                variants[Precision.FP32].meta.version,
+                key,
+                files.pop(Precision.FP32),
+                None if version == newest or every else batch_bytes.get(Precision.FP32, 0),
+            )
+            if fp32 is None:
+                continue
+            if version == newest:
+                batch_bytes[Precision.FP32] = fp32.request_bytes
+            variants: dict[Precision, SegmentationModel] = {Precision.FP32: fp32}
+            for precision, path in files.items():
+                # Small containers: the variant this hardware would run, not every one.
+                if settings.model_versions == "newest" and precision is not preferred(
+                    fp32.provider, cpu
+                ):
+                    continue
+                estimate = batch_bytes.get(precision, batch_bytes.get(Precision.FP32, 0))
+                label = f"{key} ({precision})"
+                variant = open_file(name, label, path, None if every else estimate)
+                if variant is not None:
+                    variants[precision] = variant
+            auto = choose_variant(variants, cpu)
+            runs = variants[auto.precision]
+            if version == newest and isinstance(runs, OnDemandModel):
+                # What auto runs here is loaded now; the other precisions by their first request.
+                loaded_now = open_file(name, runs.key, runs.path, None)
+                if loaded_now is None:
+                    del variants[auto.precision]
+                    auto = choose_variant(variants, cpu)
+                else:
+                    variants[auto.precision] = loaded_now
+                    batch_bytes[auto.precision] = loaded_now.request_bytes
+            registry.add(key, variants, auto, newest=version == newest)
+            waiting = [str(p) for p, m in variants.items() if isinstance(m, OnDemandModel)]
+            log.info(
+                "model %s v%s: precisions %s (%s on the first request that asks); "
+                "precision=auto runs %s",
+                name,
+                fp32.meta.version,
                 "/".join(variants),
-                "" if now else " (loaded on the first request that pins them)",
+                "/".join(waiting) or "none",
                 auto.reason,
             )
     if not registry.models and not registry.failed:
