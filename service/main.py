@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
@@ -77,6 +78,7 @@ def create_app(
                 budget = start_memory_budget(models_registry, budget_total, budget_source, settings)
                 service_metrics.record_memory_budget(budget)
                 app.state.memory_budget = budget
+                models_registry.on_demand_growth = partial(held_more, budget, service_metrics)
             service_metrics.record_models(
                 ((m.name, m.meta.version, m.provider) for m in models_registry.models.values()),
                 all_loaded=not models_registry.failed,
@@ -142,6 +144,13 @@ def create_app(
     )
     add_middlewares(app, settings, gate)
     return app
+
+
+def held_more(budget: MemoryBudget, service_metrics: ServiceMetrics, nbytes: int) -> None:
+    """A file loaded on its first request left the process ``nbytes`` larger: that much less
+    for requests from now on."""
+    budget.hold(nbytes)
+    service_metrics.record_memory_budget(budget)
 
 
 def start_memory_budget(

@@ -476,9 +476,11 @@ def test_an_earlier_version_loads_on_the_first_request_that_pins_it(
     image, _ = nuclei_image(96, 96, CENTRES[:2])
     query = "model=toyobj@1&output=labels&format=json"
     with running_app(root, model_versions="all-at-start") as client:
-        at_start = post(client, query, png_bytes(image)).json()
-    with running_app(root) as client:
+        loaded_at_start = post(client, query, png_bytes(image)).json()
+    with running_app(root, memory_budget="8GiB") as client:
         earlier = client.app.state.registry.earlier["toyobj@1"]  # type: ignore[attr-defined]
+        budget = client.app.state.memory_budget  # type: ignore[attr-defined]
+        at_start = budget.baseline
         assert not earlier.loaded
         listed = {m["name"]: m for m in client.get("/models").json()["models"]}
         assert listed["toyobj"]["versions"] == ["1", "2"]
@@ -496,9 +498,14 @@ def test_an_earlier_version_loads_on_the_first_request_that_pins_it(
         assert earlier.loaded
         loads = [r for r in caplog.records if "toyobj@1 loaded on its first" in r.getMessage()]
         assert len(loads) == 1
+        # What the load left the process holding is no longer the requests' (and /metrics says)
+        assert budget.baseline >= at_start and budget.capacity == budget.total - budget.baseline
+        gauge = 'segment_memory_budget_bytes{part="models"} '
+        line = next(x for x in client.get("/metrics").text.splitlines() if x.startswith(gauge))
+        assert float(line.removeprefix(gauge)) == budget.baseline
         for r in answers:
             assert r.status_code == 200, r.text
-            assert r.json()["objects"] == at_start["objects"]
+            assert r.json()["objects"] == loaded_at_start["objects"]
 
 
 def test_an_earlier_version_that_cannot_load_answers_503_and_the_others_serve(

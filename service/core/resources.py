@@ -154,6 +154,13 @@ class MemoryBudget:
         self._costs: list[Reservation] = []
         self._lock = threading.Lock()
 
+    def hold(self, nbytes: int) -> None:
+        """The process now holds ``nbytes`` more for good (a model loaded on demand): that much
+        less for requests."""
+        with self._lock:
+            self.baseline += max(nbytes, 0)
+            self.capacity = max(self.total - self.baseline, 0)
+
     @property
     def reserved(self) -> int:
         """What the admitted requests could hold at once: their ``workers`` largest costs."""

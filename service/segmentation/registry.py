@@ -203,6 +203,14 @@ class ModelRegistry:
     # ``precision=auto`` runs on this host.
     variants: dict[VersionKey, dict[Precision, SegmentationModel]] = field(default_factory=dict)
     auto: dict[VersionKey, Choice] = field(default_factory=dict)
+    # Told how much more the process holds each time a file loads on demand (the memory
+    # budget's baseline grows by it: service.main).
+    on_demand_growth: Callable[[int], None] | None = None
+
+    def grew(self, nbytes: int) -> None:
+        """A file loaded on demand left the process ``nbytes`` larger."""
+        if self.on_demand_growth is not None:
+            self.on_demand_growth(nbytes)
 
     def add(
         self,
@@ -506,9 +514,10 @@ def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
     now in fp32 and in the precision ``auto`` runs here, and every other file on the first
     request that asks for it (:class:`OnDemandModel`: earlier versions, fp16 on a CPU);
     ``all-at-start`` loads every one now; ``newest`` serves the newest alone, in fp32 and the
-    variant this hardware would run. A broken file (or one over the memory budget) is logged at ERROR and
-    recorded, and the others still serve; a broken variant leaves its version serving the
-    precisions that loaded."""
+    variant this hardware would run. A broken file (or one over the memory budget) is logged at
+    ERROR and recorded, and the others still serve; a broken variant leaves its version serving
+    the precisions that loaded. A file loaded on demand grows the memory budget's baseline by
+    what it left the process holding (:attr:`ModelRegistry.on_demand_growth`)."""
     model_dir = settings.model_dir
     usable = resolve_providers(settings.providers)
     memory_budget = memory_budget_from(settings)[0]
@@ -531,6 +540,15 @@ def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
             spinning=settings.ort_spinning,
         )
 
+    def load_later(name: str, path: Path) -> LoadedModel:
+        """:func:`load_now` for a request that asks for a file not loaded yet; the process
+        holds its session from now on, and the memory budget leaves that much less for
+        requests."""
+        before = rss_bytes() or 0
+        model = load_now(name, path)
+        registry.grew((rss_bytes() or 0) - before)
+        return model
+
     def open_file(
         name: str, key: str, path: Path, estimate: int | None
     ) -> SegmentationModel | None:
@@ -539,7 +557,7 @@ def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
             if estimate is None:
                 return load_now(name, path)
             meta, input_name, output_name = read_metadata(name, path)
-            load = partial(load_now, name, path)
+            load = partial(load_later, name, path)
             return OnDemandModel(
                 name, key, path, meta, input_name, output_name, usable, load, estimate
             )
