@@ -60,6 +60,9 @@ FAST := not slow and not containers and not ray and not browser
 # lane slower on the shared machine those hours (xdist 533-593 s against 512, containers 300-321
 # against 288, Ray 799-868 against 714; `make bench`'s fp32 tile 43 ms against 36 an hour
 # before), though the xdist lane's tests do less; 1341 busy core-s reaped in the 961 s run.
+# With the files auto does not run loaded on demand (2026-12-07 evening): 965 s (xdist 594,
+# containers 319, Ray 880; the machine's 5-minute load average 5.4 near its end) and 899 s (542,
+# 310, 806). The suite's servers mostly load toy models or SEG_MODEL_VERSIONS=newest already.
 # Measured on clean clones of the code before that and not kept: all three at once with the
 # xdist workers at nice 10 (925 s, 3 container tests failed); the gpu image's build from the
 # start (887 s, a Ray replica past its 240 s start); the same with Ray's workers at nice 0
