@@ -38,8 +38,8 @@ FRAME = (700, 1100)  # a HeLa frame's size
 
 # What each SEG_MODEL_VERSIONS loads at start, for the report (the frames ask no earlier one).
 VERSIONS = {
-    "all": "each bundled model's newest version with its precision variants loaded; earlier "
-    "versions load when a request pins them, and none does here",
+    "all": "each bundled model's newest version loaded in fp32 and in the precision auto "
+    "runs here; the other files load when a request asks for them, and none does here",
     "all-at-start": "every bundled model, version and precision variant loaded",
     "newest": "each bundled model's newest version, in fp32 and the variant auto picks",
 }

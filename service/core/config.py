@@ -43,9 +43,9 @@ class Settings(BaseSettings):
     model_versions: Literal["all", "all-at-start", "newest"] = Field(
         "all",
         description="all: every version of every model is served (model=NAME@VERSION pins "
-        "one), each model's newest loaded at start and the earlier ones by the first request "
-        "that pins them; all-at-start: every version loaded at start; newest: each model's "
-        "newest version only (a small container's memory)",
+        "one), each model's newest loaded at start in fp32 and in the precision auto runs, every "
+        "other file by the first request that asks for it; all-at-start: every file loaded at "
+        "start; newest: each model's newest version only (a small container's memory)",
     )
     providers: list[str] = Field(
         ["CUDAExecutionProvider", "CPUExecutionProvider"],

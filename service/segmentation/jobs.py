@@ -71,6 +71,11 @@ class Job:
     _cancel: threading.Event = field(default_factory=threading.Event)
 
     @property
+    def ended_empty(self) -> bool:
+        """Failed or cancelled: only its record (why it ended) is kept, no result."""
+        return self.state.finished and self.result is None
+
+    @property
     def cancel_requested(self) -> bool:
         """DELETE was asked while the job ran; it stops at its next tile batch."""
         return self._cancel.is_set()
@@ -113,9 +118,7 @@ class JobStore:
         """Results kept, and the reservations of jobs still waiting or running (a failed or
         cancelled job holds nothing)."""
         return sum(
-            j.result.nbytes
-            if j.result is not None
-            else (0 if j.state.finished else j.reserved_bytes)
+            j.result.nbytes if j.result is not None else (0 if j.ended_empty else j.reserved_bytes)
             for j in self._jobs.values()
         )
 
@@ -154,14 +157,13 @@ class JobStore:
     def _holding(self) -> list[Job]:
         """The jobs that count toward ``max_jobs``: those waiting, running or holding a result.
         A failed or cancelled job keeps only its record (why it ended) until its TTL."""
-        return [j for j in self._jobs.values() if not (j.state.finished and j.result is None)]
+        return [j for j in self._jobs.values() if not j.ended_empty]
 
     def _forget_ended_beyond(self, keep: int) -> None:
         """Keep the records of at most ``keep`` failed or cancelled jobs, the newest: failures
         never lock the store, and their records stay bounded."""
         ended = sorted(
-            (j for j in self._jobs.values() if j.state.finished and j.result is None),
-            key=lambda j: j.finished or 0.0,
+            (j for j in self._jobs.values() if j.ended_empty), key=lambda j: j.finished or 0.0
         )
         for job in ended[: max(0, len(ended) - keep)]:
             del self._jobs[job.id]

@@ -343,9 +343,10 @@ def read_metadata(name: str, path: Path) -> tuple[ModelMetadata, str, str]:
 
 @dataclass
 class OnDemandModel:
-    """An earlier version's file, loaded by the first request that pins it (``model=NAME@N``):
-    its metadata is read at start, for ``/models`` and ``precision=auto``; the session and its
-    memory come only if somebody asks for it. Same interface as :class:`LoadedModel`.
+    """A model file loaded by the first request that asks for it (an earlier version pinned as
+    ``model=NAME@N``, or a precision ``auto`` does not run here): its metadata is read at
+    start, for ``/models`` and ``precision=auto``; the session and its memory come only if
+    somebody asks for it. Same interface as :class:`LoadedModel`.
 
     A load that would not fit the memory budget answers that request 503 (busy: try later); a
     file that cannot load answers 503 naming why, that request and every later one.
@@ -568,6 +569,7 @@ def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
             registry.failed[key] = reason.replace(str(model_dir), "<model_dir>")
             return None
 
+    every = settings.model_versions != "all"  # every file served is loaded at start
     for name, versions in find_model_versions(model_dir).items():
         newest = max(versions)
         loaded = sorted(versions, reverse=True)  # the newest first: it matters most
@@ -578,7 +580,6 @@ def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
         batch_bytes: dict[Precision, int] = {}
         for version in loaded:
             key = name if version == newest else f"{name}@{version}"
-            every = settings.model_versions != "all"  # every file it serves loaded at start
             files = variant_files(versions[version].parent)
             fp32 = open_file(
                 name,
