@@ -512,8 +512,9 @@ def test_an_earlier_version_that_cannot_load_answers_503_and_the_others_serve(
     tmp_path: Path,
 ) -> None:
     """A file whose metadata reads but whose session does not run (metadata of 3 channels on
-    a 1-channel graph) is found by the first request that pins it: 503 naming the model, the
-    same for the next, and every other model still serves."""
+    a 1-channel graph) is found by the first request that pins it: 503 naming the model and
+    that the file must be replaced (no Retry-After), the same for the next, and every other
+    model still serves."""
     root = write_models(tmp_path / "models")
     broken = root / "toy" / "0" / "model.onnx"
     build_model(broken, name="toy", tile_size=64, version="0")
@@ -528,7 +529,8 @@ def test_an_earlier_version_that_cannot_load_answers_503_and_the_others_serve(
             r = post(client, "model=toy@0", png_bytes(image))
             assert r.status_code == 503, r.text
             assert "toy@0 could not be loaded" in r.json()["detail"]
-            assert "Retry-After" in r.headers
+            # Retrying will not help: no Retry-After, and the answer says what will.
+            assert "must be replaced" in r.json()["detail"] and "Retry-After" not in r.headers
         assert post(client, "model=toy", png_bytes(image)).status_code == 200
         assert client.get("/healthz").status_code == 200
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import onnx
 import pytest
 
 pytest.importorskip("ray", reason="Ray Serve comes with the scale extra (make install-dev)")
@@ -438,8 +439,16 @@ def test_a_model_that_cannot_load_is_reported_and_the_others_serve(
 ) -> None:
     """As in the standalone service: /readyz 503 "degraded" naming it, 404 for it, the other
     models serve, and Serve does not restart its replica in a loop (a restart would not fix
-    the file)."""
+    the file). A precision file that reads but does not run (metadata of 3 channels on a
+    1-channel graph) is found by the first request that asks for it, in the model replica:
+    a 503 naming it, without Retry-After, as the standalone service answers."""
     shutil.copytree(REPO_MODELS / MODEL, tmp_path / MODEL)
+    fp16 = find_model_files(tmp_path)[MODEL].parent / "model.fp16.onnx"
+    proto = onnx.load(str(fp16))
+    for prop in proto.metadata_props:
+        if prop.key == "channels":
+            prop.value = "3"
+    onnx.save(proto, str(fp16))
     broken = tmp_path / "broken" / "1" / "model.onnx"
     broken.parent.mkdir(parents=True)
     broken.write_bytes(b"this is not an ONNX model" * 10)
@@ -458,6 +467,11 @@ def test_a_model_that_cannot_load_is_reported_and_the_others_serve(
     assert unknown.status_code == 404
     assert "failed to load" in unknown.json()["detail"]
     assert post(ray_app.url, segment_files(png_bytes(random_image(64, 64)))).status_code == 200
+    for _ in range(2):
+        r = post(ray_app.url, segment_files(png_bytes(random_image(64, 64))), precision="fp16")
+        assert r.status_code == 503, r.text
+        assert f"{MODEL} (fp16) could not be loaded" in r.json()["detail"], r.text
+        assert "must be replaced" in r.json()["detail"] and "Retry-After" not in r.headers
     time.sleep(12)  # longer than a health-check period: nothing is being restarted
     assert ray_app.running_replicas("model-broken") == 1
     assert serve.status().applications["segment"].status == "RUNNING"

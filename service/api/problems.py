@@ -100,6 +100,9 @@ def api_error(exc: Exception, retry_after: int) -> ApiError:
         after = str(exc.retry_after or retry_after)
         return ApiError(503, ErrorCode.OVERLOADED, exc.message, {"Retry-After": after})
     if isinstance(exc, ModelUnavailableError):
+        if exc.lasting:  # its file does not load: retrying will not help
+            message = f"{exc.message}; its file must be replaced (the service's log says why)"
+            return ApiError(503, ErrorCode.MODEL_UNAVAILABLE, message)
         # the model's queue is full (a rejection, like the gate's) or its process is replaced
         code = ErrorCode.OVERLOADED if exc.busy else ErrorCode.MODEL_UNAVAILABLE
         message = f"{exc.message}; retry in {retry_after} s"

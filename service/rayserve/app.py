@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,7 +39,7 @@ import numpy as np
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics as ray_metrics
@@ -48,15 +49,16 @@ from service.api.middleware import HttpMiddleware
 from service.core.config import Settings, settings_from_env
 from service.core.telemetry import BATCH_BUCKETS, ServiceMetrics, merge_expositions
 from service.inference.modelmeta import ModelMetadata
-from service.inference.precision import Choice, Precision, variant_files
+from service.inference.precision import Choice, CpuFeatures, Precision, variant_files
 from service.main import create_app
 from service.segmentation.errors import ModelUnavailableError
 from service.segmentation.registry import (
     LoadedModel,
     ModelRegistry,
+    OnDemandModel,
     SegmentationModel,
-    choose_variant,
     find_model_files,
+    load_choice_now,
     load_model,
     resolve_providers,
 )
@@ -158,6 +160,54 @@ def _tiles_in(items: list[tuple[Precision, np.ndarray]]) -> int:
     return sum(int(tiles.shape[0]) for _, tiles in items)
 
 
+def open_variants(
+    name: str, path: Path, settings: Settings, model_dir: str
+) -> tuple[dict[Precision, SegmentationModel], Choice | None, str | None]:
+    """A model replica's files, as the standalone service opens a newest version: fp32 loaded
+    now (without it the model does not serve: the third value says why), the other precisions'
+    metadata read now and their sessions made by the first request that asks (a file that
+    cannot be read is left out), and the one ``precision=auto`` runs loaded now."""
+    providers = resolve_providers(settings.providers)
+
+    def load_now(file: Path) -> LoadedModel:
+        return load_model(
+            name,
+            file,
+            providers,
+            settings.intra_op_threads,
+            settings.tile_batch_size,
+            settings.cpu_memory_arena,
+            spinning=settings.ort_spinning,
+        )
+
+    def failure(file: Path, exc: Exception) -> str:
+        failed = f"{type(exc).__name__}: {exc}".replace(model_dir, "<model_dir>")
+        log.error("model %s could not be loaded from %s: %s", name, file, failed)
+        return failed
+
+    files = variant_files(path.parent)
+    fp32 = files.pop(Precision.FP32)
+    try:
+        variants: dict[Precision, SegmentationModel] = {Precision.FP32: load_now(fp32)}
+    except Exception as exc:  # reported by describe(); the other models still serve
+        return {}, None, failure(fp32, exc)
+    for precision, file in files.items():
+        try:
+            key = f"{name} ({precision})"
+            later = partial(load_now, file)
+            variants[precision] = OnDemandModel.read(name, key, file, providers, later, 0)
+        except Exception as exc:  # left out; the other precisions serve
+            failure(file, exc)
+
+    def load_waiting(model: OnDemandModel) -> SegmentationModel | None:
+        try:
+            return model.session_model()
+        except ModelUnavailableError:  # logged by the model
+            return None
+
+    return variants, load_choice_now(variants, CpuFeatures.read(), load_waiting), None
+
+
 @serve.deployment(
     max_ongoing_requests=64,
     max_queued_requests=256,
@@ -183,30 +233,10 @@ class ModelDeployment:
         settings = Settings(model_dir=Path(model_dir))
         self.name = name
         self.max_batch_tiles = max_batch_tiles
-        self.model: LoadedModel | None = None
-        self.variants: dict[Precision, LoadedModel] = {}
-        self.failed: str | None = None
         self.stats = BatchStats(replica=serve.get_replica_context().replica_id.unique_id)
-        providers = resolve_providers(settings.providers)
-        # fp32 first: without it the version does not serve; a broken variant is left out.
-        for precision, file in variant_files(Path(path).parent).items():
-            try:
-                self.variants[precision] = load_model(
-                    name,
-                    file,
-                    providers,
-                    settings.intra_op_threads,
-                    settings.tile_batch_size,
-                    settings.cpu_memory_arena,
-                    spinning=settings.ort_spinning,
-                )
-            except Exception as exc:  # reported by describe(); the other models still serve
-                failed = f"{type(exc).__name__}: {exc}".replace(model_dir, "<model_dir>")
-                log.error("model %s could not be loaded from %s: %s", name, file, failed)
-                if precision is Precision.FP32:
-                    self.failed = failed
-                    break
-        self.model = self.variants.get(Precision.FP32)
+        self.variants, self.auto, self.failed = open_variants(name, Path(path), settings, model_dir)
+        fp32 = self.variants.get(Precision.FP32)
+        self.model = fp32 if isinstance(fp32, LoadedModel) else None
         batcher: Any = self._predict_batch  # @serve.batch's wrapper: sizes set per app
         batcher.set_max_batch_size(max_batch_tiles)
         batcher.set_batch_wait_timeout_s(wait_s)
@@ -235,8 +265,7 @@ class ModelDeployment:
             for p, m in self.variants.items()
         }
         fp32 = reports.pop(Precision.FP32)
-        loaded: dict[Precision, SegmentationModel] = dict(self.variants)
-        return replace(fp32, variants=reports, auto=choose_variant(loaded))
+        return replace(fp32, variants=reports, auto=self.auto)
 
     def batch_stats(self) -> BatchStats:
         """This replica's batching so far (tests and operators read it through a handle)."""
@@ -396,6 +425,10 @@ class RemoteModel:
                 raise ModelUnavailableError(
                     f"model {self.name!r} has more tiles queued than it accepts", busy=True
                 ) from None
+            except RayTaskError as exc:
+                if isinstance(exc.cause, ModelUnavailableError):  # a file loaded on demand
+                    raise exc.cause from None
+                raise
             except TimeoutError:
                 response.cancel()
                 raise ModelUnavailableError(

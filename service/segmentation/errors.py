@@ -7,6 +7,8 @@ scripts) get a plain exception with the same message meant for the person who se
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class SegmentationInputError(ValueError):
     """The upload or a parameter cannot be used; ``message`` says what was expected and what
@@ -38,18 +40,29 @@ class InvalidParameterError(SegmentationInputError):
 
 
 class ModelUnavailableError(Exception):
-    """The model cannot run this request right now, though the request itself is fine: with
-    ``busy`` its queue is full (backpressure), otherwise the process running it is gone or
-    being replaced. Retrying later works; the API answers 503 with ``Retry-After``.
+    """The model cannot run this request, though the request itself is fine: with ``busy`` its
+    queue is full (backpressure) or its file does not fit in memory now; otherwise the process
+    running it is gone or being replaced. Retrying later works there (the API answers 503 with
+    ``Retry-After``), except with ``lasting``: the file itself does not load, which only
+    replacing it fixes (503 without ``Retry-After``).
 
     Raised by predictors that run the model elsewhere (the Ray Serve ingress's model
-    deployments); an in-process ONNX Runtime session never raises it.
+    deployments) and by files loaded on their first request.
     """
 
-    def __init__(self, message: str, *, busy: bool) -> None:
+    def __init__(self, message: str, *, busy: bool, lasting: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.busy = busy
+        self.lasting = lasting
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled with its flags (a Ray model replica raises it to the ingress)."""
+        return _model_unavailable, (self.message, self.busy, self.lasting)
+
+
+def _model_unavailable(message: str, busy: bool, lasting: bool) -> ModelUnavailableError:
+    return ModelUnavailableError(message, busy=busy, lasting=lasting)
 
 
 class ServiceBusyError(Exception):

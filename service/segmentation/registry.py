@@ -271,6 +271,27 @@ def choose_variant(
     )
 
 
+def load_choice_now(
+    variants: dict[Precision, SegmentationModel],
+    cpu: CpuFeatures,
+    load_now: Callable[[OnDemandModel], SegmentationModel | None],
+) -> Choice:
+    """``precision=auto``'s choice among a version's ``variants``, with the file it runs loaded
+    now (by ``load_now``; None: it failed, and was logged) if it was waiting for a first request:
+    what auto runs is never loaded by a request. A file that fails is dropped from ``variants``
+    (changed in place) and auto chooses again among the others, fp32 at worst."""
+    auto = choose_variant(variants, cpu)
+    runs = variants[auto.precision]
+    if not isinstance(runs, OnDemandModel):
+        return auto
+    loaded = load_now(runs)
+    if loaded is None:
+        del variants[auto.precision]
+        return choose_variant(variants, cpu)
+    variants[auto.precision] = loaded
+    return auto
+
+
 def find_model_versions(model_dir: Path) -> dict[str, dict[int, Path]]:
     """Every ``<name>/<version>/model.onnx`` per model name, by version number."""
     found: dict[str, dict[int, Path]] = {}
@@ -365,6 +386,21 @@ class OnDemandModel:
     _failure: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    @classmethod
+    def read(
+        cls,
+        name: str,
+        key: str,
+        path: Path,
+        providers: list[str],
+        load: Callable[[], LoadedModel],
+        estimate: int,
+    ) -> OnDemandModel:
+        """The file's metadata read now (:func:`read_metadata`), its session made by ``load``
+        when a request first asks."""
+        meta, input_name, output_name = read_metadata(name, path)
+        return cls(name, key, path, meta, input_name, output_name, providers, load, estimate)
+
     @property
     def provider(self) -> str:
         return self._model.provider if self._model else self.providers[0]
@@ -384,7 +420,7 @@ class OnDemandModel:
             if self._model is not None:
                 return self._model
             if self._failure is not None:
-                raise ModelUnavailableError(self._failure, busy=False)
+                raise ModelUnavailableError(self._failure, busy=False, lasting=True)
             try:
                 self._model = self.load()
             except ModelDoesNotFitError as exc:
@@ -394,7 +430,7 @@ class OnDemandModel:
             except Exception as exc:  # the file was readable at start but does not load
                 log.error("model %s could not be loaded from %s: %s", self.key, self.path, exc)
                 self._failure = f"model {self.key} could not be loaded: {type(exc).__name__}"
-                raise ModelUnavailableError(self._failure, busy=False) from exc
+                raise ModelUnavailableError(self._failure, busy=False, lasting=True) from exc
             log.info("model %s loaded on its first request", self.key)
             return self._model
 
@@ -557,11 +593,8 @@ def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
         try:
             if estimate is None:
                 return load_now(name, path)
-            meta, input_name, output_name = read_metadata(name, path)
             load = partial(load_later, name, path)
-            return OnDemandModel(
-                name, key, path, meta, input_name, output_name, usable, load, estimate
-            )
+            return OnDemandModel.read(name, key, path, usable, load, estimate)
         except Exception as exc:  # one bad file must not take the other models down
             reason = f"{type(exc).__name__}: {exc}"
             log.error("model %s could not be loaded from %s: %s", key, path, reason)
@@ -603,17 +636,12 @@ def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
                 variant = open_file(name, label, path, None if every else estimate)
                 if variant is not None:
                     variants[precision] = variant
-            auto = choose_variant(variants, cpu)
-            runs = variants[auto.precision]
-            if version == newest and isinstance(runs, OnDemandModel):
-                # What auto runs here is loaded now; the other precisions by their first request.
-                loaded_now = open_file(name, runs.key, runs.path, None)
-                if loaded_now is None:
-                    del variants[auto.precision]
-                    auto = choose_variant(variants, cpu)
-                else:
-                    variants[auto.precision] = loaded_now
-                    batch_bytes[auto.precision] = loaded_now.request_bytes
+            if version == newest:
+                load = lambda m: open_file(m.name, m.key, m.path, None)  # noqa: E731
+                auto = load_choice_now(variants, cpu, load)
+                batch_bytes[auto.precision] = variants[auto.precision].request_bytes
+            else:
+                auto = choose_variant(variants, cpu)
             registry.add(key, variants, auto, newest=version == newest)
             waiting = [str(p) for p, m in variants.items() if isinstance(m, OnDemandModel)]
             log.info(
