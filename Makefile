@@ -63,6 +63,11 @@ FAST := not slow and not containers and not ray and not browser
 # With the files auto does not run loaded on demand (2026-12-07 evening): 965 s (xdist 594,
 # containers 319, Ray 880; the machine's 5-minute load average 5.4 near its end) and 899 s (542,
 # 310, 806). The suite's servers mostly load toy models or SEG_MODEL_VERSIONS=newest already.
+# At 97a9583: 835 s (516, 269, 736). Sampled per process over that run: 1548 busy core-s of 1674
+# (user 1153, nice 205, system 187); the xdist workers 589, their uvicorns 173, Ray's processes
+# 418 (207 for the same tests alone: Ray Serve's replicas idle at 0.19 cores, and Ray's lane
+# runs 4x longer beside the others), podman and its containers ~190. TEST_WORKERS=3: 970 s,
+# xdist 598 s, and a Serve application of Ray's lane starved past its 240 s start (failed).
 # Measured on clean clones of the code before that and not kept: all three at once with the
 # xdist workers at nice 10 (925 s, 3 container tests failed); the gpu image's build from the
 # start (887 s, a Ray replica past its 240 s start); the same with Ray's workers at nice 0
