@@ -35,6 +35,7 @@ from service.inference.instances import (
 from service.inference.matching import (
     DSB_THRESHOLDS,
     image_counts,
+    image_counts_both,
     match_counts,
     object_scores,
     overlaps,
@@ -274,6 +275,10 @@ def test_unlabelled_objects_at_the_border_are_told_apart_from_the_rest() -> None
     kept = np.where(np.isin(pred, unlabelled_at_border(true, pred)), 0, pred)
     counts = match_counts(overlaps(true, kept), 0.5)
     assert (counts.tp, counts.fp, counts.fn) == (2, 2, 2)
+    # The same from the overlaps alone (the service's way: no copy of the image).
+    plain, labelled = image_counts_both(true, pred)
+    assert labelled == image_counts(true, kept) and plain == image_counts(true, pred)
+    assert (plain[0.5].fp, labelled[0.5].fp) == (4, 2)
     assert unlabelled_at_border(true, np.zeros_like(pred)).size == 0
     with pytest.raises(ValueError, match="one shape"):
         unlabelled_at_border(true, pred[:5])
@@ -355,15 +360,16 @@ def test_output_labels_gives_a_16_bit_label_png_with_touching_nuclei_apart(
     assert object_scores([image_counts(truth, labels)]).f1 == 1.0
 
 
+def post_truth(client: TestClient, query: str, image: np.ndarray, truth: np.ndarray) -> Response:
+    """``image`` as a PNG with its instance labels as a 16-bit TIFF ground truth: a 200."""
+    r = post(client, query, png_bytes(image), tiff_bytes(truth.astype(np.uint16)))
+    assert r.status_code == 200, r.text
+    return r
+
+
 def test_json_answers_the_object_table_and_object_scores(obj_client: TestClient) -> None:
     image, truth = nuclei_image(200, 200, CENTRES)
-    r = post(
-        obj_client,
-        "model=toyobj@1&output=labels&format=json",
-        png_bytes(image),
-        tiff_bytes(truth.astype(np.uint16)),
-    )
-    assert r.status_code == 200, r.text
+    r = post_truth(obj_client, "model=toyobj@1&output=labels&format=json", image, truth)
     body = r.json()
     assert body["object_count"] == 5 and len(body["objects"]) == 5
     row = body["objects"][0]
@@ -376,6 +382,22 @@ def test_json_answers_the_object_table_and_object_scores(obj_client: TestClient)
     assert body["labels_png"] and body["mask_png"]
     assert "instances" in body["timings_ms"]
     assert r.headers["x-object-f1"] == "1.000000"
+
+
+def test_the_scores_where_the_truth_labels_leave_out_unlabelled_nuclei_at_the_border(
+    obj_client: TestClient,
+) -> None:
+    """A nucleus cut by the border that the truth leaves unlabelled (as the Cell Tracking
+    Challenge's references do) is a false positive in the plain scores and left out of
+    ``labelled_only``; one inside the image that the truth misses stays a false positive."""
+    image, truth = nuclei_image(200, 200, [*CENTRES, (195.0, 100.0), (170.0, 170.0)])
+    truth[truth >= len(CENTRES) + 1] = 0  # neither the cut nucleus nor the inner one labelled
+    metrics = post_truth(obj_client, "model=toyobj@1&format=json", image, truth).json()
+    metrics = metrics["object_metrics"]
+    assert (metrics["tp"], metrics["fp"], metrics["fn"]) == (5, 2, 0)
+    only = metrics["labelled_only"]
+    assert (only["tp"], only["fp"], only["fn"], only["predicted_objects"]) == (5, 1, 0, 6)
+    assert only["f1"] == pytest.approx(10 / 11) and metrics["f1"] == pytest.approx(10 / 12)
 
 
 def test_a_mask_truth_is_scored_by_its_connected_components(obj_client: TestClient) -> None:

@@ -18,7 +18,7 @@ from matplotlib.colors import ListedColormap
 
 from service.inference.matching import (
     MatchCounts,
-    image_counts,
+    image_counts_both,
     object_scores,
     unlabelled_at_border,
 )
@@ -113,14 +113,13 @@ def evaluate_images(
         per_image[pair.key] = scores_from_stats(stats[-1], meta.classes).as_dict()
         per_image[pair.key]["seconds"] = round(seconds, 3)
         if meta.instances is not None:
-            counts = image_counts(labels, found.labels)
+            counts, kept_counts = image_counts_both(labels, found.labels)
             objects.setdefault(pair.source, []).append(counts)
             unlabelled = np.isin(found.labels, unlabelled_at_border(labels, found.labels))
-            kept = np.where(unlabelled, 0, found.labels)
             # Pixels: only the unlabelled part of those objects goes (the rest is a hit).
             trimmed = np.where(unlabelled & (labels == 0), 0, pred)
             labelled_only.setdefault(pair.source, []).append(
-                (get_stats(trimmed, target, meta.num_classes), image_counts(labels, kept))
+                (get_stats(trimmed, target, meta.num_classes), kept_counts)
             )
             dropped = len(np.unique(found.labels[unlabelled]))
             left_out[pair.source] = left_out.get(pair.source, 0) + dropped

@@ -64,14 +64,10 @@ def scale_info(plan: ScalePlan | None) -> ScaleInfo | None:
     return ScaleInfo(**same, width=plan.scaled_width, height=plan.scaled_height)
 
 
-class ObjectMetrics(BaseModel):
-    """Object-level scores against an instance ground truth: predicted objects matched
-    one-to-one to true ones by IoU (``service.inference.matching``)."""
+class ObjectCounts(BaseModel):
+    """Predicted objects matched one-to-one to true ones by IoU
+    (``service.inference.matching``): counts and scores."""
 
-    truth_objects: str = Field(
-        description="How the truth's objects were read: its instance labels, or the connected "
-        "components of a 0/1 (0/255) mask"
-    )
     true_objects: int
     predicted_objects: int
     tp: int = Field(description="Matches at IoU >= 0.5")
@@ -84,6 +80,22 @@ class ObjectMetrics(BaseModel):
     ap50: float | None = Field(description="TP / (TP + FP + FN) at IoU 0.5")
     mean_ap: float | None = Field(description="The 2018 Data Science Bowl score: AP over 0.5:0.95")
     ap: dict[str, float | None] = Field(description="AP at each IoU threshold")
+
+
+class ObjectMetrics(ObjectCounts):
+    """Object-level scores against an instance ground truth."""
+
+    truth_objects: str = Field(
+        description="How the truth's objects were read: its instance labels, or the connected "
+        "components of a 0/1 (0/255) mask"
+    )
+    labelled_only: ObjectCounts | None = Field(
+        None,
+        description="The same without the predicted objects that the image border cuts and of "
+        "which under a fifth lies on a true object: what a reference that leaves out nuclei cut "
+        "by the border (the Cell Tracking Challenge's, say) can score; the model cards give "
+        "both. The whole image's only (not per plane)",
+    )
 
 
 class ObjectRow(BaseModel):
@@ -208,11 +220,14 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def object_metrics(scores: ObjectScores | None, truth_objects: str | None) -> ObjectMetrics | None:
+def object_metrics(
+    scores: ObjectScores | None, truth_objects: str | None, labelled: ObjectScores | None = None
+) -> ObjectMetrics | None:
     """The ``object_metrics`` of a JSON answer."""
     if scores is None or truth_objects is None:
         return None
-    return ObjectMetrics(truth_objects=truth_objects, **scores.as_dict())
+    only = ObjectCounts(**labelled.as_dict()) if labelled is not None else None
+    return ObjectMetrics(truth_objects=truth_objects, labelled_only=only, **scores.as_dict())
 
 
 def _objects_common(segmentation: Segmentation) -> dict[str, object]:
@@ -221,7 +236,7 @@ def _objects_common(segmentation: Segmentation) -> dict[str, object]:
         return {}
     return {
         "object_count": sum(found.counts),
-        "object_metrics": object_metrics(found.scores, found.truth_objects),
+        "object_metrics": object_metrics(found.scores, found.truth_objects, found.labelled_scores),
     }
 
 

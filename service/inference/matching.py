@@ -20,7 +20,7 @@ reduction, so a data set's scores are those of its summed counts (as StarDist's
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -54,6 +54,19 @@ class Overlaps:
         """IoU of each overlapping pair."""
         union = self.true_areas[self.true_ids] + self.pred_areas[self.pred_ids] - self.intersection
         return self.intersection / union
+
+    def without_predicted(self, ids: np.ndarray) -> Overlaps:
+        """These overlaps as if the predicted objects ``ids`` had not been predicted."""
+        keep = ~np.isin(self.pred_ids, ids)
+        areas = self.pred_areas.copy()
+        areas[ids] = 0
+        return replace(
+            self,
+            true_ids=self.true_ids[keep],
+            pred_ids=self.pred_ids[keep],
+            intersection=self.intersection[keep],
+            pred_areas=areas,
+        )
 
 
 def overlaps(true: np.ndarray, pred: np.ndarray) -> Overlaps:
@@ -98,14 +111,18 @@ def unlabelled_at_border(true: np.ndarray, pred: np.ndarray, labelled: float = 0
             f"expected two (H, W) label images of one shape, got true {true.shape}, "
             f"predicted {pred.shape}"
         )
+    return _unlabelled_cut(overlaps(true, pred), pred, labelled)
+
+
+def _unlabelled_cut(pairs: Overlaps, pred: np.ndarray, labelled: float = 0.2) -> np.ndarray:
+    """:func:`unlabelled_at_border` from the image's overlaps (each predicted object's pixels
+    on true objects are its overlaps summed) and ``pred``'s border pixels."""
     edge = np.concatenate([pred[0], pred[-1], pred[:, 0], pred[:, -1]])
     cut = np.unique(edge[edge > 0])
     if not cut.size:
         return cut
-    size = int(pred.max()) + 1
-    area = np.bincount(pred.ravel(), minlength=size)
-    on_truth = np.bincount(pred[true > 0].ravel(), minlength=size)
-    return cut[on_truth[cut] < labelled * area[cut]]
+    on_truth = np.bincount(pairs.pred_ids, pairs.intersection, pairs.pred_areas.size)
+    return cut[on_truth[cut] < labelled * pairs.pred_areas[cut]]
 
 
 @dataclass(frozen=True)
@@ -201,6 +218,20 @@ def image_counts(
     """One image's counts at each threshold (the overlaps computed once)."""
     pairs = overlaps(true, pred)
     return {t: match_counts(pairs, t) for t in thresholds}
+
+
+def image_counts_both(
+    true: np.ndarray, pred: np.ndarray, thresholds: Sequence[float] = DSB_THRESHOLDS
+) -> tuple[dict[float, MatchCounts], dict[float, MatchCounts]]:
+    """:func:`image_counts`, and the same without the predicted objects of
+    :func:`unlabelled_at_border` (where the reference labels), from one pass over the
+    pixels (no image-sized copy)."""
+    pairs = overlaps(true, pred)
+    kept = pairs.without_predicted(_unlabelled_cut(pairs, pred))
+    return (
+        {t: match_counts(pairs, t) for t in thresholds},
+        {t: match_counts(kept, t) for t in thresholds},
+    )
 
 
 def object_scores(counts: Iterable[dict[float, MatchCounts]]) -> ObjectScores:

@@ -29,7 +29,7 @@ from scipy import ndimage
 from service.core.config import DEFAULT_OVERLAP
 from service.inference.instances import ObjectTable, object_table
 from service.inference.labels import LabelError, labels_to_classes
-from service.inference.matching import ObjectScores, image_counts, object_scores
+from service.inference.matching import ObjectScores, image_counts_both, object_scores
 from service.inference.modelmeta import ModelMetadata, Task
 from service.inference.normalize import histogram
 from service.inference.pipeline import predict_instances, predict_mask
@@ -326,6 +326,8 @@ class Objects:
     scores: ObjectScores | None = None
     plane_scores: list[ObjectScores] | None = None
     truth_objects: str | None = None  # how the truth's objects were read
+    # The same scores without the objects the border cuts and the truth leaves unlabelled.
+    labelled_scores: ObjectScores | None = None
 
     @property
     def counts(self) -> list[int]:
@@ -451,10 +453,11 @@ def _intensity(channels: np.ndarray) -> np.ndarray:
 
 def _score_objects(found: Objects, truths: list[tuple[np.ndarray, bool]]) -> None:
     """Match each plane's objects to its truth's, and score (``found`` gets the scores)."""
-    counts = [image_counts(t, p) for (t, _), p in zip(truths, found.labels, strict=True)]
-    found.scores = object_scores(counts)
-    if len(counts) > 1:
-        found.plane_scores = [object_scores([c]) for c in counts]
+    both = [image_counts_both(t, p) for (t, _), p in zip(truths, found.labels, strict=True)]
+    found.scores = object_scores(counts for counts, _ in both)
+    found.labelled_scores = object_scores(labelled for _, labelled in both)
+    if len(both) > 1:
+        found.plane_scores = [object_scores([counts]) for counts, _ in both]
     found.truth_objects = (
         "instance labels" if any(k for _, k in truths) else "connected components of the mask"
     )
