@@ -178,6 +178,19 @@ def ray_cluster() -> Iterator[None]:
 # --- models and clients ---------------------------------------------------------------------
 
 
+def make_unloadable(path: Path) -> Path:
+    """Rewrite the ONNX file at ``path`` to claim 3 input channels on its 1-channel graph: its
+    metadata still reads (it is listed and loaded on demand), its session does not load."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    for prop in proto.metadata_props:
+        if prop.key == "channels":
+            prop.value = "3"
+    onnx.save(proto, str(path))
+    return path
+
+
 def write_models(root: Path, *, corrupt: str | None = None) -> Path:
     """``toy`` (binary, tile 64), ``toy3`` (3 classes, kernel 3), ``toy3lv`` (3 classes trained
     on mask values 0/128/255), ``toyobj`` (binary with instances: foreground from 0.5, cores

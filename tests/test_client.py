@@ -34,12 +34,15 @@ from segment_client.cli import run as cli_run
 from segment_client.client import JobStatus
 
 from bench.live_server import LiveServer
+from bench.onnx_models import build_model
 from tests.conftest import (
     expected_toy_mask,
+    make_unloadable,
     png_bytes,
     random_image,
     tiff_bytes,
     toy_server,
+    write_models,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,6 +181,24 @@ def test_retries_are_bounded(model_dir: Path, tmp_path: Path) -> None:
             client.segment(random_image(8, 8))
         worker.join()
     assert busy.value.status == 503 and waits == [1.0, 1.0]
+
+
+def test_a_model_file_that_does_not_load_is_not_retried(tmp_path: Path) -> None:
+    """Its 503 has no Retry-After and says the file must be replaced: the client raises it at
+    once, whatever its retries."""
+    root = write_models(tmp_path / "models")
+    build_model(root / "toy" / "0" / "model.onnx", name="toy", tile_size=64, version="0")
+    make_unloadable(root / "toy" / "0" / "model.onnx")
+    waits: list[float] = []
+    with (
+        toy_server(root, tmp_path) as srv,
+        SegmentClient(srv.url, retries=5, sleep=waits.append) as client,
+    ):
+        with pytest.raises(ServiceError) as lasting:
+            client.segment(random_image(8, 8), model="toy@0")
+        assert client.segment(random_image(8, 8)).mask.shape == (8, 8)
+    assert lasting.value.code == "model_unavailable" and not lasting.value.retryable
+    assert "must be replaced" in lasting.value.detail and waits == []
 
 
 # --- the command ----------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import tifffile
 from fastapi.testclient import TestClient
@@ -42,7 +41,7 @@ from service.inference.matching import (
     unlabelled_at_border,
 )
 from service.inference.modelmeta import Instances
-from tests.conftest import png_bytes, running_app, tiff_bytes, write_models
+from tests.conftest import make_unloadable, png_bytes, running_app, tiff_bytes, write_models
 
 # --- the watershed ----------------------------------------------------------------------------
 
@@ -540,11 +539,7 @@ def test_an_earlier_version_that_cannot_load_answers_503_and_the_others_serve(
     root = write_models(tmp_path / "models")
     broken = root / "toy" / "0" / "model.onnx"
     build_model(broken, name="toy", tile_size=64, version="0")
-    proto = onnx.load(str(broken))
-    for prop in proto.metadata_props:
-        if prop.key == "channels":
-            prop.value = "3"
-    onnx.save(proto, str(broken))
+    make_unloadable(broken)
     image, _ = nuclei_image(64, 64, CENTRES[:1])
     with running_app(root) as client:
         for _ in range(2):

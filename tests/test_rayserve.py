@@ -34,7 +34,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-import onnx
 import pytest
 
 pytest.importorskip("ray", reason="Ray Serve comes with the scale extra (make install-dev)")
@@ -49,7 +48,14 @@ from service.inference.precision import variant_files
 from service.segmentation.registry import choose_variant, find_model_files, load_model
 from service.segmentation.render import encode_mask
 from service.segmentation.usecase import SegmentParams, Upload, segment
-from tests.conftest import decode_png, png_bytes, random_image, segment_files, toy_server
+from tests.conftest import (
+    decode_png,
+    make_unloadable,
+    png_bytes,
+    random_image,
+    segment_files,
+    toy_server,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -443,12 +449,7 @@ def test_a_model_that_cannot_load_is_reported_and_the_others_serve(
     1-channel graph) is found by the first request that asks for it, in the model replica:
     a 503 naming it, without Retry-After, as the standalone service answers."""
     shutil.copytree(REPO_MODELS / MODEL, tmp_path / MODEL)
-    fp16 = find_model_files(tmp_path)[MODEL].parent / "model.fp16.onnx"
-    proto = onnx.load(str(fp16))
-    for prop in proto.metadata_props:
-        if prop.key == "channels":
-            prop.value = "3"
-    onnx.save(proto, str(fp16))
+    make_unloadable(find_model_files(tmp_path)[MODEL].parent / "model.fp16.onnx")
     broken = tmp_path / "broken" / "1" / "model.onnx"
     broken.parent.mkdir(parents=True)
     broken.write_bytes(b"this is not an ONNX model" * 10)

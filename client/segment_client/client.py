@@ -50,6 +50,14 @@ class ServiceError(ClientError):
     def __post_init__(self) -> None:
         super().__init__(str(self))
 
+    @property
+    def retryable(self) -> bool:
+        """A 503 that may pass later: busy, loading, a model being replaced. Not a model file
+        that does not load (``model_unavailable`` without ``Retry-After``: only replacing the
+        file helps)."""
+        lasting = self.code == "model_unavailable" and self.retry_after is None
+        return self.status == 503 and not lasting
+
     def __str__(self) -> str:
         code = f" {self.code}" if self.code else ""
         rid = f" (request {self.request_id})" if self.request_id else ""
@@ -321,7 +329,7 @@ class SegmentClient:
             if response.status_code in expect:
                 return response
             err = service_error(response)
-            if response.status_code != 503 or attempt == self.retries:
+            if not err.retryable or attempt == self.retries:
                 raise err
             wait = err.retry_after if err.retry_after is not None else 1.0
             self._sleep(min(wait, self.max_retry_wait))
