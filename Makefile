@@ -68,7 +68,8 @@ FAST := not slow and not containers and not ray and not browser
 # 418 (207 for the same tests alone: Ray Serve's replicas idle at 0.19 cores, and Ray's lane
 # runs 4x longer beside the others), podman and its containers ~190. TEST_WORKERS=3: 970 s,
 # xdist 598 s, and a Serve application of Ray's lane starved past its 240 s start (failed).
-# At fe97066 (Ray replicas loading auto's precision only): 860 s (544, 272, 789).
+# At fe97066 (Ray replicas loading auto's precision only): 860 s (544, 272, 789); at 2453957
+# (U²-Net's check at depth 1): 778 s (487, 252, 696).
 # Measured on clean clones of the code before that and not kept: all three at once with the
 # xdist workers at nice 10 (925 s, 3 container tests failed); the gpu image's build from the
 # start (887 s, a Ray replica past its 240 s start); the same with Ray's workers at nice 0
