@@ -479,7 +479,8 @@ def test_the_command_writes_label_images_and_objects_csv(
     assert {"area", "centroid_x", "equivalent_diameter", "mean_intensity"} <= set(rows[0])
     with (out / "metrics.csv").open() as f:
         metrics = list(csv.DictReader(f))
-    assert metrics[0]["objects_f1"] == "1.000000"
+    assert metrics[0]["objects_f1"] == metrics[0]["objects_labelled_f1"] == "1.000000"
+    assert metrics[-1]["objects_labelled_f1"] == ""  # the summary rows: per image only
 
     # A resumed run keeps the skipped images' objects.
     (out / "well_1.png").unlink()

@@ -268,13 +268,15 @@ def write_metrics(out_dir: Path, summary: dict[str, Any]) -> None:
     classes = summary["classes"]
     header = ["image", "truth", "mean_iou", "mean_dice"]
     header += [f"iou_{c}" for c in classes] + [f"dice_{c}" for c in classes]
-    header += [f"objects_{k}" for k in OBJECT_COLUMNS]
+    header += [f"objects_{k}" for k in OBJECT_COLUMNS] + ["objects_labelled_f1"]
 
     def row(name: str, truth: str | None, scores: dict[str, Any]) -> list[str]:
         cells = [scores["mean_iou"], scores["mean_dice"]]
         cells += [scores["iou"].get(c) for c in classes] + [scores["dice"].get(c) for c in classes]
         objects = scores.get("objects") or {}
         cells += [objects.get(k) for k in OBJECT_COLUMNS]
+        # F1 without predicted objects cut by the border that the truth leaves unlabelled
+        cells.append((objects.get("labelled_only") or {}).get("f1"))
         return [name, truth or ""] + ["" if v is None else f"{v:.6f}" for v in cells]
 
     lines = [row(i["image"], i["truth"], i) for i in summary["images"]]
