@@ -26,6 +26,9 @@ import numpy as np
 
 DSB_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 _ROWS = 1 << 22  # pixels per chunk while counting overlaps
+# A predicted object cut by the border is left out of the labelled-only scores when under
+# this fraction of it lies on true objects (:func:`unlabelled_at_border`).
+LABELLED = 0.2
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,9 @@ def overlaps(true: np.ndarray, pred: np.ndarray) -> Overlaps:
     )
 
 
-def unlabelled_at_border(true: np.ndarray, pred: np.ndarray, labelled: float = 0.2) -> np.ndarray:
+def unlabelled_at_border(
+    true: np.ndarray, pred: np.ndarray, labelled: float = LABELLED
+) -> np.ndarray:
     """Ids of the predicted objects that the image border cuts and of which under ``labelled``
     of the area carries a true label: objects a reference that leaves out cut nuclei (the Cell
     Tracking Challenge's, cells3d's) cannot score, whatever they are.
@@ -114,7 +119,7 @@ def unlabelled_at_border(true: np.ndarray, pred: np.ndarray, labelled: float = 0
     return _unlabelled_cut(overlaps(true, pred), pred, labelled)
 
 
-def _unlabelled_cut(pairs: Overlaps, pred: np.ndarray, labelled: float = 0.2) -> np.ndarray:
+def _unlabelled_cut(pairs: Overlaps, pred: np.ndarray, labelled: float = LABELLED) -> np.ndarray:
     """:func:`unlabelled_at_border` from the image's overlaps (each predicted object's pixels
     on true objects are its overlaps summed) and ``pred``'s border pixels."""
     edge = np.concatenate([pred[0], pred[-1], pred[:, 0], pred[:, -1]])

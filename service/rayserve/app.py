@@ -59,8 +59,8 @@ from service.segmentation.registry import (
     SegmentationModel,
     find_model_files,
     load_choice_now,
-    load_model,
     resolve_providers,
+    session_loader,
 )
 
 log = logging.getLogger("service.rayserve")
@@ -168,17 +168,7 @@ def open_variants(
     metadata read now and their sessions made by the first request that asks (a file that
     cannot be read is left out), and the one ``precision=auto`` runs loaded now."""
     providers = resolve_providers(settings.providers)
-
-    def load_now(file: Path) -> LoadedModel:
-        return load_model(
-            name,
-            file,
-            providers,
-            settings.intra_op_threads,
-            settings.tile_batch_size,
-            settings.cpu_memory_arena,
-            spinning=settings.ort_spinning,
-        )
+    load_now = partial(session_loader(settings, providers), name)
 
     def failure(file: Path, exc: Exception) -> str:
         failed = f"{type(exc).__name__}: {exc}".replace(model_dir, "<model_dir>")

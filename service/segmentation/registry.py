@@ -544,6 +544,28 @@ def load_model(
     return model
 
 
+def session_loader(
+    settings: Settings, providers: list[str], memory_budget: int | None = None
+) -> Callable[[str, Path], LoadedModel]:
+    """:func:`load_model` with the session settings (threads, warm-up batch, CPU arena,
+    spinning) of ``settings``, for a model name and file: the standalone service's and a Ray
+    model replica's loads alike."""
+
+    def load(name: str, path: Path) -> LoadedModel:
+        return load_model(
+            name,
+            path,
+            providers,
+            settings.intra_op_threads,
+            settings.tile_batch_size,
+            settings.cpu_memory_arena,
+            memory_budget,
+            spinning=settings.ort_spinning,
+        )
+
+    return load
+
+
 def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
     """The standalone service's loader: every version of every model of ``SEG_MODEL_DIR``, each
     with its precision variants (the newest serves ``model=NAME``, the others
@@ -565,17 +587,7 @@ def load_local_models(registry: ModelRegistry, settings: Settings) -> None:
         ", ".join(cpu.int8_dot) or "none (INT8 variants are not chosen by precision=auto)",
     )
 
-    def load_now(name: str, path: Path) -> LoadedModel:
-        return load_model(
-            name,
-            path,
-            usable,
-            settings.intra_op_threads,
-            settings.tile_batch_size,
-            settings.cpu_memory_arena,
-            memory_budget,
-            spinning=settings.ort_spinning,
-        )
+    load_now = session_loader(settings, usable, memory_budget)
 
     def load_later(name: str, path: Path) -> LoadedModel:
         """:func:`load_now` for a request that asks for a file not loaded yet; the process
