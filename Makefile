@@ -76,10 +76,23 @@ FAST := not slow and not containers and not ray and not browser
 # instead of Ray's 15 (991 s); Ray's tests after the xdist part, beside the container tests
 # (937 s, the current order then 926-1005 s); ONNX Runtime's threads sleeping instead of
 # spinning in the tests' sessions (SEG_ORT_SPINNING=false, 926 s).
-test: install-dev lint deploy-tools container-tools
+# At c0e2744, on a fresh machine (a Zen 5 EPYC, 2026-12-07 21:00): 1136 s (xdist 622, containers
+# 420 with debootstrap's base image and apt's installs, Ray 898), 2077 busy core-s; the next
+# clean clone on the same machine 779 s (479, 255, 663), 1421 busy core-s and 118 idle.
+# Ray's tests start first, beside lint and the apt steps (mypy holds one core, apt mostly waits
+# on the network and the disk); a lint or install failure stops them and fails at once.
+# Measured and dropped the same evening (clean clones, warm machine): the gpu image built in the
+# background beside the container tests (805 s: its test 35 s instead of 103, but the compose
+# test 67 s instead of 35 and the lane 279 s against 255); every image built at nice 19 beside
+# the xdist workers, the container tests after them (783 s: the xdist part 556 s against 476-479,
+# and the builds still ran 65 s past it). The machine is busy to within 45-118 idle core-s a
+# run: only less work shortens it.
+test: install-dev
 	@ray_log=$$(mktemp); \
 	$(BIN)/pytest -m "ray and not containers" --durations=10 > $$ray_log 2>&1 & ray=$$!; \
 	trap 'kill $$ray 2>/dev/null' INT TERM; \
+	$(MAKE) --no-print-directory lint deploy-tools container-tools \
+		|| { kill $$ray 2>/dev/null; wait $$ray; rm -f $$ray_log; exit 1; }; \
 	$(BIN)/pytest $(XDIST) -m "not containers and not ray"; others=$$?; \
 	$(BIN)/pytest -m containers --durations=10; containers=$$?; \
 	wait $$ray; ray_status=$$?; \

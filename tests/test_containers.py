@@ -95,7 +95,7 @@ PODMAN_CWD = Path(tempfile.gettempdir()) / "seg-test-podman"
 # providers): the newest version of each model loads, not all, which is start-up work saved.
 NEWEST = ("--env=SEG_MODEL_VERSIONS=newest",)
 
-# `make check` leaves these out; `make test` runs the file on one xdist worker (tests/conftest.py).
+# `make check` leaves these out; `make test` runs them in their own pytest after the others.
 pytestmark = [pytest.mark.slow, pytest.mark.containers]
 
 
