@@ -118,16 +118,25 @@ def test_a_failed_job_says_why_as_segment_would(model_dir: Path, tmp_path: Path)
     assert bad_param.status_code == 422 and "overlap" in bad_param.json()["detail"]
 
 
+CANCEL_TRIES = 5
+
+
 def test_cancelling_a_running_job_frees_its_worker(
     model_dir: Path, tmp_path: Path, big_png: bytes
 ) -> None:
+    """The toy job runs about 0.3 s on a Zen 5 core: a cancel that arrives after its last tile
+    (a client starved beside CI's other tests; seen once) finds it succeeded, so it is tried
+    again on a new job, up to CANCEL_TRIES times."""
     with toy_server(model_dir, tmp_path, max_queue="0") as srv:
-        job = post_job(srv, big_png)
-        wait_until(srv, job["id"], lambda d: d["tiles_done"] > 0)
-        deleted = httpx.delete(f"{srv.url}/jobs/{job['id']}", timeout=10)
-        assert deleted.status_code == 200
-        done = wait_until(srv, job["id"], finished)
-        srv.wait_for_metric("segment_requests_in_flight", 0.0)
+        for _ in range(CANCEL_TRIES):
+            job = post_job(srv, big_png)
+            wait_until(srv, job["id"], lambda d: d["tiles_done"] > 0)
+            deleted = httpx.delete(f"{srv.url}/jobs/{job['id']}", timeout=10)
+            assert deleted.status_code == 200
+            done = wait_until(srv, job["id"], finished)
+            srv.wait_for_metric("segment_requests_in_flight", 0.0)
+            if done["state"] != "succeeded":
+                break
         after = httpx.post(f"{srv.url}/segment", files={"image": png_bytes(random_image(8, 8))})
         result = httpx.get(f"{srv.url}/jobs/{job['id']}/result", timeout=10)
     assert done["state"] == "cancelled" and done["tiles_done"] < done["tiles_total"]
