@@ -86,7 +86,8 @@ FAST := not slow and not containers and not ray and not browser
 # test 67 s instead of 35 and the lane 279 s against 255); every image built at nice 19 beside
 # the xdist workers, the container tests after them (783 s: the xdist part 556 s against 476-479,
 # and the builds still ran 65 s past it). The machine is busy to within 45-118 idle core-s a
-# run: only less work shortens it.
+# run: only less work shortens it. At 8c6bb1f (BBBC038's import at half the CPU; Ray first):
+# 766 s (443, 282, 677; one flaky job-cancel test, fixed since) and 788 s (464, 284, 731).
 test: install-dev
 	@ray_log=$$(mktemp); \
 	$(BIN)/pytest -m "ray and not containers" --durations=10 > $$ray_log 2>&1 & ray=$$!; \
