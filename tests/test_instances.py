@@ -275,7 +275,7 @@ def test_unlabelled_objects_at_the_border_are_told_apart_from_the_rest() -> None
     counts = match_counts(overlaps(true, kept), 0.5)
     assert (counts.tp, counts.fp, counts.fn) == (2, 2, 2)
     # The same from the overlaps alone (the service's way: no copy of the image).
-    plain, labelled = image_counts_both(true, pred)
+    plain, labelled, _ = image_counts_both(true, pred)
     assert labelled == image_counts(true, kept) and plain == image_counts(true, pred)
     assert (plain[0.5].fp, labelled[0.5].fp) == (4, 2)
     assert unlabelled_at_border(true, np.zeros_like(pred)).size == 0

@@ -20,7 +20,6 @@ from service.inference.matching import (
     MatchCounts,
     image_counts_both,
     object_scores,
-    unlabelled_at_border,
 )
 from service.inference.modelmeta import ModelMetadata
 from service.inference.normalize import normalize_image
@@ -113,16 +112,15 @@ def evaluate_images(
         per_image[pair.key] = scores_from_stats(stats[-1], meta.classes).as_dict()
         per_image[pair.key]["seconds"] = round(seconds, 3)
         if meta.instances is not None:
-            counts, kept_counts = image_counts_both(labels, found.labels)
+            counts, kept_counts, cut = image_counts_both(labels, found.labels)
             objects.setdefault(pair.source, []).append(counts)
-            unlabelled = np.isin(found.labels, unlabelled_at_border(labels, found.labels))
+            unlabelled = np.isin(found.labels, cut)
             # Pixels: only the unlabelled part of those objects goes (the rest is a hit).
             trimmed = np.where(unlabelled & (labels == 0), 0, pred)
             labelled_only.setdefault(pair.source, []).append(
                 (get_stats(trimmed, target, meta.num_classes), kept_counts)
             )
-            dropped = len(np.unique(found.labels[unlabelled]))
-            left_out[pair.source] = left_out.get(pair.source, 0) + dropped
+            left_out[pair.source] = left_out.get(pair.source, 0) + cut.size
             per_image[pair.key]["objects"] = _object_summary(object_scores([counts]).as_dict())
         if MaskMode(mask_mode) is MaskMode.BINARY:
             bias = boundary_bias(pred, labels)

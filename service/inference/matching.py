@@ -227,15 +227,17 @@ def image_counts(
 
 def image_counts_both(
     true: np.ndarray, pred: np.ndarray, thresholds: Sequence[float] = DSB_THRESHOLDS
-) -> tuple[dict[float, MatchCounts], dict[float, MatchCounts]]:
-    """:func:`image_counts`, and the same without the predicted objects of
-    :func:`unlabelled_at_border` (where the reference labels), from one pass over the
-    pixels (no image-sized copy)."""
+) -> tuple[dict[float, MatchCounts], dict[float, MatchCounts], np.ndarray]:
+    """:func:`image_counts`, the same without the predicted objects of
+    :func:`unlabelled_at_border` (where the reference labels), and those objects' ids, from
+    one pass over the pixels (no image-sized copy)."""
     pairs = overlaps(true, pred)
-    kept = pairs.without_predicted(_unlabelled_cut(pairs, pred))
+    cut = _unlabelled_cut(pairs, pred)
+    kept = pairs.without_predicted(cut)
     return (
         {t: match_counts(pairs, t) for t in thresholds},
         {t: match_counts(kept, t) for t in thresholds},
+        cut,
     )
 
 

@@ -454,10 +454,10 @@ def _intensity(channels: np.ndarray) -> np.ndarray:
 def _score_objects(found: Objects, truths: list[tuple[np.ndarray, bool]]) -> None:
     """Match each plane's objects to its truth's, and score (``found`` gets the scores)."""
     both = [image_counts_both(t, p) for (t, _), p in zip(truths, found.labels, strict=True)]
-    found.scores = object_scores(counts for counts, _ in both)
-    found.labelled_scores = object_scores(labelled for _, labelled in both)
+    found.scores = object_scores(counts for counts, _, _ in both)
+    found.labelled_scores = object_scores(labelled for _, labelled, _ in both)
     if len(both) > 1:
-        found.plane_scores = [object_scores([counts]) for counts, _ in both]
+        found.plane_scores = [object_scores([counts]) for counts, _, _ in both]
     found.truth_objects = (
         "instance labels" if any(k for _, k in truths) else "connected components of the mask"
     )
