@@ -15,7 +15,13 @@ from PIL import Image
 
 from service.api.problems import ApiError, api_error
 from service.segmentation.errors import SegmentationInputError
-from service.segmentation.images import PALETTE, decode_image, encode_png, to_channels
+from service.segmentation.images import (
+    PALETTE,
+    PNG_BLOCK_ROWS,
+    decode_image,
+    encode_png,
+    to_channels,
+)
 from tests.conftest import jpeg_bytes, png_bytes, tiff_bytes
 
 LIMIT = 16384 * 16384
@@ -358,7 +364,7 @@ def test_to_channels_matches_the_model() -> None:
     assert answer(info.value).status == 422
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (3, 500), (64, 65)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 500), (64, 65), (PNG_BLOCK_ROWS * 2 + 3, 70)])
 def test_encode_png_round_trips_a_binary_mask(shape: tuple[int, int]) -> None:
     mask = (RNG.random(shape) > 0.5).astype(np.uint8) * 255
     img = Image.open(io.BytesIO(encode_png(mask)))
@@ -369,7 +375,7 @@ def test_encode_png_round_trips_a_binary_mask(shape: tuple[int, int]) -> None:
 
 
 def test_palette_png_keeps_class_indices_and_shows_colours() -> None:
-    mask = RNG.integers(0, 5, (20, 30), dtype=np.uint8)
+    mask = RNG.integers(0, 5, (PNG_BLOCK_ROWS + 20, 30), dtype=np.uint8)
     img = Image.open(io.BytesIO(encode_png(mask, palette=True)))
     assert img.mode == "P"
     np.testing.assert_array_equal(np.asarray(img), mask)

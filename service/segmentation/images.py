@@ -9,8 +9,9 @@ recognised from the file's first bytes, never from its name or content type.
 
 from __future__ import annotations
 
-import io
 import math
+import struct
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -437,18 +438,44 @@ def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
     )
 
 
+# Mask rows compressed per call to zlib: bounds the extra memory of a gigapixel mask to a block.
+PNG_BLOCK_ROWS = 256
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def encode_png(mask: np.ndarray, *, palette: bool = False) -> bytes:
-    """Single-channel uint8 PNG; with ``palette`` the class indices are shown in colour."""
+    """Single-channel uint8 PNG; with ``palette`` the class indices are shown in colour.
+
+    Written here, not by Pillow: a mask is runs of equal values, so its rows go unfiltered
+    into zlib's run-length strategy. Pillow tries five filters on every row and deflates
+    the result; on a 4096² nucleus mask that took 114 ms for 924 KB, against 45 ms for
+    403 KB here (bench/NOTES.md). Rows are compressed a block at a time, so no second
+    mask-sized buffer is made on gigapixel images."""
     pixels = np.ascontiguousarray(mask, dtype=np.uint8)
-    # frombuffer shares the array's memory ("L" raw, stride 0 = packed rows) where fromarray
-    # would copy it: one mask-sized allocation less on gigapixel images.
-    img = Image.frombuffer("L", (pixels.shape[1], pixels.shape[0]), pixels, "raw", "L", 0, 1)
+    if pixels.ndim != 2 or 0 in pixels.shape:
+        raise ValueError(f"expected a non-empty (H, W) mask, got shape {pixels.shape}")
+    height, width = pixels.shape
+    chunks = [
+        _PNG_SIGNATURE,
+        # bit depth 8; colour type 3 (palette) or 0 (grey); deflate; filters; no interlace
+        _png_chunk(
+            b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 3 if palette else 0, 0, 0, 0)
+        ),
+    ]
     if palette:
-        # putpalette turns an "L" image into "P" and keeps the pixel values (the class indices).
         flat = [c for rgb in PALETTE for c in rgb]
-        img.putpalette(flat + [255] * (768 - len(flat)))
-    buf = io.BytesIO()
-    # Masks are mostly runs of equal values: the fastest zlib level compresses them nearly as
-    # well as the slowest and keeps encoding a small share of the request on gigapixel images.
-    img.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+        chunks.append(_png_chunk(b"PLTE", bytes(flat + [255] * (768 - len(flat)))))
+    deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+    rows = np.zeros((min(PNG_BLOCK_ROWS, height), width + 1), np.uint8)  # column 0: filter None
+    data = []
+    for start in range(0, height, PNG_BLOCK_ROWS):
+        block = pixels[start : start + PNG_BLOCK_ROWS]
+        rows[: len(block), 1:] = block
+        data.append(deflate.compress(rows[: len(block)].data))
+    data.append(deflate.flush())
+    chunks += [_png_chunk(b"IDAT", b"".join(data)), _png_chunk(b"IEND", b"")]
+    return b"".join(chunks)
