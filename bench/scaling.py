@@ -158,13 +158,13 @@ STANDALONE = {
 def run_small_images(
     app: ServeApp,
     bodies: list[bytes],
-    replicas: list[int],
+    replicas: list[int | None],
     loads: list[tuple[int, int]],
     rounds: int,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The standalone service (:data:`STANDALONE`) and Ray Serve with the real model, measured
     in turns (each standalone setup, then Ray, for each load, ``rounds`` times per replica
-    count) so that all see the same machine."""
+    count) so that all see the same machine. A replica count of None: ``app`` as it runs."""
     standalone: dict[tuple[str, int], list[dict[str, Any]]] = {}
     on_ray: dict[tuple[int, int], list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as servers:
@@ -182,11 +182,15 @@ def run_small_images(
             ).url
             for i, (name, settings) in enumerate(STANDALONE.items())
         }
-        for n in replicas:
-            config = local_config([MODEL], ingress_replicas=2, model_replicas=n, env=ENV)
-            config["http_options"] = app.config["http_options"]
-            app.redeploy(config)
-            app.wait_replicas(f"model-{MODEL}", n)
+        for wanted in replicas:
+            if wanted is None:
+                n = app.running_replicas(f"model-{MODEL}")
+            else:
+                n = wanted
+                config = local_config([MODEL], ingress_replicas=2, model_replicas=n, env=ENV)
+                config["http_options"] = app.config["http_options"]
+                app.redeploy(config)
+                app.wait_replicas(f"model-{MODEL}", n)
             for url in [*urls.values(), app.url]:
                 drive(url, bodies, 2, 8)  # warm
             for _ in range(rounds):
@@ -315,47 +319,61 @@ def write_doc(data: dict[str, Any], path: Path) -> None:
     replace_generated(path, "bench.scaling", lines, "Scaling: Ray Serve")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m bench.scaling``."""
-    parser = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__)
-    parser.add_argument("--requests", type=int, default=96, help="per run at 8 clients")
-    parser.add_argument("--rounds", type=int, default=3, help="turns per replica count")
-    parser.add_argument(
-        "--quick", action="store_true", help="a few requests of each case (tests/test_bench.py)"
-    )
-    parser.add_argument("--doc", default="docs/scaling.md")
-    args = parser.parse_args(argv)
+def measure(
+    app: ServeApp, *, requests: int = 96, rounds: int = 3, quick: bool = False
+) -> dict[str, Any]:
+    """Every case on ``app`` (a running Serve application of the real model; its fixed-cost
+    applications replace it). ``quick``: a few requests of each case, one turn, the real model
+    measured on ``app`` as it runs (no redeploy: tests/test_rayserve.py runs it on the tests'
+    application) and one deployment of each fixed-cost kind."""
     import ray
 
     bodies = small_images(32)
-    if args.quick:
-        args.requests, args.rounds = 8, 1
-    loads = [(1, max(8, args.requests // 4)), (8, args.requests)]
-    data_rounds = args.rounds
-    fixed_clients = 4 if args.quick else 16
-    # quick: one deployment of each kind (each redeploy takes tens of seconds on 2 cores)
-    real_replicas, fixed_replicas = ([1], [1]) if args.quick else ([1, 2], [1, 2, 4])
-    fixed_requests = 8 if args.quick else 80
+    if quick:
+        requests, rounds = 8, 1
+    loads = [(1, max(8, requests // 4)), (8, requests)]
+    fixed_clients = 4 if quick else 16
+    real_replicas: list[int | None] = [None] if quick else [1, 2]
+    fixed_replicas = [1] if quick else [1, 2, 4]
     data: dict[str, Any] = {
-        "command": " ".join(["python -m bench.scaling", *(sys.argv[1:] if argv is None else argv)]),
+        "command": "python -m bench.scaling" + (" --quick" if quick else ""),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "ray": ray.__version__,
         "loads": loads,
         "fixed_clients": fixed_clients,
-        "rounds": data_rounds,
+        "rounds": rounds,
     }
-    config = local_config([MODEL], ingress_replicas=2, model_replicas=1, env=ENV)
-    with local_serve(config, num_cpus=8) as app:
-        data["standalone"], data["ray_real"] = run_small_images(
-            app, bodies, real_replicas, loads, args.rounds
-        )
-        data["fixed_cost"] = run_fixed_cost(
-            app, bodies, fixed_replicas, fixed_clients, fixed_requests
-        )
-    doc = Path(args.doc)
+    data["standalone"], data["ray_real"] = run_small_images(
+        app, bodies, real_replicas, loads, rounds
+    )
+    data["fixed_cost"] = run_fixed_cost(
+        app, bodies, fixed_replicas, fixed_clients, 8 if quick else 80
+    )
+    return data
+
+
+def write(data: dict[str, Any], doc: Path) -> None:
+    """The generated block of ``doc`` and the JSON beside it."""
     write_doc(data, doc)
     doc.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m bench.scaling``."""
+    parser = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__)
+    parser.add_argument("--requests", type=int, default=96, help="per run at 8 clients")
+    parser.add_argument("--rounds", type=int, default=3, help="turns per replica count")
+    parser.add_argument("--quick", action="store_true", help="a few requests of each case")
+    parser.add_argument("--doc", default="docs/scaling.md")
+    args = parser.parse_args(argv)
+    config = local_config([MODEL], ingress_replicas=2, model_replicas=1, env=ENV)
+    with local_serve(config, num_cpus=8) as app:
+        data = measure(app, requests=args.requests, rounds=args.rounds, quick=args.quick)
+    data["command"] = " ".join(
+        ["python -m bench.scaling", *(sys.argv[1:] if argv is None else argv)]
+    )
+    write(data, Path(args.doc))
     return 0
 
 
