@@ -374,6 +374,20 @@ def test_encode_png_round_trips_a_binary_mask(shape: tuple[int, int]) -> None:
     np.testing.assert_array_equal(decode(encode_png(mask)).pixels[..., 0], mask)
 
 
+def test_encode_png_round_trips_16_bit_labels() -> None:
+    """Instance labels as 16-bit grey, the full id range, runs and single pixels, over more
+    than one block of rows: every reader gets the ids back."""
+    labels = np.repeat(RNG.integers(0, 65536, (PNG_BLOCK_ROWS + 7, 40), dtype=np.uint16), 3, 1)
+    labels[::5, ::7] = 65535
+    png = encode_png(labels)
+    img = Image.open(io.BytesIO(png))
+    assert img.format == "PNG" and img.mode.startswith("I;16") and img.size == (120, 263)
+    np.testing.assert_array_equal(np.asarray(img), labels)
+    np.testing.assert_array_equal(decode(png).pixels[..., 0], labels)
+    with pytest.raises(ValueError, match="8-bit class indices"):
+        encode_png(labels, palette=True)
+
+
 def test_palette_png_keeps_class_indices_and_shows_colours() -> None:
     mask = RNG.integers(0, 5, (PNG_BLOCK_ROWS + 20, 30), dtype=np.uint8)
     img = Image.open(io.BytesIO(encode_png(mask, palette=True)))

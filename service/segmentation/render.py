@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import tifffile
-from PIL import Image
 
 from service.inference.modelmeta import ModelMetadata, Task
 from service.segmentation.images import encode_png
@@ -90,10 +89,7 @@ def _add_encode_time(segmentation: Segmentation, start: float) -> None:
 
 def encode_labels_png(labels: np.ndarray) -> bytes:
     """A 16-bit grey PNG of one plane's labels (ids up to 65535)."""
-    img = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint16))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    return encode_png(np.asarray(labels, dtype=np.uint16))
 
 
 def encode_labels(segmentation: Segmentation, *, tiff: bool) -> tuple[bytes, str]:
