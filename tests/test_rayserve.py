@@ -72,6 +72,10 @@ ENV = {
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
 }
 TIMEOUT_S = 120.0
+# The lane's first deployment runs beside the install, lint and the other tests' start, with
+# Ray's workers at nice 15: its whole setup took 285 s in one CI run (bench.rayserve's default
+# wait for /readyz is 240 s).
+FIRST_READY_S = 600.0
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +100,7 @@ def base_config() -> dict[str, Any]:
 def ray_app(ray_cluster: None, base_config: dict[str, Any]) -> Iterator[ServeApp]:
     """``base_config`` deployed on the session's Ray; tests may redeploy it, each leaving it
     as the tests below it need it."""
-    with local_serve(copy.deepcopy(base_config), num_cpus=4) as app:
+    with local_serve(copy.deepcopy(base_config), num_cpus=4, ready_timeout=FIRST_READY_S) as app:
         yield app
 
 
