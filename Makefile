@@ -88,6 +88,10 @@ FAST := not slow and not containers and not ray and not browser
 # and the builds still ran 65 s past it). The machine is busy to within 45-118 idle core-s a
 # run: only less work shortens it. At 8c6bb1f (BBBC038's import at half the CPU; Ray first):
 # 766 s (443, 282, 677; one flaky job-cancel test, fixed since) and 788 s (464, 284, 731).
+# 2026-12-08, the scaling run on the Ray tests' own application (one Serve start and one
+# deployment less: Ray's processes 305-330 core-s against 344-364): 875 s (576, 254, 732) and
+# 886 s (548, 278, 737), 1575-1605 busy core-s, in an hour when `make bench`'s peak read 20 %
+# below the evening's: the xdist workers alone took 585-610 core-s against 511.
 test: install-dev
 	@ray_log=$$(mktemp); \
 	$(BIN)/pytest -m "ray and not containers" --durations=10 > $$ray_log 2>&1 & ray=$$!; \
