@@ -60,13 +60,24 @@ def finished(doc: dict) -> bool:
     return doc["state"] in ("succeeded", "failed", "cancelled")
 
 
+# New jobs a test may post when a poll comes only after the toy job's last tile (below).
+RETRIES = 5
+
+
 def test_a_job_reports_progress_and_answers_what_segment_answers(
     model_dir: Path, tmp_path: Path, big_png: bytes
 ) -> None:
+    """The toy job runs about 0.3 s on a Zen 5 core: where a poll starved beside CI's other
+    tests comes only after its last tile, the job is posted again, up to RETRIES times."""
     with toy_server(model_dir, tmp_path) as srv:
-        created = post_job(srv, big_png)
-        assert created["state"] in ("queued", "running") and created["tiles_done"] == 0
-        running = wait_until(srv, created["id"], lambda d: 0 < d["tiles_done"] < 54 * 54)
+        for _ in range(RETRIES):
+            created = post_job(srv, big_png)
+            assert created["state"] in ("queued", "running") and created["tiles_done"] == 0
+            running = wait_until(
+                srv, created["id"], lambda d: 0 < d["tiles_done"] < 54 * 54 or finished(d)
+            )
+            if not finished(running):
+                break
         assert running["state"] == "running" and running["tiles_total"] == 54 * 54
         assert running["eta_seconds"] is not None and running["eta_seconds"] > 0
         assert 0 < running["progress"] < 1
@@ -118,17 +129,14 @@ def test_a_failed_job_says_why_as_segment_would(model_dir: Path, tmp_path: Path)
     assert bad_param.status_code == 422 and "overlap" in bad_param.json()["detail"]
 
 
-CANCEL_TRIES = 5
-
-
 def test_cancelling_a_running_job_frees_its_worker(
     model_dir: Path, tmp_path: Path, big_png: bytes
 ) -> None:
     """The toy job runs about 0.3 s on a Zen 5 core: a cancel that arrives after its last tile
     (a client starved beside CI's other tests; seen once) finds it succeeded, so it is tried
-    again on a new job, up to CANCEL_TRIES times."""
+    again on a new job, up to RETRIES times."""
     with toy_server(model_dir, tmp_path, max_queue="0") as srv:
-        for _ in range(CANCEL_TRIES):
+        for _ in range(RETRIES):
             job = post_job(srv, big_png)
             wait_until(srv, job["id"], lambda d: d["tiles_done"] > 0)
             deleted = httpx.delete(f"{srv.url}/jobs/{job['id']}", timeout=10)
